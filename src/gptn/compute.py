@@ -1,0 +1,136 @@
+"""Parameter counts, training FLOPs, petaflop/s-days, memory and time to train.
+
+Conventions:
+- Training compute is 6 N D (forward 2 N D + backward 4 N D), as GPT-3's Table D.1 counts it,
+  with N the total parameter count (embeddings included) and D the number of training tokens.
+- The attention term (which 6 N D leaves out) follows PaLM's accounting: 12 n_layer d_model n_ctx
+  FLOPs per token for training (QK^T and AV, forward and backward, no causal discount). It matters
+  for small models with long contexts, and it is what MFU is measured against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import GPT3_TOKENS, PRESETS, GPTConfig, GptnError
+
+PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
+
+
+def parameter_count(config: GPTConfig) -> int:
+    """Exact number of parameters of `GPT(config)` (tied output embedding counted once)."""
+    d, f, b = config.d_model, config.d_ff, int(config.bias)
+    ln = d * (1 + b)
+    per_layer = (
+        ln + d * 3 * d + 3 * d * b + d * d + d * b  # ln_1, attention (c_attn, c_proj)
+        + ln + d * f + f * b + f * d + d * b  # ln_2, MLP (c_fc, c_proj)
+    )
+    embeddings = config.vocab_size * d + config.n_ctx * d
+    final_ln = ln if config.norm == "pre" else 0
+    return embeddings + config.n_layer * per_layer + final_ln
+
+
+def attention_flops_per_token(config: GPTConfig, n_ctx: int | None = None) -> int:
+    """Training FLOPs per token spent in QK^T and AV (the part 6N leaves out)."""
+    return 12 * config.n_layer * config.d_model * (n_ctx or config.n_ctx)
+
+
+def training_flops_per_token(config: GPTConfig, n_ctx: int | None = None) -> int:
+    """6 N plus the attention term: the figure MFU divides by."""
+    return 6 * parameter_count(config) + attention_flops_per_token(config, n_ctx)
+
+
+def training_flops(config: GPTConfig, tokens: float) -> dict:
+    """Training compute for `tokens` tokens: the paper's 6 N D and the same with attention added."""
+    n = parameter_count(config)
+    six_nd = 6 * n * tokens
+    with_attention = six_nd + attention_flops_per_token(config) * tokens
+    return {
+        "params": n,
+        "tokens": tokens,
+        "flops_6nd": six_nd,
+        "flops_with_attention": with_attention,
+        "pf_days_6nd": six_nd / PF_DAY,
+        "pf_days_with_attention": with_attention / PF_DAY,
+    }
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes needed to train, per accelerator (no sharding)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_checkpointed: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
+    def total_checkpointed(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations_checkpointed
+
+
+def training_memory(config: GPTConfig, micro_batch: int, precision: str = "bf16",
+                    fused_attention: bool = True) -> MemoryEstimate:
+    """Memory to train with AdamW (Rajbhandari et al. 2020 for states, Korthikanti et al. 2022 for activations).
+
+    precision="bf16": 16-bit weights and gradients plus fp32 master weights and Adam moments
+    (2 + 2 + 12 bytes per parameter); "fp32": 4 + 4 + 8. Activations per layer are
+    s b h (34 + 5 a s / h) bytes in 16-bit (the 5 a s / h attention-matrix term vanishes with a fused
+    attention kernel), doubled in fp32; with full activation checkpointing only each layer's input
+    (2 s b h bytes) is kept, plus one layer being recomputed. The fp32 logits add 4 s b V bytes.
+    """
+    if precision not in ("bf16", "fp32"):
+        raise GptnError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    n = parameter_count(config)
+    s, b, h, a, L = config.n_ctx, micro_batch, config.d_model, config.n_head, config.n_layer
+    scale = 1 if precision == "bf16" else 2
+    per_layer = s * b * h * (34 + (0 if fused_attention else 5 * a * s / h)) * scale
+    logits = 4 * s * b * config.vocab_size
+    if precision == "bf16":
+        weights, grads, opt = 2 * n, 2 * n, 12 * n
+    else:
+        weights, grads, opt = 4 * n, 4 * n, 8 * n
+    return MemoryEstimate(
+        weights=weights, gradients=grads, optimizer=opt,
+        activations=L * per_layer + logits,
+        activations_checkpointed=L * 2 * s * b * h * scale + per_layer + logits,
+    )
+
+
+def time_to_train(flops: float, n_accelerators: int, peak_flops: float, utilisation: float) -> float:
+    """Seconds to perform `flops` on n accelerators of `peak_flops` each at `utilisation` (MFU)."""
+    if n_accelerators <= 0 or peak_flops <= 0 or not 0 < utilisation <= 1:
+        raise GptnError("need accelerators > 0, peak > 0 and utilisation in (0, 1]")
+    return flops / (n_accelerators * peak_flops * utilisation)
+
+
+def preset_table(tokens: float = GPT3_TOKENS) -> list[dict]:
+    """One row per preset: shape, batch, lr, exact parameters and compute beside the paper's figures."""
+    rows = []
+    for name, preset in PRESETS.items():
+        c = preset.config
+        row = {"name": name, "n_layer": c.n_layer, "d_model": c.d_model, "n_head": c.n_head,
+               "d_head": c.d_head, "n_ctx": c.n_ctx, "vocab_size": c.vocab_size, "norm": c.norm,
+               "batch_tokens": preset.batch_tokens, "learning_rate": preset.learning_rate}
+        row.update(training_flops(c, tokens))
+        row.update(paper_params=preset.paper_params, paper_flops=preset.paper_flops,
+                   paper_pf_days=preset.paper_pf_days)
+        rows.append(row)
+    return rows
+
+
+def plan(config: GPTConfig, tokens: float, n_accelerators: int = 1, peak_flops: float = 989e12,
+         utilisation: float = 0.4, micro_batch: int = 1, precision: str = "bf16") -> dict:
+    """Everything `gptn compute` prints: parameters, FLOPs, PF/s-days, memory and wall time."""
+    out = training_flops(config, tokens)
+    mem = training_memory(config, micro_batch, precision)
+    out["memory_bytes"] = {**asdict(mem), "total": mem.total, "total_checkpointed": mem.total_checkpointed}
+    seconds = time_to_train(out["flops_6nd"], n_accelerators, peak_flops, utilisation)
+    out.update(n_accelerators=n_accelerators, peak_flops=peak_flops, utilisation=utilisation,
+               seconds=seconds, days=seconds / 86400, years=seconds / (365.25 * 86400))
+    return out

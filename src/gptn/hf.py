@@ -1,0 +1,187 @@
+"""Import and export of Hugging Face GPT-2 (`gpt2`) and GPT-1 (`openai-gpt`) checkpoints.
+
+gptn uses the same parameter names, so conversion is a key-for-key copy except for two details:
+Hugging Face stores c_attn/c_proj/c_fc as `Conv1D` ([in, out], the transpose of nn.Linear), and
+GPT-1 calls the embeddings `tokens_embed` / `positions_embed`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_model, load_weights, save_checkpoint
+from .config import GPTConfig, GptnError
+from .model import GPT
+from .tokenizer import copy_hf_tokenizer_files, load_tokenizer
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_GPT1_NAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
+
+
+def _resolve_source(src: str) -> Path:
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise GptnError(f"{src} is a file; expected a Hugging Face model directory")
+    if src.count("/") <= 1 and not src.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise GptnError(f"{src} is not a directory (install huggingface_hub to fetch hub ids)") from None
+        try:
+            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"]))
+        except Exception as e:  # network or hub errors have many types
+            raise GptnError(f"could not fetch {src!r} from the hub: {type(e).__name__}: {e}".splitlines()[0]) from None
+    raise GptnError(f"{src} does not exist")
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
+    """gptn config from a Hugging Face GPT-2 / GPT-1 config.json dict."""
+    model_type = hf.get("model_type")
+    if model_type not in ("gpt2", "openai-gpt"):
+        raise GptnError(f"{source}: model_type {model_type!r} is not a GPT-2 ('gpt2') or GPT-1 ('openai-gpt') checkpoint")
+    act = hf.get("activation_function", "gelu_new") if model_type == "gpt2" else hf.get("afn", "gelu")
+    # GPT-1's "gelu" in transformers is the tanh approximation (gelu_new).
+    if act not in ("gelu_new", "gelu_pytorch_tanh") and not (model_type == "openai-gpt" and act == "gelu"):
+        raise GptnError(f"{source}: activation {act!r} is not supported (gptn uses GELU, tanh form)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise GptnError(f"{source}: {flag}=true is not supported")
+    if hf.get("scale_attn_weights") is False:
+        raise GptnError(f"{source}: scale_attn_weights=false is not supported")
+    try:
+        d_model = hf["n_embd"]
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], n_ctx=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+            d_model=d_model, d_ff=hf.get("n_inner") or 4 * d_model, dropout=hf.get("resid_pdrop", 0.1),
+            norm="pre" if model_type == "gpt2" else "post", layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except KeyError as e:
+        raise GptnError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    bin_file = folder / "pytorch_model.bin"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out = {}
+        for shard in shards:
+            out.update(load_file(str(folder / shard)))
+        return out
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise GptnError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """Hugging Face names and Conv1D layout -> gptn names and nn.Linear layout."""
+    out = {}
+    for key, value in hf_state.items():
+        if key.startswith("transformer."):
+            key = key[len("transformer."):]
+        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the tied head and the old causal-mask buffers are not parameters
+        if model_type == "openai-gpt":
+            for hf_name, name in _GPT1_NAMES.items():
+                if key.startswith(hf_name):
+                    key = name + key[len(hf_name):]
+        if key.endswith(_CONV1D):
+            value = value.t()
+        out[key] = value.contiguous()
+    return out
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """gptn names -> Hugging Face names (with the `transformer.` prefix) and Conv1D layout."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(_CONV1D):
+            value = value.t()
+        if model_type == "openai-gpt":
+            for hf_name, name in _GPT1_NAMES.items():
+                if key.startswith(name):
+                    key = hf_name + key[len(name):]
+        out["transformer." + key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def load_hf(src: str) -> tuple[GPT, object]:
+    """A gptn model (and tokenizer, when the folder has one) from a Hugging Face GPT-2/GPT-1 folder or hub id."""
+    folder = _resolve_source(src)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise GptnError(f"{folder} is not a Hugging Face checkpoint: no config.json")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise GptnError(f"{cfg_path}: invalid JSON ({e})") from None
+    config = config_from_hf(hf_cfg, str(cfg_path))
+    model = GPT(config)
+    state = state_dict_from_hf(_read_hf_weights(folder), hf_cfg["model_type"])
+    load_weights(model, state, source=str(folder))
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(folder)
+    except GptnError:
+        pass  # weights without tokenizer files are still a valid model
+    return model.eval(), tokenizer
+
+
+def import_hf(src: str, out: str | Path) -> Path:
+    """`gptn import-hf SRC OUT`: convert a Hugging Face checkpoint into a gptn run directory."""
+    model, tokenizer = load_hf(src)
+    return save_checkpoint(out, model.config, {k: v.contiguous() for k, v in model.state_dict().items()},
+                           tokenizer=tokenizer, meta={"kind": "import-hf", "source": str(src)})
+
+
+def hf_config(config: GPTConfig, tokenizer=None) -> dict:
+    """The Hugging Face config.json for a gptn config (GPT-2 for pre-LN, GPT-1 for post-LN)."""
+    if config.attention != "dense":
+        raise GptnError("Hugging Face GPT-2 has no sparse attention; only dense models can be exported")
+    common = {
+        "vocab_size": config.vocab_size, "n_positions": config.n_ctx, "n_embd": config.d_model,
+        "n_layer": config.n_layer, "n_head": config.n_head, "layer_norm_epsilon": config.layer_norm_eps,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "initializer_range": 0.02, "tie_word_embeddings": True,
+    }
+    eot = getattr(tokenizer, "eot_id", None)
+    if config.norm == "pre":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **common,
+                "n_inner": config.d_ff, "activation_function": "gelu_new",
+                "bos_token_id": eot, "eos_token_id": eot}
+    if config.d_ff != 4 * config.d_model:
+        raise GptnError(f"Hugging Face GPT-1 fixes d_ff = 4 * d_model; this model has d_ff={config.d_ff}")
+    return {"model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], **common, "afn": "gelu"}
+
+
+def export_hf(run: str | Path, out: str | Path) -> Path:
+    """`gptn export-hf RUN OUT`: write a folder that `AutoModelForCausalLM.from_pretrained` loads."""
+    model, tokenizer = load_model(run)
+    config = model.config
+    hf_cfg = hf_config(config, tokenizer)
+    state = {k: v for k, v in model.state_dict().items()}
+    if not config.bias:  # Hugging Face GPT-2 always has biases: zeros are the same function
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and name.replace("weight", "bias") not in state and "wte" not in name \
+                    and "wpe" not in name:
+                state[name.replace("weight", "bias")] = torch.zeros(p.shape[0], dtype=p.dtype)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise GptnError(f"{out} already exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    save_file(state_dict_to_hf(state, hf_cfg["model_type"]), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer is not None:
+        copy_hf_tokenizer_files(tokenizer, out)
+    return out
+

@@ -1,0 +1,195 @@
+"""The GPT: a decoder-only transformer with tied input/output embeddings.
+
+    h_0 = U W_e + W_p                      (token + learned position embeddings)
+    h_l = block(h_{l-1})   for l = 1..n    (masked self-attention, then an MLP)
+    P(u) = softmax(h_n W_e^T)              (the same W_e, transposed)
+
+Parameter names follow Hugging Face / OpenAI (wte, wpe, h.N.ln_1, attn.c_attn, ...), so that
+import and export are a key-for-key copy. GPT-1 and GPT-2/3 differ only in where LayerNorm sits
+(`config.norm`), inside the same Block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig, GptnError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions, for incremental decoding."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.d_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, H, T, D) for `layer`; return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (finished sequences leave the batch)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        # GPT-3 §2.1: "alternating dense and locally banded sparse attention patterns".
+        self.banded = config.attention == "sparse" and layer_idx % 2 == 1
+
+    def forward(self, x, mask=None, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if isinstance(mask, dict):  # sparse models carry one mask per pattern
+            mask = mask["banded" if self.banded else "dense"]
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:  # plain causal attention over a full window: the fused kernel's fast path
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=k.size(2) > 1 and T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-1/2 used the tanh approximation of GELU; the exact form would not match their weights.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache=None):
+        if self.pre_norm:  # GPT-2/3: LayerNorm at the input of each sub-block
+            x = x + self.attn(self.ln_1(x), mask, cache)
+            x = x + self.mlp(self.ln_2(x))
+        else:  # GPT-1: LayerNorm after each residual sum
+            x = self.ln_1(x + self.attn(x, mask, cache))
+            x = self.ln_2(x + self.mlp(x))
+        return x
+
+
+class GPT(nn.Module):
+    """The GPT-n language model. `forward` returns next-token logits (and the L1 loss given targets)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)  # W_e
+        self.wpe = nn.Embedding(config.n_ctx, config.d_model)  # W_p
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias) \
+            if config.norm == "pre" else None
+        self.apply(self._init_weights)
+        # GPT-2 §2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+        """h_n for token ids `idx` (B, T): the transformer's output before the softmax layer.
+
+        attention_mask (B, T_total) marks real tokens (1) and padding (0), for left-padded batches;
+        T_total counts the cached positions too.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if past + T > self.config.n_ctx:
+                raise GptnError(f"sequence of {past + T} tokens exceeds the context window n_ctx={self.config.n_ctx}")
+            position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
+        h = self.drop(self.wte(idx) + self.wpe(position_ids))  # h_0 = U W_e + W_p   (B, T, C)
+        mask = self._attention_mask(T, past, attention_mask, idx.device)
+        for block in self.h:
+            h = block(h, mask, cache)  # h_l = block(h_{l-1})
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(h) if self.ln_f is not None else h
+
+    def forward(self, idx, targets=None, position_ids=None, attention_mask=None,
+                cache: KVCache | None = None, last_only: bool = False):
+        """Logits h_n W_e^T (B, T, V); with `targets`, also the mean next-token cross-entropy.
+
+        Targets equal to -100 are ignored. `last_only` computes logits for the last position only.
+        """
+        h = self.hidden_states(idx, position_ids, attention_mask, cache)
+        if last_only:
+            h = h[:, -1:, :]
+        logits = F.linear(h, self.wte.weight)  # tied softmax layer: h_n W_e^T   (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def _attention_mask(self, T: int, past: int, attention_mask, device):
+        """Boolean mask (B|1, 1, T, past+T), or None when the fused causal kernel can be used."""
+        dense_only = self.config.attention == "dense"
+        if attention_mask is None and dense_only and (past == 0 or T == 1):
+            return None
+        q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)  # (T, 1)
+        k_pos = torch.arange(past + T, device=device).unsqueeze(0)  # (1, past+T)
+        causal = k_pos <= q_pos
+        pad = None
+        if attention_mask is not None:
+            pad = attention_mask[:, None, None, :].bool()  # (B, 1, 1, past+T)
+
+        def build(allowed):
+            if pad is not None:
+                # A padding query would otherwise see no key at all (NaN); let it see itself.
+                allowed = (allowed & pad) | (k_pos == q_pos)
+            return allowed if allowed.dim() == 4 else allowed[None, None]
+
+        dense = build(causal)
+        if dense_only:
+            return dense
+        return {"dense": dense, "banded": build(causal & (q_pos - k_pos < self.config.sparse_band))}

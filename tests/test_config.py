@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from gptn.cli import main
+from gptn.compute import parameter_count, preset_table, training_memory
+from gptn.config import PRESETS, GPTConfig, GptnError, get_preset
+from gptn.model import GPT
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates(name):
+    preset = get_preset(name)
+    cfg = GPTConfig.from_dict(preset.config.to_dict())  # re-runs __post_init__
+    assert cfg.d_model == cfg.n_head * cfg.d_head
+    assert cfg.d_ff == 4 * cfg.d_model
+
+
+def test_gpt3_inconsistencies_resolved_and_documented():
+    xl, b13 = get_preset("gpt3-xl"), get_preset("gpt3-13b")
+    assert (xl.config.d_model, xl.config.n_head, xl.config.d_head) == (2048, 16, 128)
+    assert (b13.config.d_model, b13.config.n_head, b13.config.d_head) == (5120, 40, 128)
+    assert "3072" in xl.note and "5140" in b13.note
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(d_model=100, n_head=3), "not divisible"),
+    (dict(norm="middle"), "norm"),
+    (dict(attention="full"), "attention"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(dropout=1.5), "dropout"),
+])
+def test_invalid_config_is_a_clear_error(bad, message):
+    with pytest.raises(GptnError, match=message):
+        GPTConfig(**bad)
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt1", "gpt2", "small"])
+def test_parameter_count_is_exact(name):
+    cfg = PRESETS[name].config
+    assert parameter_count(cfg) == GPT(cfg).num_parameters()
+    no_bias = cfg.replace(bias=False, attention="sparse")
+    if name == "tiny":
+        assert parameter_count(no_bias) == GPT(no_bias).num_parameters()
+
+
+def test_sizes_json_matches_gpt3_table_d1(capsys):
+    assert main(["sizes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    gpt3 = [n for n in PRESETS if n.startswith("gpt3-")]
+    assert len(gpt3) == 8
+    for name in gpt3:
+        r = rows[name]
+        assert abs(r["params"] / r["paper_params"] - 1) < 0.01, name
+        assert abs(r["flops_6nd"] / r["paper_flops"] - 1) < 0.03, name
+        assert abs(r["pf_days_6nd"] / r["paper_pf_days"] - 1) < 0.03, name
+    assert rows["gpt3-175b"]["flops_6nd"] == pytest.approx(3.14e23, rel=0.01)
+    assert rows["gpt3-175b"]["pf_days_6nd"] == pytest.approx(3640, rel=0.01)
+    assert rows["gpt3-small"]["flops_6nd"] == pytest.approx(2.25e20, rel=0.01)
+    assert rows["gpt3-small"]["pf_days_6nd"] == pytest.approx(2.60, rel=0.01)
+    # The attention term adds most for small models with long contexts.
+    small_extra = rows["gpt3-small"]["flops_with_attention"] / rows["gpt3-small"]["flops_6nd"]
+    big_extra = rows["gpt3-175b"]["flops_with_attention"] / rows["gpt3-175b"]["flops_6nd"]
+    assert small_extra > big_extra > 1
+
+
+def test_compute_175b_is_about_ten_years_at_one_petaflop(capsys):
+    assert main(["compute", "--preset", "gpt3-175b", "--tokens", "300e9", "--peak", "1e15", "--mfu", "1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["pf_days_6nd"] == pytest.approx(3640, rel=0.01)
+    assert 9.5 < plan["years"] < 10.5
+    mem = plan["memory_bytes"]
+    assert mem["optimizer"] == 12 * plan["params"]
+    assert mem["total_checkpointed"] < mem["total"]
+
+
+def test_memory_estimate_grows_with_batch():
+    cfg = PRESETS["gpt2"].config
+    one, eight = training_memory(cfg, 1), training_memory(cfg, 8)
+    assert eight.activations > 7 * (one.activations - 4 * cfg.n_ctx * cfg.vocab_size)
+    assert eight.weights == one.weights
+
+
+def test_unknown_preset_is_one_line_error(capsys):
+    assert main(["compute", "--preset", "gpt5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown preset 'gpt5'" in err and "\n" not in err

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+from gptn.checkpoint import load_model  # noqa: E402
+from gptn.cli import main  # noqa: E402
+
+
+def _hf_model(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=101, n_positions=24, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=100, eos_token_id=100)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.OpenAIGPTConfig(vocab_size=101, n_positions=24, n_embd=32, n_layer=2, n_head=4)
+        model = transformers.OpenAIGPTLMHeadModel(cfg)
+    # Random LayerNorm parameters too, so that a swapped ln_1/ln_2 would be caught.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "openai-gpt"])
+def test_import_and_export_parity(kind, tmp_path):
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        ref = hf(idx).logits
+
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    model, _ = load_model(tmp_path / "run")
+    assert model.config.norm == ("pre" if kind == "gpt2" else "post")
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref, atol=1e-5, rtol=1e-5)
+
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and not info["unexpected_keys"]
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(idx).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_export_model_without_biases_gives_same_logits(tmp_path):
+    from gptn.checkpoint import save_checkpoint
+    from gptn.config import GPTConfig
+    from gptn.model import GPT
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=16, bias=False, dropout=0.0)).eval()
+    save_checkpoint(tmp_path / "run", model.config, model.state_dict())
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"]
+    idx = torch.randint(0, 50, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_not_a_checkpoint_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["import-hf", str(tmp_path / "empty"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no config.json" in err and "\n" not in err
+
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert main(["import-hf", str(tmp_path / "bert"), str(tmp_path / "run")]) == 2
+    assert "not a GPT-2" in capsys.readouterr().err
+
+    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_tensor_is_named(tmp_path, capsys):
+    hf = _hf_model("gpt2")
+    hf.save_pretrained(tmp_path / "hf")
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"))
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "missing tensors" in err and "h.1.mlp.c_fc.weight" in err
+    assert not (tmp_path / "run").exists()
