@@ -129,6 +129,32 @@ def cmd_export_hf(sub):
     return run
 
 
+# --- data ---------------------------------------------------------------------------------------
+
+@command("prepare", "tokenize text files, folders, globs, .jsonl or .parquet (or `stdlib`) into token shards")
+def cmd_prepare(sub):
+    sub.add_argument("sources", nargs="+", metavar="SOURCE",
+                     help="text files, folders, globs, .jsonl/.parquet files, or `stdlib` (the Python "
+                          "standard library's sources: an embedded corpus that needs no download)")
+    sub.add_argument("--tokenizer", required=True,
+                     help="char, bpe:N (train N tokens on the corpus), gpt2, or a tokenizer folder")
+    sub.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    sub.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out (default 0.005)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    sub.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default text)")
+    sub.add_argument("--dtype", default="auto", help="token dtype: auto (uint16 when it fits), uint16 or uint32")
+    sub.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+
+    def run(args):
+        from .data import prepare
+        m = prepare(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                    text_field=args.text_field, dtype=args.dtype, workers=args.workers)
+        print(f"prepared {args.out}: {m['documents']['train']:,} + {m['documents']['val']:,} documents, "
+              f"{m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens ({m['dtype']}), "
+              f"tokenizer {m['tokenizer']['kind']} with {m['tokenizer']['vocab_size']:,} tokens")
+    return run
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

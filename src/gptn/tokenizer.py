@@ -108,6 +108,7 @@ class Tokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         out, run = [], []
+        n_base = self.base_vocab_size
         for i in ids:
             i = int(i)
             if i in self._id_to_special:
@@ -116,7 +117,7 @@ class Tokenizer:
                     run = []
                 out.append(self._id_to_special[i].encode())
             else:
-                if not 0 <= i < self.base_vocab_size:
+                if not 0 <= i < n_base:
                     raise GptnError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
                 run.append(i)
         if run:
@@ -173,12 +174,13 @@ class BPETokenizer(Tokenizer):
         if EOT not in self.special_tokens:
             self.add_special_tokens([EOT])
         self._id_to_bytes = {i: _unicode_to_bytes(t) for t, i in self.vocab.items()}
+        self._base_vocab_size = max(self.vocab.values()) + 1
         self._tiktoken = self._build_tiktoken()
         self._hf = None if self._tiktoken is not None else self._build_hf()
 
     @property
     def base_vocab_size(self) -> int:
-        return max(self.vocab.values()) + 1
+        return self._base_vocab_size
 
     def _merge_order_matches_ids(self) -> bool:
         expected = 256
