@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import GptnError
@@ -152,6 +153,212 @@ def cmd_prepare(sub):
         print(f"prepared {args.out}: {m['documents']['train']:,} + {m['documents']['val']:,} documents, "
               f"{m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens ({m['dtype']}), "
               f"tokenizer {m['tokenizer']['kind']} with {m['tokenizer']['vocab_size']:,} tokens")
+    return run
+
+
+# --- pretraining --------------------------------------------------------------------------------
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    from .config import GPTConfig
+    import dataclasses
+    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in types:
+            raise GptnError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # plain strings such as norm=post
+    return out
+
+
+@command("pretrain", "pretrain a GPT on a prepared corpus (resumes when --out holds a run); works under torchrun")
+def cmd_pretrain(sub):
+    sub.add_argument("corpus", help="a folder written by `gptn prepare`")
+    sub.add_argument("--out", required=True, help="run directory (an existing run is resumed)")
+    sub.add_argument("--preset", help="model size (default mini; see `gptn sizes`)")
+    sub.add_argument("--config", dest="model_config", help="a GPTConfig JSON file instead of a preset")
+    sub.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                     help="override a model field, e.g. --set dropout=0 --set n_ctx=128 (repeatable)")
+    sub.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    sub.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, all ranks (default: the preset's)")
+    sub.add_argument("--micro-batch", type=int, help="sequences per rank per forward pass (gradient accumulation)")
+    sub.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    sub.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
+    sub.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 2%% of steps)")
+    sub.add_argument("--weight-decay", type=float, default=0.1)
+    sub.add_argument("--grad-clip", type=float, default=1.0)
+    sub.add_argument("--eval-interval", type=int, default=250)
+    sub.add_argument("--eval-batches", type=int, default=20)
+    sub.add_argument("--checkpoint-interval", type=int, default=500)
+    sub.add_argument("--seed", type=int, default=1337)
+    sub.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
+    sub.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    sub.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sub.add_argument("--max-seconds", type=float, help="stop and save after this much training time")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args):
+        from .pretrain import PretrainConfig, pretrain
+        cfg = PretrainConfig(
+            corpus=args.corpus, out=args.out, preset=args.preset, model_config=args.model_config,
+            overrides=_parse_overrides(args.overrides), steps=args.steps, batch_tokens=args.batch_tokens,
+            micro_batch=args.micro_batch, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
+            eval_batches=args.eval_batches, checkpoint_interval=args.checkpoint_interval, seed=args.seed,
+            strategy=args.strategy, precision=args.precision, compile=args.compile, device=args.device,
+            max_seconds=args.max_seconds, progress=not args.no_progress)
+        s = pretrain(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            val = s["val"]
+            print(f"trained {s['run']}: steps {s['start_step']} -> {s['steps']}, {s['params']:,} parameters, "
+                  f"last loss {s['last_loss']:.4f}" + (f", validation loss {val['val_loss']:.4f} "
+                  f"(perplexity {val['val_ppl']:.2f}, {val['val_bpb']:.3f} bits/byte)" if val else "")
+                  + (f"; loss curve {s['loss_curve']}" if s.get("loss_curve") else ""))
+    return run
+
+
+@command("quickstart", "prepare an embedded corpus, pretrain a small GPT for a few minutes on CPU, then sample")
+def cmd_quickstart(sub):
+    sub.add_argument("--out", default="runs/quickstart", help="where to write (default runs/quickstart)")
+    sub.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    sub.add_argument("--source", action="append", dest="sources",
+                     help="corpus source instead of the embedded default (repeatable)")
+    sub.add_argument("--prompt", default="for i in", help="prompt for the next-token probabilities")
+    sub.add_argument("--no-progress", action="store_true")
+
+    def run(args):
+        from .quickstart import quickstart
+        quickstart(args.out, args.sources, args.minutes, prompt=args.prompt, progress=not args.no_progress)
+    return run
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def _load_run(run: str, device: str = "cpu"):
+    from .checkpoint import load_model
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(run, device=device)
+    if tokenizer is None:
+        raise GptnError(f"{run} has no tokenizer saved beside the model")
+    return model, tokenizer
+
+
+@command("next", "the most likely next tokens after a prompt, with their probabilities")
+def cmd_next(sub):
+    sub.add_argument("run", help="run directory")
+    sub.add_argument("prompt", help="the text so far, e.g. \"After running I am\"")
+    sub.add_argument("--top", type=int, default=5, help="how many tokens to show (default 5)")
+    sub.add_argument("--json", action="store_true", help="print [{token, id, prob}, ...]")
+    sub.add_argument("--device", default="cpu")
+
+    def run(args):
+        from .generate import next_token_probs
+        if args.top < 1:
+            raise GptnError(f"--top must be >= 1, got {args.top}")
+        model, tok = _load_run(args.run, args.device)
+        rows = next_token_probs(model, tok, args.prompt, args.top)
+        if args.json:
+            print(json.dumps(rows, ensure_ascii=False))
+            return
+        print(f"after {args.prompt!r}:")
+        for r in rows:
+            bar = "█" * max(1, round(r["prob"] * 40))
+            print(f"  {r['token']!r:<16} {r['prob']:7.2%}  {bar}")
+    return run
+
+
+def _sampling_args(sub):
+    sub.add_argument("--max-new-tokens", type=int, default=64)
+    sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sub.add_argument("--top-k", type=int)
+    sub.add_argument("--top-p", type=float, help="nucleus sampling: keep the smallest set of tokens with this mass")
+    sub.add_argument("--repetition-penalty", type=float, default=1.0)
+    sub.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sub.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    sub.add_argument("--seed", type=int, help="seed for reproducible sampling")
+
+
+def _sampling_from(args):
+    from .generate import SamplingConfig
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                          greedy=args.greedy, seed=args.seed)
+
+
+@command("generate", "sample text from a run (streams as tokens arrive; several prompts are batched)")
+def cmd_generate(sub):
+    sub.add_argument("run", help="run directory")
+    sub.add_argument("--prompt", action="append", default=[],
+                     help="prompt (repeatable; empty = start of a document)")
+    sub.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    _sampling_args(sub)
+
+    def run(args):
+        from .generate import generate
+        sampling = _sampling_from(args)
+        model, tok = _load_run(args.run, args.device)
+        prompts = args.prompt or [""]
+        rows = len(prompts) * args.num_samples
+        stream = None
+        if rows == 1 and not args.no_stream:
+            print(prompts[0], end="", flush=True)
+            stream = lambda _row, text: print(text, end="", flush=True)  # noqa: E731
+        results = generate(model, tok, prompts, sampling, args.num_samples, stream=stream)
+        if stream is not None:
+            print()
+            return
+        for p, samples in zip(prompts, results):
+            for i, text in enumerate(samples):
+                print(f"--- prompt {p!r}, sample {i + 1} ---")
+                print(p + text)
+    return run
+
+
+@command("score", "per-token log-probabilities, log-likelihood, perplexity and bits per byte of a text")
+def cmd_score(sub):
+    sub.add_argument("run", help="run directory")
+    sub.add_argument("file", nargs="?", help="a UTF-8 text file")
+    sub.add_argument("--text", help="the text itself instead of a file")
+    sub.add_argument("--stride", type=int, help="window step for texts longer than the context (default n_ctx/2)")
+    sub.add_argument("--tokens", action="store_true", help="also print every token's log-probability")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--device", default="cpu")
+
+    def run(args):
+        from pathlib import Path
+        from .generate import score
+        if (args.file is None) == (args.text is None):
+            raise GptnError("give either FILE or --text")
+        if args.file is not None:
+            try:
+                text = Path(args.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GptnError(f"cannot read {args.file}: {e}") from None
+        else:
+            text = args.text
+        model, tok = _load_run(args.run, args.device)
+        s = score(model, tok, text, stride=args.stride)
+        summary = {"tokens": len(s.tokens), "bytes": s.n_bytes, "log_likelihood": s.total_logprob,
+                   "perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte}
+        if args.json:
+            if args.tokens:
+                summary["per_token"] = [{"token": tok.decode([t]), "id": t, "logprob": lp}
+                                        for t, lp in zip(s.tokens, s.logprobs)]
+            print(json.dumps(summary, ensure_ascii=False))
+            return
+        if args.tokens:
+            for t, lp in zip(s.tokens, s.logprobs):
+                print(f"{tok.decode([t])!r:<20} {lp:9.4f}")
+        print(f"tokens {summary['tokens']:,}  bytes {summary['bytes']:,}  log-likelihood {s.total_logprob:.2f} nats  "
+              f"perplexity {s.perplexity:.3f}  bits/byte {s.bits_per_byte:.4f}")
     return run
 
 

@@ -139,10 +139,15 @@ class Document:
     source: str
 
 
+# Left out of the embedded corpus: installed packages, and folders that are mostly data tables
+# (codec maps, Unicode names, pydoc's topic dump) or test fixtures rather than code.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "encodings", "pydoc_data", "test", "tests", "idle_test"}
+
+
 def stdlib_files() -> list[Path]:
-    """The .py files of the running interpreter's standard library (no site-packages)."""
+    """The .py files of the running interpreter's standard library: real code on every machine."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return sorted(p for p in root.rglob("*.py") if not _STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
 
 
 def _is_binary(data: bytes) -> bool:

@@ -1,0 +1,297 @@
+"""A GPT's output is a probability for every next token: show it, sample from it, score text with it.
+
+- `next_token_probs`: the top-k next tokens after a prompt with their probabilities.
+- `generate`: greedy / temperature / top-k / top-p sampling with repetition penalty and stop
+  strings, several prompts of different lengths batched together (left padding + attention mask),
+  a KV cache, streaming, and a sliding window once the context is full.
+- `score`: per-token log-probabilities, total log-likelihood, perplexity and bits per byte.
+
+An empty prompt starts from the end-of-text token, i.e. "the beginning of a document".
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import GptnError
+from .model import GPT, KVCache
+
+
+@dataclass
+class SamplingConfig:
+    """How to choose each next token. temperature 0 (or greedy=True) takes the most likely token."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    greedy: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GptnError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GptnError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GptnError(f"top_k must be >= 1, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise GptnError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 0:
+            raise GptnError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature == 0:
+            self.greedy = True
+
+
+def _device_of(model: GPT) -> torch.device:
+    return model.wte.weight.device
+
+
+def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt; an empty prompt becomes [end-of-text]."""
+    ids = list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt, allow_special=True)
+    return ids or [tokenizer.eot_id]
+
+
+@torch.no_grad()
+def next_token_probs(model: GPT, tokenizer, prompt: str, top: int = 5) -> list[dict]:
+    """The `top` most likely next tokens after `prompt`: [{"token", "id", "prob"}, ...]."""
+    ids = encode_prompt(tokenizer, prompt)[-model.config.n_ctx:]
+    x = torch.tensor([ids], device=_device_of(model))
+    probs = F.softmax(model(x, last_only=True)[0, -1].float(), dim=-1)
+    p, i = probs.topk(min(top, probs.numel()))
+    return [{"token": tokenizer.decode([t]), "id": t, "prob": q} for t, q in zip(i.tolist(), p.tolist())]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus (smallest set with mass >= top_p)."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): make tokens already in the sequence less likely."""
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
+
+
+@dataclass
+class _Batch:
+    tokens: torch.Tensor  # (B, S) all slots so far, left-padded
+    mask: torch.Tensor  # (B, S) 1 for real tokens
+
+
+@torch.no_grad()
+def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int = 0,
+                 on_token: Callable[[int, int], bool | None] | None = None,
+                 warn: Callable[[str], None] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (batched). `on_token(row, id)` may return True to stop that row."""
+    device = _device_of(model)
+    n_ctx = model.config.n_ctx
+    if not prompts:
+        return []
+    said = set()
+
+    def say_once(msg):
+        if msg not in said:
+            said.add(msg)
+            (warn or (lambda m: print(f"gptn: {m}", file=sys.stderr)))(msg)
+
+    keep = max(1, n_ctx - max(1, n_ctx // 4))  # a slid window keeps the last 3/4 of the context
+    trimmed = []
+    for p in prompts:
+        if len(p) > n_ctx - 1 and sampling.max_new_tokens > 0:
+            say_once(f"the prompt is longer than the context window ({len(p)} > {n_ctx - 1} tokens); "
+                     "only its last tokens are read")
+            p = p[-(n_ctx - 1):]
+        elif len(p) > n_ctx:
+            p = p[-n_ctx:]
+        trimmed.append(p)
+    B = len(trimmed)
+    S = max(len(p) for p in trimmed)
+    tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, S), dtype=torch.long, device=device)
+    for r, p in enumerate(trimmed):
+        tokens[r, S - len(p):] = torch.tensor(p, device=device)
+        mask[r, S - len(p):] = 1
+    padded = bool((mask == 0).any())
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(model.config, B, n_ctx, device=device, dtype=model.wte.weight.dtype)
+
+    def prefill(tokens, mask):
+        cache.length = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
+        return model(tokens, position_ids=pos, attention_mask=mask if padded else None, cache=cache,
+                     last_only=True)[:, -1]
+
+    logits = prefill(tokens, mask)
+    next_pos = mask.sum(-1, keepdim=True)  # position id of the next token, per row
+    for _ in range(sampling.max_new_tokens):
+        logits = logits.float()
+        if sampling.repetition_penalty != 1.0:
+            logits = _apply_repetition_penalty(logits, tokens, sampling.repetition_penalty)
+        if sampling.greedy:
+            nxt = logits.argmax(-1)
+        else:
+            logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+        for r, t in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            out[r].append(t)
+            if on_token is not None and on_token(r, t):
+                done[r] = True
+        if bool(done.all()):
+            break
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+        if cache.length + 1 > n_ctx:  # the context is full: slide the window and recompute the cache
+            say_once(f"prompt plus output exceed the context window of {n_ctx} tokens; sliding the window "
+                     f"(the model now sees the last {keep} tokens)")
+            tokens, mask = tokens[:, -keep:], mask[:, -keep:]
+            padded = bool((mask == 0).any())
+            logits = prefill(tokens, mask)
+            next_pos = mask.sum(-1, keepdim=True)
+            continue
+        pos = next_pos if padded else None
+        logits = model(nxt[:, None], position_ids=pos, attention_mask=mask if padded else None, cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    return out
+
+
+class _StopWatcher:
+    """Decodes each row incrementally; stops a row at end-of-text or when a stop string appears."""
+
+    def __init__(self, tokenizer, rows: int, stop: list[str], stream: Callable[[int, str], None] | None):
+        self.tokenizer, self.stop, self.stream = tokenizer, stop, stream
+        self.ids = [[] for _ in range(rows)]
+        self.text = [""] * rows
+        self.emitted = [0] * rows
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def __call__(self, row: int, token: int) -> bool:
+        if token == self.tokenizer.eot_id:
+            self._flush(row, final=True)
+            return True
+        self.ids[row].append(token)
+        self.text[row] = self.tokenizer.decode(self.ids[row])
+        for s in self.stop:
+            at = self.text[row].find(s)
+            if at >= 0:
+                self.text[row] = self.text[row][:at]
+                self._flush(row, final=True)
+                return True
+        self._flush(row, final=False)
+        return False
+
+    def _flush(self, row: int, final: bool) -> None:
+        if self.stream is None:
+            return
+        text = self.text[row]
+        upto = len(text) if final else max(self.emitted[row], len(text) - self.hold)
+        if not final and text.endswith("\ufffd"):  # a character cut mid-way: wait for its other bytes
+            upto = min(upto, len(text) - 1)
+        if upto > self.emitted[row]:
+            self.stream(row, text[self.emitted[row]:upto])
+            self.emitted[row] = upto
+
+    def finish(self) -> list[str]:
+        for r in range(len(self.text)):
+            self._flush(r, final=True)
+        return self.text
+
+
+def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig | None = None,
+             num_samples: int = 1, stream: Callable[[int, str], None] | None = None) -> list[list[str]]:
+    """Continuations of each prompt: `num_samples` texts per prompt, all decoded in one batch.
+
+    `stream(row, text)` receives text as it is produced (row = prompt_index * num_samples + sample).
+    Generation of a row stops at end-of-text or at the first stop string (which is not included).
+    """
+    sampling = sampling or SamplingConfig()
+    if num_samples < 1:
+        raise GptnError(f"num_samples must be >= 1, got {num_samples}")
+    ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
+    watcher = _StopWatcher(tokenizer, len(ids), sampling.stop, stream)
+    generate_ids(model, ids, sampling, pad_id=tokenizer.eot_id, on_token=watcher)
+    texts = watcher.finish()
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+@dataclass
+class Score:
+    tokens: list[int]
+    logprobs: list[float]  # natural log P(token | everything before it)
+    n_bytes: int
+
+    @property
+    def total_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.total_logprob / max(1, len(self.logprobs)))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.total_logprob / math.log(2) / max(1, self.n_bytes)
+
+
+@torch.no_grad()
+def score(model: GPT, tokenizer, text: str, stride: int | None = None, batch_size: int = 8) -> Score:
+    """Log-probability of every token of `text`, each read after end-of-text (a document start).
+
+    Texts longer than the context are read in overlapping windows: each window moves by `stride`
+    tokens (default half the context) and scores only the tokens the previous one did not, so
+    every token sees at least n_ctx - stride tokens of context.
+    """
+    if not text:
+        raise GptnError("nothing to score: the text is empty")
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)
+    n_ctx = model.config.n_ctx
+    stride = stride or max(1, n_ctx // 2)
+    if not 0 < stride <= n_ctx:
+        raise GptnError(f"stride must be in 1..{n_ctx}, got {stride}")
+    device = _device_of(model)
+    windows = []  # (start, first scored index within the window)
+    start, scored_upto = 0, 1
+    while scored_upto < len(ids):
+        end = min(start + n_ctx + 1, len(ids))
+        windows.append((start, end, scored_upto - start))
+        scored_upto = end
+        if end == len(ids):
+            break
+        start += stride
+    logprobs: list[float] = []
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        width = max(e - s for s, e, _ in group) - 1
+        x = torch.full((len(group), width), tokenizer.eot_id, dtype=torch.long, device=device)
+        for r, (s, e, _) in enumerate(group):
+            x[r, :e - s - 1] = torch.tensor(ids[s:e - 1])
+        lp = F.log_softmax(model(x).float(), dim=-1)
+        for r, (s, e, first) in enumerate(group):
+            targets = torch.tensor(ids[s + first:e], device=device)
+            logprobs.extend(lp[r, first - 1:e - s - 1].gather(-1, targets[:, None]).squeeze(-1).tolist())
+    return Score(ids[1:], logprobs, len(text.encode("utf-8")))

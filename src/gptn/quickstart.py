@@ -1,0 +1,100 @@
+"""`gptn quickstart`: the whole pipeline on a CPU in a few minutes, with no download.
+
+prepare (the Python standard library's sources, a BPE trained on them) -> pretrain a small
+GPT-2-style model for a fixed time budget -> loss curve -> samples -> next-token probabilities.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import has_checkpoint, load_model
+from .config import GPTConfig, GptnError
+from .data import STDLIB, Corpus, prepare
+from .generate import SamplingConfig, generate, next_token_probs
+from .model import GPT
+from .pretrain import PretrainConfig, make_optimizer, pretrain
+
+# A GPT-2-style (pre-LN) model small enough to learn something in minutes on two cores.
+QUICKSTART_MODEL = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0)
+BATCH_SEQUENCES = 16
+
+
+def _seconds_per_step(config: GPTConfig, batch: int) -> float:
+    """Time a few real training steps of this model, to fit the schedule into the time budget."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    x = torch.randint(0, config.vocab_size, (batch, config.n_ctx))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[1]
+
+
+def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = None, minutes: float = 4.0,
+               vocab: int = 4096, prompt: str = "for i in", progress: bool = True, say=print) -> dict:
+    """Run the pipeline; returns paths and figures. Re-running reuses the prepared corpus."""
+    if minutes <= 0:
+        raise GptnError(f"--minutes must be > 0, got {minutes}")
+    out = Path(out)
+    corpus_dir, run_dir = out / "corpus", out / "run"
+    sources = sources or [STDLIB]
+    t_start = time.perf_counter()
+    if (corpus_dir / "manifest.json").exists():
+        say(f"[1/4] reusing the prepared corpus in {corpus_dir}")
+    else:
+        say(f"[1/4] preparing the corpus: {'the Python standard library sources' if sources == [STDLIB] else sources}, "
+            f"byte-level BPE of {vocab} tokens trained on it")
+        prepare(sources, f"bpe:{vocab}", corpus_dir, progress=progress)
+    corpus = Corpus(corpus_dir)
+    m = corpus.manifest
+    say(f"      {m['documents']['train']:,} training documents, {m['tokens']['train']:,} tokens")
+
+    if has_checkpoint(run_dir):
+        import shutil
+        shutil.rmtree(run_dir)  # a quickstart always trains afresh within its budget
+    config = GPTConfig(vocab_size=corpus.tokenizer.vocab_size, **QUICKSTART_MODEL)
+    budget = minutes * 60
+    steps = max(10, int(budget / _seconds_per_step(config, BATCH_SEQUENCES)))
+    say(f"[2/4] pretraining a GPT-2-style model ({GPT(config).num_parameters():,} parameters: "
+        f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads, context {config.n_ctx}) "
+        f"for {steps} steps (~{minutes:g} min)")
+    summary = pretrain(PretrainConfig(
+        corpus=str(corpus_dir), out=str(run_dir), model_config=None, preset=None,
+        overrides={**QUICKSTART_MODEL, "vocab_size": corpus.tokenizer.vocab_size},
+        steps=steps, batch_tokens=BATCH_SEQUENCES * config.n_ctx, lr=2e-3, min_lr=2e-4,
+        warmup_steps=max(1, steps // 20), eval_interval=max(1, steps // 5), eval_batches=10,
+        checkpoint_interval=max(1, steps // 2), max_seconds=budget * 1.25, progress=progress))
+    val = summary["val"]
+    say(f"      validation loss {val['val_loss']:.3f} nats/token (perplexity {val['val_ppl']:.1f}, "
+        f"{val['val_bpb']:.3f} bits/byte), {summary['tokens_per_s']:,.0f} tokens/s")
+
+    model, tokenizer = load_model(run_dir)
+    say("[3/4] samples (temperature 0.8, top-k 50):")
+    prompts = ["def ", "import ", "class "]
+    samples = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=0))
+    for p, (text,) in zip(prompts, samples):
+        say("      " + (p + text).replace("\n", "\n      "))
+        say("      ---")
+    say(f"[4/4] after {prompt!r}, the model's next-token probabilities:")
+    top = next_token_probs(model, tokenizer, prompt, 5)
+    for r in top:
+        say(f"      {r['token']!r:<14} {r['prob']:6.1%}")
+    written = {"corpus": str(corpus_dir), "run": str(run_dir), "checkpoint": str(run_dir / "checkpoint"),
+               "metrics": str(run_dir / "metrics.jsonl"), "loss_curve": summary.get("loss_curve")}
+    say("written:")
+    for k, v in written.items():
+        if v:
+            say(f"      {k:<11} {v}")
+    say(f"done in {time.perf_counter() - t_start:.0f} s. Next: gptn generate {run_dir} --prompt 'def ' ; "
+        f"gptn next {run_dir} 'import '")
+    return {"summary": summary, "samples": samples, "next": top, "written": written}
