@@ -1,0 +1,212 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptn.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from gptn.cli import main
+from gptn.config import GPTConfig, GptnError
+from gptn.data import prepare
+from gptn.pretrain import PretrainConfig, lr_at, make_optimizer, pretrain
+from gptn.model import GPT
+
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i % 7} times.\n" for i in range(3000))
+TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "d_model=32", "--set", "n_ctx=32", "--set", "dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "text.txt").write_text(TEXT)
+    prepare([str(root / "text.txt")], "char", root / "c", val_fraction=0.1, progress=False)
+    return root / "c"
+
+
+def _cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "gptn", *args], env=env, capture_output=True, text=True, **kw)
+
+
+def _weights(run):
+    return load_file(str(checkpoint_dir(run) / "model.safetensors"))
+
+
+def test_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 1e-3, 1e-4, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_weight_decay_on_matrices_only():
+    model = GPT(GPTConfig(vocab_size=50, n_ctx=16, n_layer=1, n_head=2, d_model=16))
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
+    summary = pretrain(PretrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), preset="tiny",
+                                      overrides={"dropout": 0.0, "n_ctx": 32}, steps=60, batch_tokens=32 * 8,
+                                      lr=3e-3, eval_interval=30, checkpoint_interval=30, progress=False))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0  # it learns
+    assert [r["step"] for r in val] == [30, 60]
+    assert val[-1]["val_ppl"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in train)
+    assert summary["steps"] == 60
+    model, tok = load_model(tmp_path / "run")
+    assert tok.vocab_size == model.config.vocab_size
+    if summary["loss_curve"]:
+        assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_resume_after_sigkill_is_exact(corpus, tmp_path):
+    common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "40", "--batch-tokens", "256",
+              "--lr", "3e-3", "--eval-interval", "20", "--checkpoint-interval", "5", "--no-progress"]
+    full = _cli(*common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    # Start the same run, SIGKILL it once it has checkpointed past step 10, then resume.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptn", *common, "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "killed" / "checkpoint" / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(meta.read_text())["step"] >= 10:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(meta.read_text())["step"]
+    assert 10 <= killed_at < 40, "the run finished before it could be killed; make it longer"
+    resumed = _cli(*common, "--out", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == sorted(set(steps))  # the records of the killed run after its checkpoint were dropped
+
+
+_SAVER = """
+import sys, torch
+from gptn.checkpoint import save_checkpoint
+from gptn.config import GPTConfig
+cfg = GPTConfig(vocab_size=50, n_ctx=16, n_layer=1, n_head=2, d_model=16)
+i = 0
+while True:
+    i += 1
+    state = {"w": torch.full((4_000_000,), float(i))}
+    save_checkpoint(sys.argv[1], cfg, state, meta={"step": i})
+    print(i, flush=True)
+"""
+
+
+def test_checkpoint_survives_kill_during_save(tmp_path):
+    run = tmp_path / "run"
+    for delay in (0.3, 0.55, 0.8, 1.1):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(run)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete checkpoint exists
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = checkpoint_dir(run)
+        meta = json.loads((ckpt / "meta.json").read_text())
+        w = load_file(str(ckpt / "model.safetensors"))["w"]
+        assert torch.all(w == meta["step"])  # weights and metadata of one and the same save
+        assert GPTConfig.load(ckpt / "config.json").d_model == 16
+
+
+def _torchrun(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "gptn", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_rank_with_accumulation(corpus, tmp_path, strategy):
+    common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "3", "--batch-tokens", str(32 * 8),
+              "--micro-batch", "2", "--lr", "1e-2", "--eval-interval", "0", "--no-progress"]
+    one = _cli(*common, "--out", str(tmp_path / "one"))  # 8 sequences: 4 micro-batches of 2
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(*common, "--strategy", strategy, "--out", str(tmp_path / "two"))  # 2 ranks x 2 micro-batches of 2
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    start = _weights(tmp_path / "one")
+    assert any(not torch.equal(start[k], GPT(GPTConfig.load(checkpoint_dir(tmp_path / "one") / "config.json"))
+                               .state_dict()[k]) for k in start)
+
+
+def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
+    code = main(["pretrain", str(corpus), "--out", str(tmp_path / "run"), "--preset", "tiny", *TINY, "--steps", "50",
+                 "--batch-tokens", "256", "--lr", "1e35", "--grad-clip", "0", "--checkpoint-interval", "1000",
+                 "--eval-interval", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "at step" in err and ("nan" in err or "inf" in err)
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_inputs_before_training(corpus, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["pretrain", str(corpus), "--out", run, "--preset", "tiny", "--set", "n_ctx=4096"]) == 2
+    assert "longer than" in capsys.readouterr().err
+    assert main(["pretrain", str(corpus), "--out", run, "--preset", "tiny", "--batch-tokens", "100"]) == 2
+    assert "whole number" in capsys.readouterr().err
+    assert main(["pretrain", str(corpus), "--out", run, "--preset", "tiny", *TINY, "--batch-tokens", "96",
+                 "--micro-batch", "2"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+    assert main(["pretrain", str(corpus), "--out", run, "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["pretrain", str(corpus), "--out", run, "--set", "colour=blue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    # A run directory holding a different model, and a corpus with another tokenizer.
+    assert main(["pretrain", str(corpus), "--out", run, "--preset", "tiny", *TINY, "--steps", "2",
+                 "--batch-tokens", "64", "--eval-interval", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", str(corpus), "--out", run, "--preset", "tiny", "--set", "n_layer=3"]) == 2
+    assert "holds a different model" in capsys.readouterr().err
+    other = tmp_path / "other.txt"
+    other.write_text("completely different alphabet: XYZ!?" * 200)
+    prepare([str(other)], "char", tmp_path / "c2", progress=False)
+    assert main(["pretrain", str(tmp_path / "c2"), "--out", run, "--steps", "4"]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
+    assert main(["pretrain", str(tmp_path / "nope"), "--out", run]) == 2
+    assert "not a prepared corpus" in capsys.readouterr().err
+
+
+def test_torchrun_batch_not_divisible_across_ranks(corpus, tmp_path):
+    r = _torchrun("pretrain", str(corpus), "--preset", "tiny", *TINY, "--batch-tokens", str(32 * 3),
+                  "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode != 0 and "not divisible across 2 ranks" in r.stderr
+
+
+def test_quickstart_pipeline_on_a_tiny_budget(tmp_path):
+    from gptn.quickstart import quickstart
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(25):
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n\n\nfor i in range({i}):\n    print(f{i}(i))\n" * 5)
+    lines = []
+    result = quickstart(tmp_path / "qs", sources=[str(src)], minutes=0.05, vocab=300, progress=False, say=lines.append)
+    assert (tmp_path / "qs" / "run" / "checkpoint" / "model.safetensors").is_file()
+    assert len(result["samples"]) == 3 and len(result["next"]) == 5
+    assert abs(sum(r["prob"] for r in result["next"])) <= 1.0
+    out = "\n".join(lines)
+    assert "written:" in out and str(tmp_path / "qs" / "run") in out
