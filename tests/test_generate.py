@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+
+from gptn.checkpoint import save_checkpoint
+from gptn.cli import main
+from gptn.config import GPTConfig, GptnError
+from gptn.generate import SamplingConfig, filter_logits, generate, generate_ids, next_token_probs, score
+from gptn.model import GPT
+from gptn.tokenizer import CharTokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.\n"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CharTokenizer.from_text(ALPHABET)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))
+    with torch.no_grad():  # sharper distributions than at initialisation, so that greedy is well defined
+        m.wte.weight.mul_(3)
+    return m.eval()
+
+
+@pytest.fixture
+def run(tmp_path, model, tok):
+    save_checkpoint(tmp_path / "run", model.config, model.state_dict(), tokenizer=tok)
+    return str(tmp_path / "run")
+
+
+def test_greedy_matches_hugging_face_generate(tmp_path, run):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    assert main(["export-hf", run, str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from gptn.checkpoint import load_model
+    model, _ = load_model(run)
+    for prompt in ([3, 7, 1], [5], list(range(10))):
+        ours = generate_ids(model, [prompt], SamplingConfig(max_new_tokens=20, greedy=True))[0]
+        theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                             pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+        assert ours == theirs
+
+
+def test_batched_mixed_lengths_equal_one_at_a_time(model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [4, 4, 2]]
+    cfg = SamplingConfig(max_new_tokens=15, greedy=True)
+    batched = generate_ids(model, prompts, cfg)
+    alone = [generate_ids(model, [p], cfg)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_seeded_sampling_is_reproducible(model, tok):
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.3, seed=42)
+    a = generate(model, tok, ["the ", "a"], cfg, num_samples=2)
+    b = generate(model, tok, ["the ", "a"], cfg, num_samples=2)
+    assert a == b
+    c = generate(model, tok, ["the ", "a"], SamplingConfig(max_new_tokens=30, temperature=1.3, seed=7), num_samples=2)
+    assert c != a
+
+
+def test_top_k_and_top_p_never_leave_their_set():
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    k2 = torch.multinomial(filter_logits(logits, 2, None).softmax(-1), 1, generator=g)
+    assert set(k2.unique().tolist()) == {0, 1}
+    p = torch.multinomial(filter_logits(logits, None, 0.8).softmax(-1), 1, generator=g)  # 0.5 + 0.2 + 0.15 >= 0.8
+    assert set(p.unique().tolist()) == {0, 1, 2}
+    p1 = torch.multinomial(filter_logits(logits, None, 0.5).softmax(-1), 1, generator=g)
+    assert set(p1.unique().tolist()) == {0}
+    both = torch.multinomial(filter_logits(logits, 3, 0.6).softmax(-1), 1, generator=g)
+    assert set(both.unique().tolist()) == {0, 1}
+
+
+def test_stop_strings_and_sliding_window(model, tok, capsys):
+    out = generate(model, tok, ["abc"], SamplingConfig(max_new_tokens=200, greedy=True))[0][0]
+    assert len(out) == 200  # 3 + 200 > n_ctx = 48: the window slid, no crash
+    assert "sliding the window" in capsys.readouterr().err
+    stop = out[10:12]
+    cut = generate(model, tok, ["abc"], SamplingConfig(max_new_tokens=200, greedy=True, stop=[stop]))[0][0]
+    assert stop not in cut and out.startswith(cut) and len(cut) <= 10 + len(stop)
+
+
+def test_streaming_gives_the_same_text(model, tok):
+    pieces = []
+    text = generate(model, tok, ["hello"], SamplingConfig(max_new_tokens=25, seed=3),
+                    stream=lambda row, t: pieces.append(t))[0][0]
+    assert "".join(pieces) == text and len(pieces) > 1
+
+
+def test_next_token_probabilities_are_the_softmax(model, tok):
+    rows = next_token_probs(model, tok, "the cat", top=5)
+    with torch.no_grad():
+        probs = model(torch.tensor([tok.encode("the cat")]))[0, -1].softmax(-1)
+    assert [r["id"] for r in rows] == probs.topk(5).indices.tolist()
+    assert rows[0]["prob"] == pytest.approx(probs.max().item(), rel=1e-5)
+    assert all(a["prob"] >= b["prob"] for a, b in zip(rows, rows[1:]))
+
+
+def test_score_matches_a_direct_computation_and_windows(model, tok):
+    text = "the quick brown fox jumps over the lazy dog. " * 3  # longer than n_ctx = 48
+    s = score(model, tok, text, stride=16)
+    assert len(s.logprobs) == len(tok.encode(text))
+    ids = [tok.eot_id] + tok.encode(text)
+    with torch.no_grad():
+        lp = model(torch.tensor([ids[:40]])).log_softmax(-1)[0]
+    direct = [lp[i, ids[i + 1]].item() for i in range(39)]
+    assert s.logprobs[:39] == pytest.approx(direct, abs=1e-4)
+    assert s.perplexity == pytest.approx(torch.tensor(s.logprobs).neg().mean().exp().item(), rel=1e-6)
+    full = score(model, tok, text, stride=48)
+    assert full.logprobs[:47] == pytest.approx(s.logprobs[:47], abs=1e-4)
+
+
+def test_cli_next_generate_score(run, capsys, tmp_path):
+    assert main(["next", run, "the ca", "--top", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and set(rows[0]) == {"token", "id", "prob"}
+    assert main(["generate", run, "--prompt", "the", "--max-new-tokens", "10", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+    assert main(["generate", run, "--prompt", "", "--prompt", "ab", "--greedy", "--max-new-tokens", "5"]) == 0
+    assert "sample 1" in capsys.readouterr().out
+    (tmp_path / "t.txt").write_text("the cat sat.")
+    assert main(["score", run, str(tmp_path / "t.txt"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["tokens"] == 12 and s["bits_per_byte"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "0"], "top_p"), (["--top-p", "1.5"], "top_p"), (["--temperature", "-1"], "temperature"),
+])
+def test_bad_sampling_options(run, capsys, args, message):
+    assert main(["generate", run, "--prompt", "a", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_run_directory(capsys, tmp_path):
+    assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "a"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_long_prompt_keeps_its_end(model, tok, capsys):
+    long = "abcdefghij" * 10  # 100 > n_ctx
+    out = generate(model, tok, [long], SamplingConfig(max_new_tokens=5, greedy=True))[0][0]
+    tail = generate(model, tok, [long[-47:]], SamplingConfig(max_new_tokens=5, greedy=True))[0][0]
+    assert out == tail and "longer than the context" in capsys.readouterr().err
