@@ -10,11 +10,9 @@ SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\
 
 
 @pytest.fixture(scope="module")
-def gpt2(request):
-    from tests.conftest import SHARED
-    if not (SHARED / "gpt2-bpe").is_dir():
-        pytest.skip("../shared/data/gpt2-bpe is absent")
-    return load_tokenizer(SHARED / "gpt2-bpe")
+def gpt2():
+    from conftest import require_shared
+    return load_tokenizer(require_shared() / "gpt2-bpe")
 
 
 @pytest.fixture(scope="module")

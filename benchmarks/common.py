@@ -1,0 +1,57 @@
+"""Shared by the benchmark scripts: machine description, medians, and writing results/NAME.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def machine() -> dict:
+    import numpy
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    try:
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    for pkg in ("transformers", "tiktoken", "tokenizers", "lm_eval"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    try:
+        info["gptn_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def write_results(name: str, results: dict, merge: bool = False) -> Path:
+    """Write results/NAME.json; with merge=True keep keys of an earlier run (e.g. GPU figures)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    if merge and path.exists():
+        results = {**json.loads(path.read_text()), **results}
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*map(str, r)) for r in [header, *rows])
