@@ -59,6 +59,7 @@ class PretrainConfig:
     peak_flops: float | None = None  # for MFU; default: measured (CPU) or the card's table value
     progress: bool = True
     max_seconds: float | None = None  # stop (and save) after this much training time
+    stop_at_val_loss: float | None = None  # stop (and save) once validation loss reaches this
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -492,12 +493,14 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         bar.set_postfix_str(f"loss {loss_value:.4f}  {tok_s:,.0f} tok/s  MFU {mfu:.1%}" +
                             (f"  val {last_eval['val_loss']:.4f}" if last_eval else ""), refresh=False)
         bar.update(1)
-        out_of_time = cfg.max_seconds is not None and train_time >= cfg.max_seconds
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps or out_of_time):
+        stop = cfg.max_seconds is not None and train_time >= cfg.max_seconds
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps or stop):
             last_eval = run_eval(step)
-        if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
+            if cfg.stop_at_val_loss is not None and last_eval["val_loss"] <= cfg.stop_at_val_loss:
+                stop = True
+        if step % cfg.checkpoint_interval == 0 or step == cfg.steps or stop:
             save(step)
-        if out_of_time:
+        if stop:
             break
     bar.close()
     if step == summary["start_step"] and not has_checkpoint(run):
