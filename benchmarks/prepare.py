@@ -1,7 +1,7 @@
 """How fast `gptn prepare` turns text into GPT-2 tokens (MB/s), beside a single-threaded tiktoken encode.
 
 Target (issue): at least 10 MB/s on 2 cores. Text: the Python standard library sources (the embedded
-default corpus, ~10 MB) plus Tiny Shakespeare and WikiText-2 from ../shared/data.
+default corpus, ~10 MB) plus the .txt and .tsv files of ../shared/data (~20 MB).
 """
 
 import os
@@ -19,7 +19,7 @@ from gptn.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main():
-    sources = ["stdlib", str(SHARED / "tinyshakespeare" / "input.txt"), str(SHARED / "wikitext-2")]
+    sources = ["stdlib", f"{SHARED}/**/*.txt", f"{SHARED}/**/*.tsv"]
     texts = [d.text for d in iter_documents(sources)]
     n_bytes = sum(len(t.encode()) for t in texts)
     tok = load_tokenizer(SHARED / "gpt2-bpe")

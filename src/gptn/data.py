@@ -41,7 +41,7 @@ HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes per token, token cou
 DTYPES = {2: np.uint16, 4: np.uint32}
 STDLIB = "stdlib"  # the embedded default corpus: this interpreter's standard library sources
 SHARD_TOKENS = 256 * 2**20  # tokens per shard file before a new one is started
-CHUNK_CHARS = 1 << 20  # documents longer than this are tokenized in pieces, in parallel
+CHUNK_CHARS = 1 << 20  # documents longer than this are tokenized in pieces, in parallel; also the work unit
 MIN_DOCS_FOR_DOC_SPLIT = 20
 
 
@@ -146,8 +146,11 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "encodings", "pydoc_data", "te
 
 def stdlib_files() -> list[Path]:
     """The .py files of the running interpreter's standard library: real code on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if not _STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
+    files = []
+    for folder, subdirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_SKIP)  # prune, don't walk site-packages
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return sorted(files)
 
 
 def _is_binary(data: bytes) -> bool:
@@ -196,9 +199,10 @@ def expand_sources(sources: list[str]) -> list[tuple[Path, bool]]:
     return files
 
 
-def iter_documents(sources: list[str], text_field: str = "text") -> Iterator[Document]:
-    """Documents from the sources: one per text file, one per JSONL line / Parquet row."""
-    for path, explicit in expand_sources(sources):
+def iter_documents(sources: list[str] | list[tuple[Path, bool]], text_field: str = "text") -> Iterator[Document]:
+    """Documents from the sources (or from `expand_sources`' files): one per text file, one per JSONL line / Parquet row."""
+    files = sources if sources and isinstance(sources[0], tuple) else expand_sources(sources)
+    for path, explicit in files:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             yield from _jsonl_documents(path, text_field)
@@ -269,19 +273,23 @@ def split_for_tokenizing(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str | None) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer_dir is not None:  # spawned workers load it; forked ones inherit it
+        _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
-def _encode_task(task):
-    doc_index, pieces, last = task
-    ids = []
-    for piece in pieces:
-        ids.extend(_worker_tokenizer._encode_ordinary(piece))
-    if last:
-        ids.append(_worker_tokenizer.eot_id)
-    return doc_index, np.asarray(ids, dtype=np.uint32)
+def _encode_tasks(batch):
+    """Tokenize a batch of (doc_index, pieces, is_last_part) items: one IPC round trip per ~1 MB."""
+    out = []
+    for doc_index, pieces, last in batch:
+        ids = []
+        for piece in pieces:
+            ids.extend(_worker_tokenizer._encode_ordinary(piece))
+        if last:
+            ids.append(_worker_tokenizer.eot_id)
+        out.append((doc_index, np.asarray(ids, dtype=np.uint32)))
+    return out
 
 
 def is_validation(doc_index: int, seed: int, val_fraction: float) -> bool:
@@ -340,11 +348,11 @@ def prepare(sources: list[str], tokenizer: str | Tokenizer, out: str | Path, val
     _check_out(out)
     if not 0.0 <= val_fraction < 1.0:
         raise GptnError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    expand_sources(sources)  # fail early on a missing path
+    files = expand_sources(sources)  # fails early on a missing path
 
     def documents():
         n = 0
-        for doc in iter_documents(sources, text_field):
+        for doc in iter_documents(files, text_field):
             if max_docs is not None and n >= max_docs:
                 return
             n += 1
@@ -382,23 +390,31 @@ def prepare(sources: list[str], tokenizer: str | Tokenizer, out: str | Path, val
         meta: dict[int, tuple[str, int]] = {}
 
         def tasks():
+            batch, size = [], 0
             for i, (doc, is_val) in enumerate(labelled):
                 split = "val" if is_val else "train"
                 meta[i] = (split, len(doc.text.encode("utf-8")))
-                pieces = split_for_tokenizing(doc.text)
-                for j in range(0, len(pieces), 4):
-                    yield i, pieces[j:j + 4], j + 4 >= len(pieces)
+                for piece_index, piece in enumerate(pieces := split_for_tokenizing(doc.text)):
+                    batch.append((i, [piece], piece_index == len(pieces) - 1))
+                    size += len(piece)
+                    if size >= CHUNK_CHARS:
+                        yield batch
+                        batch, size = [], 0
+            if batch:
+                yield batch
 
         n_workers = workers or os.cpu_count() or 1
         bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress, file=sys.stderr)
+        global _worker_tokenizer
+        _worker_tokenizer = tokenizer
         if n_workers > 1:
-            pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                n_workers, initializer=_init_worker, initargs=(str(tmp / "tokenizer"),))
-            results = pool.imap(_encode_task, tasks(), chunksize=4)
+            fork = sys.platform == "linux"
+            pool = get_context("fork" if fork else "spawn").Pool(
+                n_workers, initializer=_init_worker, initargs=(None if fork else str(tmp / "tokenizer"),))
+            results = (r for batch in pool.imap(_encode_tasks, tasks()) for r in batch)
         else:
             pool = None
-            _init_worker(str(tmp / "tokenizer"))
-            results = map(_encode_task, tasks())
+            results = (r for batch in map(_encode_tasks, tasks()) for r in batch)
         try:
             last_doc = -1
             for doc_index, ids in results:

@@ -142,14 +142,13 @@ class Tokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
 
     def fingerprint(self) -> str:
+        """A short hash of everything that decides the ids (vocabulary, merges, special tokens)."""
         import hashlib
-        import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            self.save(d)
-            h = hashlib.sha256()
-            for f in sorted(Path(d).iterdir()):
-                h.update(f.name.encode() + f.read_bytes())
-        return h.hexdigest()[:16]
+        content = json.dumps([self.kind, sorted(self.special_tokens.items()), self._identity()], ensure_ascii=False)
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+    def _identity(self):
+        raise NotImplementedError
 
 
 class BPETokenizer(Tokenizer):
@@ -226,6 +225,9 @@ class BPETokenizer(Tokenizer):
         except KeyError as e:
             raise GptnError(f"token id {e.args[0]} is not in the vocabulary") from None
 
+    def _identity(self):
+        return [sorted(self.vocab.items(), key=lambda kv: kv[1]), self.merges]
+
     def _save_files(self, folder: Path) -> dict:
         vocab = dict(self.vocab)
         vocab.update(self.special_tokens)
@@ -265,6 +267,9 @@ class CharTokenizer(Tokenizer):
 
     def _decode_bytes(self, ids: list[int]) -> bytes:
         return "".join(self.chars[i] for i in ids).encode("utf-8")
+
+    def _identity(self):
+        return self.chars
 
     def _save_files(self, folder: Path) -> dict:
         return {"chars": self.chars}
