@@ -117,6 +117,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias) \
             if config.norm == "pre" else None
+        self._wte_t, self._wte_t_key = None, None  # inference copy of W_e^T, see _tied_logits
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block.
         for name, p in self.named_parameters():
@@ -165,11 +166,23 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, position_ids, attention_mask, cache)
         if last_only:
             h = h[:, -1:, :]
-        logits = F.linear(h, self.wte.weight)  # tied softmax layer: h_n W_e^T   (B, T, V)
+        logits = self._tied_logits(h)  # tied softmax layer: h_n W_e^T   (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _tied_logits(self, h):
+        """h W_e^T. For small-batch inference on CPU, multiplying by a contiguous (d, V) copy of W_e^T
+        reads the largest matrix of the model 1.3-1.6x faster than nn.Linear's (V, d) layout (measured
+        with MKL, M <= 8); the copy is made once and remade whenever the weights change."""
+        w = self.wte.weight
+        if torch.is_grad_enabled() or w.device.type != "cpu" or h.shape[0] * h.shape[1] > 8:
+            return F.linear(h, w)
+        key = (w.data_ptr(), w._version, w.dtype)
+        if self._wte_t_key != key:
+            self._wte_t, self._wte_t_key = w.detach().t().contiguous(), key
+        return h @ self._wte_t
 
     def _attention_mask(self, T: int, past: int, attention_mask, device):
         """Boolean mask (B|1, 1, T, past+T), or None when the fused causal kernel can be used."""
