@@ -11,7 +11,6 @@ Targets (issue): tokens/s >= 1.7x Hugging Face with validation loss <= 1.89; 1.8
 """
 
 import argparse
-import math
 import sys
 import tempfile
 import time

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from gptn.cli import main
-from gptn.compute import parameter_count, preset_table, training_memory
+from gptn.compute import parameter_count, training_memory
 from gptn.config import PRESETS, GPTConfig, GptnError, get_preset
 from gptn.model import GPT
 

@@ -157,3 +157,14 @@ def test_output_folder_holding_a_corpus_is_refused(tmp_path, capsys):
     assert main(args) == 2
     assert "already holds a prepared corpus" in capsys.readouterr().err
     assert (tmp_path / "c" / "manifest.json").read_text() == before
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="the parquet extra (pyarrow) is not installed")
+    import pyarrow.parquet as pq
+    table = pa.table({"content": [f"parquet row {i} " * 4 for i in range(30)], "id": list(range(30))})
+    pq.write_table(table, tmp_path / "d.parquet")
+    m = prepare([str(tmp_path / "d.parquet")], "char", tmp_path / "c", text_field="content", progress=False)
+    assert m["documents"]["train"] + m["documents"]["val"] == 30
+    with pytest.raises(GptnError, match="no column 'text'"):
+        prepare([str(tmp_path / "d.parquet")], "char", tmp_path / "c2", progress=False)

@@ -5,7 +5,7 @@ import torch
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
-from gptn.config import GPTConfig, GptnError
+from gptn.config import GPTConfig
 from gptn.generate import SamplingConfig, filter_logits, generate, generate_ids, next_token_probs, score
 from gptn.model import GPT
 from gptn.tokenizer import CharTokenizer

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptn.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from gptn.checkpoint import checkpoint_dir, load_model
 from gptn.cli import main
-from gptn.config import GPTConfig, GptnError
+from gptn.config import GPTConfig
 from gptn.data import prepare
 from gptn.pretrain import PretrainConfig, lr_at, make_optimizer, pretrain
 from gptn.model import GPT

@@ -292,6 +292,15 @@ def _encode_tasks(batch):
     return out
 
 
+def _bounded_imap(pool, fn, items, window: int):
+    """pool.imap in order, but with at most `window` items in flight: Pool.imap alone would read the
+    whole corpus ahead into its queue, and large corpora must not need to fit in memory."""
+    import itertools
+    items = iter(items)
+    while chunk := list(itertools.islice(items, window)):
+        yield from pool.imap(fn, chunk)
+
+
 def is_validation(doc_index: int, seed: int, val_fraction: float) -> bool:
     """Deterministic split by document: a hash of (seed, index), not Python's salted hash()."""
     digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
@@ -411,7 +420,7 @@ def prepare(sources: list[str], tokenizer: str | Tokenizer, out: str | Path, val
             fork = sys.platform == "linux"
             pool = get_context("fork" if fork else "spawn").Pool(
                 n_workers, initializer=_init_worker, initargs=(None if fork else str(tmp / "tokenizer"),))
-            results = (r for batch in pool.imap(_encode_tasks, tasks()) for r in batch)
+            results = (r for batch in _bounded_imap(pool, _encode_tasks, tasks(), 4 * n_workers) for r in batch)
         else:
             pool = None
             results = (r for batch in map(_encode_tasks, tasks()) for r in batch)

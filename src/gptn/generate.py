@@ -92,12 +92,6 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
     return logits.scatter(-1, seen, scores)
 
 
-@dataclass
-class _Batch:
-    tokens: torch.Tensor  # (B, S) all slots so far, left-padded
-    mask: torch.Tensor  # (B, S) 1 for real tokens
-
-
 @torch.no_grad()
 def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int = 0,
                  on_token: Callable[[int, int], bool | None] | None = None,

@@ -37,11 +37,6 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows `rows` (finished sequences leave the batch)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
