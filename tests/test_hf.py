@@ -89,3 +89,15 @@ def test_missing_tensor_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing tensors" in err and "h.1.mlp.c_fc.weight" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_import_pytorch_model_bin(tmp_path):
+    hf = _hf_model("gpt2")
+    (tmp_path / "hf").mkdir()
+    hf.config.to_json_file(tmp_path / "hf" / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    model, _ = load_model(tmp_path / "run")
+    idx = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)

@@ -113,3 +113,12 @@ def test_resolve_errors():
         resolve_tokenizer("bpe:100", ["x"])
     with pytest.raises(GptnError, match="expected char"):
         resolve_tokenizer("/no/such/tokenizer")
+
+
+def test_hugging_face_tokenizer_json_loads(trained, tmp_path):
+    hf = trained._build_hf()
+    (tmp_path / "hfdir").mkdir()
+    hf.save(str(tmp_path / "hfdir" / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "hfdir")
+    assert tok.encode(SAMPLE) == trained.encode(SAMPLE)
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE

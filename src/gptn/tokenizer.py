@@ -169,11 +169,11 @@ class BPETokenizer(Tokenizer):
         self.vocab = {t: i for t, i in vocab.items() if t not in specials}
         self.merges = merges
         self.name = name
+        self._base_vocab_size = max(self.vocab.values()) + 1
         super().__init__(specials)
         if EOT not in self.special_tokens:
             self.add_special_tokens([EOT])
         self._id_to_bytes = {i: _unicode_to_bytes(t) for t, i in self.vocab.items()}
-        self._base_vocab_size = max(self.vocab.values()) + 1
         self._tiktoken = self._build_tiktoken()
         self._hf = None if self._tiktoken is not None else self._build_hf()
 
