@@ -148,3 +148,18 @@ def test_long_prompt_keeps_its_end(model, tok, capsys):
     out = generate(model, tok, [long], SamplingConfig(max_new_tokens=5, greedy=True))[0][0]
     tail = generate(model, tok, [long[-47:]], SamplingConfig(max_new_tokens=5, greedy=True))[0][0]
     assert out == tail and "longer than the context" in capsys.readouterr().err
+
+
+def test_prepacked_cpu_inference_gives_the_same_results(tok):
+    torch.manual_seed(1)
+    plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()
+    packed = GPT(plain.config).eval()
+    packed.load_state_dict(plain.state_dict())
+    packed.prepack_for_cpu_inference()
+    assert all(hasattr(m, "packed_weight") for m in packed.modules() if isinstance(m, torch.nn.Linear))
+    x = torch.randint(0, tok.vocab_size, (4, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    cfg = SamplingConfig(max_new_tokens=20, greedy=True)
+    assert generate_ids(packed, prompts, cfg) == generate_ids(plain, prompts, cfg)

@@ -244,6 +244,7 @@ def _load_run(run: str, device: str = "cpu"):
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(run, device=device)
+    model.prepack_for_cpu_inference()  # these commands only read the model
     if tokenizer is None:
         raise GptnError(f"{run} has no tokenizer saved beside the model")
     return model, tokenizer

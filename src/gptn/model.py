@@ -38,6 +38,14 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def _linear_with_packed_weight(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if torch.is_grad_enabled() or not 2 <= rows <= 64 or self.weight._version != self._packed_version:
+        return F.linear(x, self.weight, self.bias)
+    y = torch._C._nn.mkldnn_linear(x.reshape(rows, -1).contiguous().to_mkldnn(), self.packed_weight, self.packed_bias)
+    return y.to_dense().view(*x.shape[:-1], -1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -166,6 +174,28 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def prepack_for_cpu_inference(self) -> "GPT":
+        """Give every linear layer a oneDNN-prepacked copy of its weight for CPU inference, in place.
+
+        MKL's GEMM is slow when only a few rows (2-64 tokens: batched decoding) meet a large weight;
+        oneDNN's prepacked kernel decodes a batch of 8 about 1.4x faster here. One token at a time and
+        long prefills keep MKL, which is faster there. Costs a second copy of the layer weights; does
+        nothing off CPU, outside fp32, or where this torch build lacks oneDNN.
+        """
+        if self.wte.weight.device.type != "cpu" or self.wte.weight.dtype != torch.float32 \
+                or not torch.backends.mkldnn.is_available():
+            return self
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not hasattr(module, "packed_weight"):
+                with torch.no_grad():
+                    module.packed_weight = module.weight.to_mkldnn()
+                    bias = module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
+                    module.packed_bias = bias.to_mkldnn()
+                module._packed_version = module.weight._version  # a changed weight falls back to F.linear
+                module.forward = _linear_with_packed_weight.__get__(module)
+        return self
 
     def _tied_logits(self, h):
         """h W_e^T. For small-batch inference on CPU, multiplying by a contiguous (d, V) copy of W_e^T
