@@ -469,9 +469,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if d.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
-            if device.type != "cuda":
-                loss_sum /= d.world
+            dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
+            loss_sum /= d.world
         loss_value = loss_sum.item()
         step += 1
         if device.type == "cuda":

@@ -9,6 +9,7 @@ every model, so a run always reloads the tokenizer it was trained with. Special 
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,7 +57,12 @@ class Tokenizer:
 
     def __init__(self, special_tokens: dict[str, int]):
         self.special_tokens = dict(special_tokens)
+        self._specials_changed()
+
+    def _specials_changed(self) -> None:
         self._id_to_special = {i: s for s, i in self.special_tokens.items()}
+        names = sorted(self.special_tokens, key=len, reverse=True)  # longest first: no prefix wins
+        self._special_split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
     # --- to implement -----------------------------------------------------------------------
     @property
@@ -86,17 +92,15 @@ class Tokenizer:
         for name in names:
             if name not in self.special_tokens:
                 self.special_tokens[name] = self.vocab_size
-        self._id_to_special = {i: s for s, i in self.special_tokens.items()}
+        self._specials_changed()
         return self
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings are ordinary text unless `allow_special`."""
-        if not allow_special or not self.special_tokens:
+        if not allow_special or self._special_split is None:
             return self._encode_ordinary(text)
-        import re
-        pattern = "(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")"
         ids: list[int] = []
-        for i, part in enumerate(re.split(pattern, text)):
+        for i, part in enumerate(self._special_split.split(text)):
             if i % 2:
                 ids.append(self.special_tokens[part])
             elif part:
