@@ -75,8 +75,12 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str, torch.Tensor],
                     tokenizer=None, train_state: dict | None = None, meta: dict | None = None,
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write a complete checkpoint into RUN/checkpoint atomically and return its path."""
+                    extra_files: dict[str, str] | None = None,
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a complete checkpoint into RUN/checkpoint atomically and return its path.
+
+    `extra_files` (name -> text) and `extra_tensors` (name -> tensors, as safetensors) travel with it,
+    e.g. a fine-tuned run's task head."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp, final, old = run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
@@ -90,6 +94,8 @@ def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str
         torch.save(train_state, tmp / "train_state.pt")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file(tensors, str(tmp / name), metadata={"format": "pt", "writer": "gptn"})
     (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
     for f in tmp.rglob("*"):
         if f.is_file():

@@ -182,6 +182,8 @@ def cmd_pretrain(sub):
     sub.add_argument("--config", dest="model_config", help="a GPTConfig JSON file instead of a preset")
     sub.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
                      help="override a model field, e.g. --set dropout=0 --set n_ctx=128 (repeatable)")
+    sub.add_argument("--arch", choices=["gpt", "bert"], help="gpt: decoder, next-token objective (default); "
+                     "bert: bidirectional encoder, masked-LM objective (for the GPT-vs-BERT contrast)")
     sub.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     sub.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, all ranks (default: the preset's)")
     sub.add_argument("--micro-batch", type=int, help="sequences per rank per forward pass (gradient accumulation)")
@@ -205,7 +207,8 @@ def cmd_pretrain(sub):
         from .pretrain import PretrainConfig, pretrain
         cfg = PretrainConfig(
             corpus=args.corpus, out=args.out, preset=args.preset, model_config=args.model_config,
-            overrides=_parse_overrides(args.overrides), steps=args.steps, batch_tokens=args.batch_tokens,
+            overrides={**_parse_overrides(args.overrides), **({"arch": args.arch} if args.arch else {})},
+            steps=args.steps, batch_tokens=args.batch_tokens,
             micro_batch=args.micro_batch, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
             eval_batches=args.eval_batches, checkpoint_interval=args.checkpoint_interval, seed=args.seed,
@@ -240,10 +243,12 @@ def cmd_quickstart(sub):
 
 def _load_run(run: str, device: str = "cpu"):
     from .checkpoint import load_model
+    from .model import require_decoder
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(run, device=device)
+    require_decoder(model, "generate, score or prompt")
     model.prepack_for_cpu_inference()  # these commands only read the model
     if tokenizer is None:
         raise GptnError(f"{run} has no tokenizer saved beside the model")
@@ -360,6 +365,202 @@ def cmd_score(sub):
                 print(f"{tok.decode([t])!r:<20} {lp:9.4f}")
         print(f"tokens {summary['tokens']:,}  bytes {summary['bytes']:,}  log-likelihood {s.total_logprob:.2f} nats  "
               f"perplexity {s.perplexity:.3f}  bits/byte {s.bits_per_byte:.4f}")
+    return run
+
+
+# --- transfer learning ----------------------------------------------------------------------------
+
+def _column_args(sub):
+    sub.add_argument("--text-col", help="column with the text (premise, sentence A, context); "
+                                        "GLUE, multiple-choice JSONL and HellaSwag layouts need no column flags")
+    sub.add_argument("--text-b-col", help="column with the second text (hypothesis, sentence B)")
+    sub.add_argument("--label-col", help="column with the label (class, score or right choice's index)")
+    sub.add_argument("--choices-col", help="JSONL field with the list of candidate answers")
+
+
+def _columns_from(args):
+    from .finetune import Columns
+    return Columns(args.text_col, args.text_b_col, args.label_col, args.choices_col)
+
+
+@command("finetune", "fine-tune a pretrained run on a labeled task (GPT-1: start/delim/extract tokens, "
+                     "a linear head, L3 = L2 + λ·L1)")
+def cmd_finetune(sub):
+    from .finetune import TASKS, FinetuneConfig
+    d = FinetuneConfig("", "", "")
+    sub.add_argument("run", help="pretrained run directory (or an imported model folder)")
+    sub.add_argument("--task", choices=TASKS, help="task type (default: recognised from the file's layout)")
+    sub.add_argument("--train", required=True, help="training examples (TSV, CSV, JSONL, HellaSwag .txt)")
+    sub.add_argument("--val", help="validation examples; the best checkpoint by its metric is kept")
+    sub.add_argument("--out", required=True, help="run directory for the fine-tuned model")
+    _column_args(sub)
+    sub.add_argument("--regression", action="store_true", default=None,
+                     help="the label is a score (e.g. similarity 0-5), predicted with mean squared error")
+    sub.add_argument("--epochs", type=int, default=d.epochs)
+    sub.add_argument("--batch-size", type=int, default=d.batch_size)
+    sub.add_argument("--lr", type=float, default=d.lr)
+    sub.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    sub.add_argument("--lm-weight", type=float, default=d.lm_weight, help="λ of the auxiliary LM loss (0 disables)")
+    sub.add_argument("--dropout", type=float, default=d.dropout)
+    sub.add_argument("--head-dropout", type=float, default=d.head_dropout)
+    sub.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    sub.add_argument("--max-train-examples", type=int, help="fine-tune on a random subset of this size")
+    sub.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
+    sub.add_argument("--from-scratch", action="store_true",
+                     help="random initial weights of the same shape: the no-pretraining baseline")
+    sub.add_argument("--seed", type=int, default=d.seed)
+    sub.add_argument("--device", default="auto")
+    sub.add_argument("--no-progress", action="store_true")
+
+    def run(args):
+        from .finetune import finetune
+        cfg = FinetuneConfig(run=args.run, out=args.out, train=args.train, val=args.val, task=args.task,
+                             columns=_columns_from(args), regression=args.regression, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup_fraction,
+                             lm_weight=args.lm_weight, dropout=args.dropout, head_dropout=args.head_dropout,
+                             weight_decay=args.weight_decay, max_train_examples=args.max_train_examples,
+                             evals_per_epoch=args.evals_per_epoch, from_scratch=args.from_scratch,
+                             seed=args.seed, device=args.device, progress=not args.no_progress)
+        result = finetune(cfg)
+        best = result["best"]
+        print(f"{result['task']}: {result['train_examples']} examples, {result['steps']} steps, "
+              f"{result['seconds']:.0f} s; best {result['metric']} {best['value']:.4f} at epoch {best['epoch']} "
+              f"(step {best['step']}); saved to {result['checkpoint']}")
+    return run
+
+
+@command("predict", "label new inputs with a fine-tuned run (from a file or the command line)")
+def cmd_predict(sub):
+    sub.add_argument("run", help="fine-tuned run directory")
+    sub.add_argument("file", nargs="?", help="examples to label (same layouts as finetune; labels optional, "
+                                             "and scored when present)")
+    sub.add_argument("--text", help="the text (or premise / sentence A / context)")
+    sub.add_argument("--text-b", help="the second text, for entailment and similarity")
+    sub.add_argument("--choice", action="append", default=[], help="a candidate answer (repeatable), multiple choice")
+    _column_args(sub)
+    sub.add_argument("--json", action="store_true", help="print one JSON object per example")
+    sub.add_argument("--device", default="cpu")
+
+    def run(args):
+        from .finetune import Example, compute_metrics, load_task_model, predict, read_task_file
+        if (args.file is None) == (args.text is None):
+            raise GptnError("give either FILE or --text")
+        model, tok = load_task_model(args.run, args.device)
+        spec = model.spec
+        if args.file:
+            data = read_task_file(args.file, spec.task, _columns_from(args), spec.regression, require_labels=False)
+            examples = data.examples
+        else:
+            pair = spec.task in ("entailment", "similarity")
+            if pair != (args.text_b is not None):
+                raise GptnError(f"a {spec.task} model needs " + ("--text and --text-b" if pair else "--text only"))
+            if (spec.task == "multiple_choice") != bool(args.choice):
+                raise GptnError("--choice is for multiple-choice models, which need two or more"
+                                if args.choice else "a multiple-choice model needs two or more --choice")
+            if args.choice and len(args.choice) < 2:
+                raise GptnError("a multiple-choice model needs two or more --choice")
+            examples = [Example((args.text,) + ((args.text_b,) if pair else ()), None, tuple(args.choice))]
+        records = predict(model, tok, examples)
+        for r in records:
+            if args.json:
+                print(json.dumps(r, ensure_ascii=False))
+            elif spec.regression:
+                print(f"{r['prediction']:.3f}\t" + " | ".join(r["input"]))
+            elif spec.task == "multiple_choice":
+                print(f"{r['prediction']}\t{max(r['probs']):.1%}\t{r['choices'][r['prediction']]}")
+            else:
+                print(f"{r['prediction']}\t{r['probs'][r['prediction']]:.1%}\t" + " | ".join(r["input"]))
+        labeled = [r for r in records if "label" in r]
+        if labeled and len(labeled) == len(records):
+            metrics = compute_metrics(spec, [r["prediction"] for r in records], [r["label"] for r in records])
+            summary = f"{len(records)} labeled examples: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(summary, file=sys.stderr if args.json else sys.stdout)
+    return run
+
+
+# --- in-context learning --------------------------------------------------------------------------
+
+def _shots(text: str) -> list[int]:
+    try:
+        shots = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shots takes comma-separated integers like 0,1,8, not {text!r}") from None
+    if not shots or min(shots) < 0:
+        raise argparse.ArgumentTypeError(f"--shots needs one or more integers >= 0, got {text!r}")
+    return shots
+
+
+@command("fewshot", "zero-, one- and few-shot evaluation (GPT-3 in-context learning, no gradient update)")
+def cmd_fewshot(sub):
+    from .fewshot import BUILTIN_TASKS, NORMALIZATIONS
+    sub.add_argument("run", help="run directory")
+    sub.add_argument("--task", required=True, help=f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a task file "
+                                                   "(.json / .yaml)")
+    sub.add_argument("--shots", type=_shots, default=[0, 1, 8], help="values of K, e.g. 0,1,8 (default)")
+    sub.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many examples")
+    sub.add_argument("--normalization", choices=NORMALIZATIONS, help="multiple choice: how answers' "
+                     "log-likelihoods are compared (default: the task's)")
+    sub.add_argument("--seed", type=int, default=1234, help="seed for drawing demonstrations")
+    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--data-dir", help="folder with the built-in tasks' data (default $GPTN_DATA_DIR or a "
+                                        "shared/data folder above the current one)")
+    sub.add_argument("--records", help="write every example's prompt, scores and answer here (JSONL)")
+    sub.add_argument("--plot", help="write a PNG of the metric against K here")
+    sub.add_argument("--json", action="store_true", help="print one JSON object per K")
+    sub.add_argument("--device", default="cpu")
+
+    def run(args):
+        from pathlib import Path
+        from .fewshot import evaluate_fewshot, load_task, plot_metric_vs_shots
+        if args.limit is not None and args.limit < 1:
+            raise GptnError(f"--limit must be >= 1, got {args.limit}")
+        task = load_task(args.task, args.data_dir)
+        model, tok = _load_run(args.run, args.device)
+        results = []
+        if not args.json:
+            print(f"{task.name} ({task.kind}); chance {task.chance if task.chance is not None else 'n/a'}")
+            print(f"{'K':>3}  {'metric':<28} {'value':>8}  {'± stderr':>9}  {'examples':>8}  {'demos used':>10}")
+        for k in args.shots:
+            r = evaluate_fewshot(model, tok, task, k, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                                 normalization=args.normalization)
+            results.append(r)
+            if args.json:
+                print(json.dumps({"k": k, "metric": r.metric, "value": r.value, "stderr": r.stderr,
+                                  "examples": r.examples, "demos_used": r.demos_used, "metrics": r.metrics,
+                                  "chance": task.chance}))
+            else:
+                print(f"{k:>3}  {r.metric:<28} {r.value:>8.4f}  {r.stderr:>9.4f}  {r.examples:>8}  {r.demos_used:>10.2f}")
+        if args.records:
+            with open(args.records, "w") as f:
+                for r in results:
+                    for rec in r.records:
+                        f.write(json.dumps({"k": r.k, **rec}, ensure_ascii=False) + "\n")
+        if args.plot:
+            path = plot_metric_vs_shots(results, task, Path(args.plot))
+            if not args.json:
+                print(f"plot: {path}")
+    return run
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+@command("serve", "serve a run over HTTP with the OpenAI completions API (the `serve` extra)")
+def cmd_serve(sub):
+    sub.add_argument("run", help="run directory")
+    sub.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/ requests")
+    sub.add_argument("--model-name", help="the model id clients ask for (default: the run folder's name)")
+    sub.add_argument("--max-batch", type=int, default=32, help="most rows decoded together (default 32)")
+    sub.add_argument("--device", default="cpu")
+
+    def run(args):
+        from .serve import serve
+        if not 0 < args.port < 65536:
+            raise GptnError(f"--port must be in 1..65535, got {args.port}")
+        if args.max_batch < 1:
+            raise GptnError(f"--max-batch must be >= 1, got {args.max_batch}")
+        serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device)
     return run
 
 

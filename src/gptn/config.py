@@ -19,6 +19,8 @@ class GPTConfig:
     norm="post" is GPT-1 (x = LN(x + sublayer(x)), no final LayerNorm);
     norm="pre" is GPT-2/3 (x = x + sublayer(LN(x)), plus a final LayerNorm).
     attention="sparse" is GPT-3's pattern: odd layers only see the last `sparse_band` tokens.
+    arch="bert" turns the same blocks into a bidirectional encoder (no causal mask, segment
+    embeddings) trained by masked-language modelling: the contrast of the lecture's last part.
     """
 
     vocab_size: int = 50257
@@ -33,6 +35,7 @@ class GPTConfig:
     sparse_band: int = 256
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    arch: str = "gpt"  # "gpt": decoder, left-to-right; "bert": encoder, both directions
 
     def __post_init__(self):
         if self.d_ff is None:
@@ -51,6 +54,15 @@ class GPTConfig:
             raise GptnError(f"config: norm must be 'pre' (GPT-2/3) or 'post' (GPT-1), got {self.norm!r}")
         if self.attention not in ("dense", "sparse"):
             raise GptnError(f"config: attention must be 'dense' or 'sparse', got {self.attention!r}")
+        if self.arch not in ("gpt", "bert"):
+            raise GptnError(f"config: arch must be 'gpt' (decoder) or 'bert' (encoder), got {self.arch!r}")
+        if self.arch == "bert" and self.attention != "dense":
+            raise GptnError("config: the BERT-style encoder uses dense attention only")
+
+    @property
+    def causal(self) -> bool:
+        """Whether each position sees only the positions before it (GPT) or all of them (BERT)."""
+        return self.arch == "gpt"
 
     @property
     def d_head(self) -> int:

@@ -16,6 +16,7 @@ warning naming the file (and the byte offset of the first bad byte).
 
 from __future__ import annotations
 
+import csv
 import glob as globlib
 import hashlib
 import json
@@ -553,3 +554,34 @@ class BatchLoader:
         for _ in range(n_batches):
             w = torch.from_numpy(self._windows(rng.integers(0, self._cum[-1], size=batch_size)))
             yield w[:, :-1], w[:, 1:]
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Rows of a labeled-data file as dicts: JSONL (or a JSON list), CSV, or TSV (GLUE's: tabs only)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix in (".jsonl", ".json"):
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            return json.loads(text)
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise GptnError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        return rows
+    if path.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    # GLUE's TSVs contain unbalanced quotes, so fields are split on tabs only (no CSV quoting).
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines:
+        return []
+    header = lines[0].rstrip("\r").split("\t")
+    rows = []
+    for n, line in enumerate(lines[1:], 2):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != len(header):
+            raise GptnError(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(header)}")
+        rows.append(dict(zip(header, fields)))
+    return rows

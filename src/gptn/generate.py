@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptnError
-from .model import GPT, KVCache
+from .model import GPT, KVCache, require_decoder
 
 
 @dataclass
@@ -64,6 +64,7 @@ def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
 @torch.no_grad()
 def next_token_probs(model: GPT, tokenizer, prompt: str, top: int = 5) -> list[dict]:
     """The `top` most likely next tokens after `prompt`: [{"token", "id", "prob"}, ...]."""
+    require_decoder(model, "predict the next token")
     ids = encode_prompt(tokenizer, prompt)[-model.config.n_ctx:]
     x = torch.tensor([ids], device=_device_of(model))
     probs = F.softmax(model(x, last_only=True)[0, -1].float(), dim=-1)
@@ -94,9 +95,14 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
 
 @torch.no_grad()
 def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int = 0,
-                 on_token: Callable[[int, int], bool | None] | None = None,
-                 warn: Callable[[str], None] | None = None) -> list[list[int]]:
-    """New token ids for each prompt (batched). `on_token(row, id)` may return True to stop that row."""
+                 on_token: Callable[..., bool | None] | None = None,
+                 warn: Callable[[str], None] | None = None, logprobs: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt (batched). `on_token(row, id)` may return True to stop that row.
+
+    With `logprobs=N`, on_token gets a third argument: (the token's log-probability, the N most likely
+    tokens as [(id, logprob)]), from the model's distribution before temperature and filtering.
+    """
+    require_decoder(model, "generate text")
     device = _device_of(model)
     n_ctx = model.config.n_ctx
     if not prompts:
@@ -143,6 +149,9 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
     next_pos = mask.sum(-1, keepdim=True)  # position id of the next token, per row
     for _ in range(sampling.max_new_tokens):
         logits = logits.float()
+        if logprobs is not None:
+            model_lp = F.log_softmax(logits, dim=-1)
+            top_lp, top_id = model_lp.topk(max(1, min(logprobs, model_lp.size(-1))), dim=-1)
         if sampling.repetition_penalty != 1.0:
             logits = _apply_repetition_penalty(logits, tokens, sampling.repetition_penalty)
         if sampling.greedy:
@@ -154,7 +163,14 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
             if done[r]:
                 continue
             out[r].append(t)
-            if on_token is not None and on_token(r, t):
+            if on_token is None:
+                continue
+            if logprobs is not None:
+                info = (model_lp[r, t].item(), list(zip(top_id[r].tolist(), top_lp[r].tolist()))[:logprobs])
+                stop = on_token(r, t, info)
+            else:
+                stop = on_token(r, t)
+            if stop:
                 done[r] = True
         if bool(done.all()):
             break
@@ -260,6 +276,7 @@ def score(model: GPT, tokenizer, text: str, stride: int | None = None, batch_siz
     tokens (default half the context) and scores only the tokens the previous one did not, so
     every token sees at least n_ctx - stride tokens of context.
     """
+    require_decoder(model, "score a text left to right")
     if not text:
         raise GptnError("nothing to score: the text is empty")
     ids = [tokenizer.eot_id] + tokenizer.encode(text)

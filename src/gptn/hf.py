@@ -167,6 +167,8 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     """`gptn export-hf RUN OUT`: write a folder that `AutoModelForCausalLM.from_pretrained` loads."""
     model, tokenizer = load_model(run)
     config = model.config
+    if config.arch != "gpt":
+        raise GptnError(f"{run} is a BERT-style encoder; export-hf writes GPT-2 / GPT-1 checkpoints only")
     hf_cfg = hf_config(config, tokenizer)
     state = {k: v for k, v in model.state_dict().items()}
     if not config.bias:  # Hugging Face GPT-2 always has biases: zeros are the same function

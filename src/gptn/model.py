@@ -30,6 +30,13 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions filled so far
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache whose batch row i is a copy of this cache's row rows[i] (shared prompts fan out)."""
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = self.k[:, rows], self.v[:, rows]
+        new.max_len, new.length = self.max_len, self.length
+        return new
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D) for `layer`; return all keys and values so far."""
         end = self.length + k.size(2)
@@ -57,6 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         # GPT-3 §2.1: "alternating dense and locally banded sparse attention patterns".
         self.banded = config.attention == "sparse" and layer_idx % 2 == 1
+        self.causal = config.causal
 
     def forward(self, x, mask=None, cache: KVCache | None = None):
         B, T, C = x.shape
@@ -70,7 +78,8 @@ class CausalSelfAttention(nn.Module):
             mask = mask["banded" if self.banded else "dense"]
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:  # plain causal attention over a full window: the fused kernel's fast path
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=k.size(2) > 1 and T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                               is_causal=self.causal and k.size(2) > 1 and T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -108,6 +117,13 @@ class Block(nn.Module):
         return x
 
 
+def require_decoder(model: "GPT", what: str) -> None:
+    """A clear error for what only a left-to-right decoder can do (generate, prompt, score text)."""
+    if model.config.arch != "gpt":
+        raise GptnError(f"this is a BERT-style encoder (bidirectional, masked-LM pretraining): it cannot {what}. "
+                        "Only a GPT predicts the next token; fine-tune the encoder with `gptn finetune` instead")
+
+
 class GPT(nn.Module):
     """The GPT-n language model. `forward` returns next-token logits (and the L1 loss given targets)."""
 
@@ -116,6 +132,8 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)  # W_e
         self.wpe = nn.Embedding(config.n_ctx, config.d_model)  # W_p
+        if config.arch == "bert":  # BERT's segment (sentence A / B) embeddings
+            self.wse = nn.Embedding(2, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias) \
@@ -140,11 +158,12 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + self.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, idx, position_ids=None, attention_mask=None, cache: KVCache | None = None,
+                      segment_ids=None):
         """h_n for token ids `idx` (B, T): the transformer's output before the softmax layer.
 
         attention_mask (B, T_total) marks real tokens (1) and padding (0), for left-padded batches;
-        T_total counts the cached positions too.
+        T_total counts the cached positions too. segment_ids (B, T) are 0/1 (sentence A/B), BERT only.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -152,7 +171,10 @@ class GPT(nn.Module):
             if past + T > self.config.n_ctx:
                 raise GptnError(f"sequence of {past + T} tokens exceeds the context window n_ctx={self.config.n_ctx}")
             position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
-        h = self.drop(self.wte(idx) + self.wpe(position_ids))  # h_0 = U W_e + W_p   (B, T, C)
+        h = self.wte(idx) + self.wpe(position_ids)  # h_0 = U W_e + W_p   (B, T, C)
+        if self.config.arch == "bert":
+            h = h + (self.wse(segment_ids) if segment_ids is not None else self.wse.weight[0])
+        h = self.drop(h)
         mask = self._attention_mask(T, past, attention_mask, idx.device)
         for block in self.h:
             h = block(h, mask, cache)  # h_l = block(h_{l-1})
@@ -216,7 +238,7 @@ class GPT(nn.Module):
             return None
         q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)  # (T, 1)
         k_pos = torch.arange(past + T, device=device).unsqueeze(0)  # (1, past+T)
-        causal = k_pos <= q_pos
+        causal = k_pos <= q_pos if self.config.causal else torch.ones_like(k_pos <= q_pos)
         pad = None
         if attention_mask is not None:
             pad = attention_mask[:, None, None, :].bool()  # (B, 1, 1, past+T)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .bert import BERT_SPECIALS, mask_tokens, step_generator
 from .checkpoint import checkpoint_dir, has_checkpoint, load_config, model_state_dict, save_checkpoint
 from .compute import training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
@@ -183,7 +184,10 @@ def resolve_model_config(cfg: PretrainConfig, tokenizer_vocab: int) -> tuple[GPT
     if overrides["vocab_size"] < tokenizer_vocab:
         raise GptnError(f"vocab_size {overrides['vocab_size']} is smaller than the corpus tokenizer's "
                         f"{tokenizer_vocab} tokens")
-    return base.replace(**overrides), preset
+    config = base.replace(**overrides)
+    if config.arch == "bert" and "vocab_size" not in cfg.overrides:  # room for [CLS], [SEP], [MASK]
+        config = config.replace(vocab_size=tokenizer_vocab + len(BERT_SPECIALS))
+    return config, preset
 
 
 def _check_resume(cfg: PretrainConfig, run: Path, corpus: Corpus, saved_cfg: dict) -> GPTConfig:
@@ -200,15 +204,23 @@ def _check_resume(cfg: PretrainConfig, run: Path, corpus: Corpus, saved_cfg: dic
     return saved
 
 
-def _check_tokenizer(run_tok_dir: Path, corpus: Corpus) -> None:
+def _check_tokenizer(run_tok_dir: Path, corpus: Corpus, tokenizer) -> None:
     from .tokenizer import load_tokenizer
     if not run_tok_dir.is_dir():
         return
     theirs = load_tokenizer(run_tok_dir).describe()
-    ours = corpus.tokenizer.describe()
+    ours = tokenizer.describe()
     if theirs != ours:
         raise GptnError(f"the corpus {corpus.folder} was prepared with another tokenizer ({ours['kind']}, "
                         f"{ours['vocab_size']} tokens) than the model's ({theirs['kind']}, {theirs['vocab_size']} tokens)")
+
+
+def _run_tokenizer(corpus: Corpus, config: GPTConfig):
+    """The corpus's tokenizer; for a BERT-style encoder, with [CLS], [SEP] and [MASK] added."""
+    if config.arch != "bert":
+        return corpus.tokenizer
+    from .tokenizer import load_tokenizer
+    return load_tokenizer(corpus.folder / "tokenizer").add_special_tokens(BERT_SPECIALS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,14 +228,18 @@ def _check_tokenizer(run_tok_dir: Path, corpus: Corpus) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader: BatchLoader, n_batches: int, batch_size: int, device, amp, d: Dist) -> float:
-    """Mean next-token loss (nats) over a fixed set of validation windows, split across ranks."""
+def evaluate(model, loader: BatchLoader, n_batches: int, batch_size: int, device, amp, d: Dist,
+             objective=None) -> float:
+    """Mean loss (nats) over a fixed set of validation windows, split across ranks: next-token loss,
+    or the loss of `objective(x, y, i) -> (inputs, targets)` (BERT's masked tokens, the same each time)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     for i, (x, y) in enumerate(loader.eval_batches(n_batches, batch_size)):
         if i % d.world != d.rank:
             continue
+        if objective is not None:
+            x, y = objective(x, y, i)
         with amp:
             _, loss = model(x.to(device), y.to(device))
         total += loss.double()
@@ -339,15 +355,16 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     if resuming:
         saved_cfg = json.loads((run / "train_config.json").read_text())
         config = _check_resume(cfg, run, corpus, saved_cfg)
-        _check_tokenizer(checkpoint_dir(run) / "tokenizer", corpus)
+        _check_tokenizer(checkpoint_dir(run) / "tokenizer", corpus, _run_tokenizer(corpus, config))
         # The schedule and batch are part of the run; the user may extend `steps` or change logging.
         for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed"):
             setattr(cfg, key, saved_cfg[key] if getattr(cfg, key) is None or key == "seed" else getattr(cfg, key))
         preset = get_preset(saved_cfg["preset"]) if saved_cfg.get("preset") else None
     else:
         config, preset = resolve_model_config(cfg, corpus.tokenizer.vocab_size)
-    if config.vocab_size < corpus.tokenizer.vocab_size:
-        raise GptnError(f"the model has {config.vocab_size} tokens but the corpus's tokenizer has {corpus.tokenizer.vocab_size}")
+    tokenizer = _run_tokenizer(corpus, config)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise GptnError(f"the model has {config.vocab_size} tokens but its tokenizer has {tokenizer.vocab_size}")
 
     # Batch: tokens per optimizer step -> sequences -> per-rank micro-batches x accumulation.
     n_ctx = config.n_ctx
@@ -412,7 +429,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         else:
             rng = [_rng_state(device)]
         if d.is_main:
-            save_checkpoint(run, config, model_sd, tokenizer=corpus.tokenizer,
+            save_checkpoint(run, config, model_sd, tokenizer=tokenizer,
                             train_state={"step": step_done, "optimizer": optim_sd, "rng": rng,
                                          "loader": {"seed": cfg.seed, "next_step": step_done},
                                          "scheduler": {"lr": lr, "min_lr": min_lr, "warmup": warmup, "total": cfg.steps}},
@@ -421,7 +438,9 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
             dist.barrier()
 
     def run_eval(at_step: int) -> dict:
-        val = evaluate(wrapped, val_loader, cfg.eval_batches, min(global_batch, 64), device, amp, d)
+        masked = (lambda x, y, i: mask_tokens(x, tokenizer, step_generator(cfg.seed + 1, 0, 0, i))) \
+            if config.arch == "bert" else None
+        val = evaluate(wrapped, val_loader, cfg.eval_batches, min(global_batch, 64), device, amp, d, masked)
         record = {"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
                   "val_bpb": val / math.log(2) / bytes_per_token}
         log.write(record)
@@ -444,6 +463,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
             group["lr"] = lr_now
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(train_loader.step_batches(step)):
+            if config.arch == "bert":  # masked-LM instead of next-token: same windows, other targets
+                x, y = mask_tokens(x, tokenizer, step_generator(cfg.seed, step, d.rank, i))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             last = i == accum - 1
             sync = nullcontext()

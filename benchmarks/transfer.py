@@ -1,0 +1,153 @@
+"""Does pretraining transfer? GPT-1's ablation (Table 5), small and on a CPU.
+
+1. Pretrain a small GPT on unlabeled in-domain text: the SST-2 training sentences with their labels
+   removed (except the 2,000 kept labeled for fine-tuning, which are left out), plus the sentences of
+   the RTE, MRPC and STS-B training sets (text only).
+2. Fine-tune on the 2,000 labeled SST-2 sentences and evaluate on the SST-2 dev set: from the
+   pretrained weights and from a random initialisation, each with and without the auxiliary LM loss
+   (λ = 0.5 / 0), at GPT-1's learning rate and at 10x it (a model this small, and above all one
+   trained from scratch, is handicapped by GPT-1's rate): the comparison is best against best.
+3. The same pretrained model fine-tuned on RTE, MRPC and STS-B (dev results, the better SST-2 rate).
+
+Writes benchmarks/results/transfer.json; `pretrained_minus_scratch` is the best pretrained SST-2 dev
+accuracy minus the best from-scratch accuracy, in points.
+
+    python benchmarks/transfer.py [--pretrain-seconds 420] [--work /tmp/gptn-transfer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED, machine, table, write_results  # noqa: E402
+
+from gptn.config import GPTConfig  # noqa: E402
+from gptn.data import Corpus, prepare  # noqa: E402
+from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
+from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
+from gptn.quickstart import _seconds_per_step  # noqa: E402
+
+GLUE = SHARED / "glue"
+# Small enough to see ~4M tokens (2-3 passes over the corpus) in 10 minutes on two cores.
+MODEL = dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, dropout=0.0)
+N_LABELED = 2000
+
+
+def read_tsv(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8-sig").rstrip("\n").split("\n")
+    header = lines[0].split("\t")
+    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
+
+
+def build_data(work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """(unlabeled corpus JSONL, the 2,000 labeled SST-2 sentences as a TSV)."""
+    sst = read_tsv(GLUE / "SST-2" / "train.tsv")
+    random.Random(seed).shuffle(sst)
+    labeled, unlabeled = sst[:N_LABELED], sst[N_LABELED:]
+    labeled_tsv = work / "sst2_train_2000.tsv"
+    with open(labeled_tsv, "w") as f:
+        f.write("sentence\tlabel\n")
+        for r in labeled:
+            f.write(f"{r['sentence']}\t{r['label']}\n")
+    texts = [r["sentence"].strip() for r in unlabeled]
+    for r in read_tsv(GLUE / "RTE" / "train.tsv"):
+        texts += [r["sentence1"], r["sentence2"]]
+    for r in read_tsv(GLUE / "MRPC" / "train.tsv"):
+        texts += [r["#1 String"], r["#2 String"]]
+    for r in read_tsv(GLUE / "STS-B" / "train.tsv"):
+        texts += [r["sentence1"], r["sentence2"]]
+    corpus_jsonl = work / "unlabeled.jsonl"
+    with open(corpus_jsonl, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return corpus_jsonl, labeled_tsv
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/gptn-transfer")
+    ap.add_argument("--pretrain-seconds", type=float, default=600)
+    ap.add_argument("--reuse", action="store_true", help="reuse a pretrained run already in --work")
+    ap.add_argument("--lr", type=float, default=6.25e-5, help="fine-tuning learning rate (GPT-1's)")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    work = Path(args.work)
+    t_all = time.time()
+    run = work / "pretrained"
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus_jsonl, labeled_tsv = build_data(work)
+
+    if not (run / "checkpoint").is_dir():
+        t0 = time.time()
+        texts = [json.loads(line)["text"] for line in open(corpus_jsonl)]
+        prepare([str(corpus_jsonl)], "bpe:4096", work / "corpus", val_fraction=0.02, progress=False)
+        print(f"corpus: {len(texts):,} unlabeled sentences, prepared in {time.time() - t0:.0f} s", flush=True)
+        config = GPTConfig(vocab_size=Corpus(work / "corpus").tokenizer.vocab_size, **MODEL)
+        # A cosine schedule that ends when the time budget does.
+        steps = int(args.pretrain_seconds / _seconds_per_step(config, 32))
+        summary = pretrain(PretrainConfig(
+            corpus=str(work / "corpus"), out=str(run), overrides=dict(MODEL), steps=steps,
+            batch_tokens=32 * MODEL["n_ctx"], lr=1e-3, min_lr=1e-4, warmup_steps=100, eval_interval=250,
+            eval_batches=10, checkpoint_interval=1000, max_seconds=args.pretrain_seconds * 1.2, progress=False))
+        pre = {"steps": summary["steps"], "val_loss": summary["val"]["val_loss"], "seconds": round(summary["train_seconds"]),
+               "tokens_per_s": summary["tokens_per_s"]}
+        (work / "pretrain.json").write_text(json.dumps(pre))
+    pre = json.loads((work / "pretrain.json").read_text())
+    print(f"pretrained: {pre['steps']} steps, val loss {pre['val_loss']:.3f}, {pre['seconds']:.0f} s", flush=True)
+
+    def tune(name, train, val, **kw):
+        cfg = FinetuneConfig(run=str(run), out=str(work / name), train=str(train), val=str(val),
+                             progress=False, **{"lr": args.lr, **kw})
+        t0 = time.time()
+        r = finetune(cfg)
+        best = r["best"]
+        print(f"{name}: {r['metric']} {best['value']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        return {"metric": r["metric"], "value": best["value"], "metrics": best["metrics"], "epoch": best["epoch"],
+                "seconds": round(time.time() - t0, 1), "lr": cfg.lr, "lm_weight": cfg.lm_weight}
+
+    sst_dev = GLUE / "SST-2" / "dev.tsv"
+    sst = {}
+    for init in ("pretrained", "scratch"):
+        for lr_name, lr in (("GPT-1 lr", args.lr), ("lr x10", args.lr * 10)):
+            for aux, lm_weight in (("aux LM", 0.5), ("no aux", 0.0)):
+                name = f"sst2_{init}_{'aux' if lm_weight else 'noaux'}_{lr:g}"
+                sst[f"{init}, {aux}, {lr_name}"] = tune(name, labeled_tsv, sst_dev, lr=lr, lm_weight=lm_weight,
+                                                       from_scratch=init == "scratch")
+    best_lr = max(((v["value"], v["lr"]) for k, v in sst.items() if k.startswith("pretrained, aux")))[1]
+    glue = {task: tune(task.lower(), GLUE / task / "train.tsv", GLUE / task / "dev.tsv", lr=best_lr)
+            for task in ("RTE", "MRPC", "STS-B")}
+    best_pre = max(v["value"] for k, v in sst.items() if k.startswith("pretrained"))
+    best_scratch = max(v["value"] for k, v in sst.items() if k.startswith("scratch"))
+    diff = round(100 * (best_pre - best_scratch), 2)
+    chance = {"SST-2": 0.5, "RTE": 0.5, "MRPC": "F1 0.81 if always 'paraphrase'", "STS-B": "Pearson 0"}
+
+    rows = [(k, f"{100 * v['value']:.1f}", v["lr"], v["lm_weight"], v["seconds"]) for k, v in sst.items()]
+    print("\nSST-2 dev accuracy (%), 2,000 labeled training sentences")
+    print(table(rows, ("setting", "accuracy", "lr", "λ", "s")))
+    print(f"\npretrained minus scratch (best of each): {diff:+.1f} points (target >= +5)")
+    rows = [(k, v["metric"], f"{v['value']:.4f}", json.dumps({m: round(x, 4) for m, x in v["metrics"].items()}))
+            for k, v in glue.items()]
+    print("\nGLUE dev, the same pretrained model, full training sets")
+    print(table(rows, ("task", "metric", "value", "all metrics")))
+    results = {"pretrained_minus_scratch": diff, "sst2_dev": sst, "glue_dev": glue, "chance": chance,
+               "pretraining": {**pre, "model": MODEL, "corpus": "SST-2 train minus the 2,000 labeled + RTE/MRPC/"
+                               "STS-B train sentences, labels removed", "tokenizer": "bpe:4096"},
+               "finetune_defaults": "GPT-1: 3 epochs, batch 32, warm-up 0.2% then linear decay, dropout 0.1",
+               "total_seconds": round(time.time() - t_all), "machine": machine()}
+    print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

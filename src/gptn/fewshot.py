@@ -1,0 +1,547 @@
+"""GPT-3 in-context learning: zero-, one- and few-shot evaluation with no gradient update.
+
+A prompt is a task description, K solved demonstrations and the new query (GPT-3 §2, Figure 2.1):
+
+    Translate English to French:          <- description
+                                          <- separator ("\\n\\n")
+    sea otter => loutre de mer            <- demonstration: query + target delimiter (" ") + answer
+                                          <- separator
+    cheese =>                             <- the query; the model continues it
+
+Multiple-choice tasks compare the log-likelihood of each answer after the prompt (summed, per token,
+per character, or GPT-3's unconditional normalisation); free-form tasks generate greedily up to a
+stop string (exact match, token F1); cloze tasks (LAMBADA) check that greedy decoding produces the
+whole last word.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import GptnError
+from .data import read_records
+from .model import GPT, KVCache, require_decoder
+
+KINDS = ("multiple_choice", "generate", "cloze")
+NORMALIZATIONS = ("sum", "per_token", "per_char", "unconditional")
+UNCONDITIONAL_CONTEXT = "Answer:"  # GPT-3 §2.4: P(completion | context) / P(completion | "Answer:")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass
+class Doc:
+    """One item: the query text, and either choices + gold index or acceptable answers."""
+
+    query: str
+    choices: list[str] | None = None
+    gold: int | None = None
+    answers: list[str] | None = None
+
+    def target(self) -> str:
+        """The answer a demonstration shows."""
+        return self.choices[self.gold] if self.choices is not None else self.answers[0]
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # multiple_choice | generate | cloze
+    docs: list[Doc]  # evaluated items
+    pool: list[Doc] | None = None  # demonstrations are drawn from here (default: the other docs)
+    description: str = ""
+    separator: str = "\n\n"  # between description, demonstrations and query
+    target_delimiter: str = " "  # between a query and its answer
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    normalization: str = "sum"
+    max_gen_tokens: int = 32
+    chance: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise GptnError(f"task {self.name}: type {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise GptnError(f"task {self.name}: normalization {self.normalization!r} is not one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+        if not self.docs:
+            raise GptnError(f"task {self.name} has no examples")
+
+
+def _placeholders(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as e:
+        raise GptnError(f"template {template!r} is not valid: {e}") from None
+
+
+def _render(template: str, record: dict, where: str) -> str:
+    try:
+        return template.format_map(record)
+    except KeyError as e:
+        raise GptnError(f"{where}: the template needs field {e.args[0]!r}; the record has {sorted(record)}") from None
+
+
+def docs_from_records(records: list[dict], spec: dict, where: str) -> list[Doc]:
+    """Docs from data rows and a task spec (template, choices, label, answer)."""
+    kind, template = spec["type"], spec["template"]
+    docs = []
+    for n, rec in enumerate(records, 1):
+        at = f"{where}: example {n}"
+        query = _render(template, rec, at)
+        if kind == "multiple_choice":
+            choices = spec["choices"]
+            if isinstance(choices, str):
+                if choices not in rec:
+                    raise GptnError(f"{at} has no choices field {choices!r} (fields: {sorted(rec)})")
+                choices = rec[choices]
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise GptnError(f"{at}: choices must be a list of at least two answers")
+            if spec["label"] not in rec:
+                raise GptnError(f"{at} has no label field {spec['label']!r} (fields: {sorted(rec)})")
+            label = rec[spec["label"]]
+            choices = [str(c) for c in choices]
+            if str(label) in choices and not str(label).lstrip("-").isdigit():
+                gold = choices.index(str(label))
+            else:
+                try:
+                    gold = int(label)
+                except (TypeError, ValueError):
+                    raise GptnError(f"{at}: label {label!r} is neither a choice nor an index") from None
+                if not 0 <= gold < len(choices):
+                    raise GptnError(f"{at}: label {gold} is outside 0..{len(choices) - 1}")
+            docs.append(Doc(query, choices, gold))
+        else:
+            answer = spec["answer"]
+            answers = rec[answer] if answer in rec and isinstance(rec[answer], list) else [_render(answer, rec, at)]
+            docs.append(Doc(query, answers=[str(a) for a in answers]))
+    return docs
+
+
+TASK_FIELDS = {"name", "type", "data", "pool", "template", "choices", "label", "answer", "description",
+               "separator", "target_delimiter", "stop", "normalization", "max_gen_tokens", "chance"}
+
+
+def load_task_file(path: str | Path) -> Task:
+    """A task from a JSON or YAML file; data paths are relative to the file's folder.
+
+    Fields: name, type (multiple_choice | generate | cloze), data, template ("{field}" placeholders),
+    choices (a field holding a list, or a literal list) and label (multiple choice), answer (a field
+    or template: generate and cloze); optional: pool, description, separator, target_delimiter, stop,
+    normalization, max_gen_tokens, chance.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GptnError(f"task file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise GptnError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the task as JSON") \
+                from None
+        spec = yaml.safe_load(text)
+    else:
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GptnError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(spec, dict):
+        raise GptnError(f"{path}: a task file holds one object with the fields {sorted(TASK_FIELDS)}")
+    unknown = sorted(set(spec) - TASK_FIELDS)
+    if unknown:
+        raise GptnError(f"{path}: unknown field(s) {unknown}; known: {sorted(TASK_FIELDS)}")
+    kind = spec.get("type")
+    needed = ["type", "data", "template"] + (["choices", "label"] if kind == "multiple_choice" else ["answer"])
+    missing = [k for k in needed if k not in spec]
+    if missing:
+        raise GptnError(f"{path}: missing field(s) {missing}")
+    if kind not in KINDS:
+        raise GptnError(f"{path}: type {kind!r} is not one of {', '.join(KINDS)}")
+    if not _placeholders(spec["template"]):
+        raise GptnError(f"{path}: the template {spec['template']!r} has no {{field}} placeholder for the query")
+    base = path.parent
+
+    def docs(key):
+        f = Path(spec[key])
+        f = f if f.is_absolute() else base / f
+        if not f.is_file():
+            raise GptnError(f"{path}: {key} file {f} does not exist")
+        return docs_from_records(read_records(f), spec, str(f))
+
+    stop = spec.get("stop", ["\n"])
+    return Task(name=spec.get("name", path.stem), kind=kind, docs=docs("data"),
+                pool=docs("pool") if "pool" in spec else None, description=spec.get("description", ""),
+                separator=spec.get("separator", "\n\n"), target_delimiter=spec.get("target_delimiter", " "),
+                stop=[stop] if isinstance(stop, str) else list(stop),
+                normalization=spec.get("normalization", "sum"), max_gen_tokens=int(spec.get("max_gen_tokens", 32)),
+                chance=spec.get("chance"))
+
+
+def find_data_dir(data_dir: str | Path | None = None) -> Path:
+    """Where the built-in tasks' files live: --data-dir, $GPTN_DATA_DIR, or a shared/data folder above."""
+    if data_dir or os.environ.get("GPTN_DATA_DIR"):
+        d = Path(data_dir or os.environ["GPTN_DATA_DIR"])
+        if not d.is_dir():
+            raise GptnError(f"data folder {d} does not exist")
+        return d
+    for parent in [Path.cwd(), *Path.cwd().parents]:
+        for d in (parent / "shared" / "data", parent / "data"):
+            if (d / "lambada").is_dir() or (d / "hellaswag").is_dir():
+                return d
+    raise GptnError("no data folder for the built-in tasks: pass --data-dir (holding lambada/, hellaswag/, "
+                    "glue/, en-fr/) or set GPTN_DATA_DIR")
+
+
+def _lambada(d: Path) -> Task:
+    docs = []
+    for rec in read_records(d / "lambada" / "lambada_test.jsonl"):
+        context, word = rec["text"].rsplit(" ", 1)
+        docs.append(Doc(context, answers=[word]))
+    return Task("lambada", "cloze", docs, stop=[], max_gen_tokens=8, chance=0.0)
+
+
+def _hellaswag(d: Path) -> Task:
+    from .finetune import read_task_file
+    data = read_task_file(d / "hellaswag" / "hellaswag_val_full.txt")
+    docs = [Doc(x.segments[0], list(x.choices), x.label) for x in data.examples]
+    # lm-evaluation-harness's acc_norm: GPT-3-sized models prefer the per-character normalisation here.
+    return Task("hellaswag", "multiple_choice", docs, normalization="per_char", chance=0.25)
+
+
+def _sst2(d: Path) -> Task:
+    spec = {"type": "multiple_choice", "template": "{sentence}\nQuestion: Is this sentence positive or negative?\n"
+            "Answer:", "choices": ["negative", "positive"], "label": "label"}
+    glue = d / "glue" / "SST-2"
+    return Task("sst2", "multiple_choice", docs_from_records(read_records(glue / "dev.tsv"), spec, "SST-2 dev"),
+                pool=docs_from_records(read_records(glue / "train.tsv"), spec, "SST-2 train"), chance=0.5)
+
+
+def _en_fr(d: Path) -> Task:
+    translations: dict[str, list[str]] = {}
+    for rec in read_records(d / "en-fr" / "en-fr.tsv"):
+        translations.setdefault(rec["english"], []).append(rec["french"])
+    docs = [Doc(f"{en} =>", answers=fr) for en, fr in translations.items()]
+    return Task("en-fr", "generate", docs, description="Translate English to French:", max_gen_tokens=16,
+                chance=0.0)
+
+
+BUILTIN_TASKS = {"lambada": _lambada, "hellaswag": _hellaswag, "sst2": _sst2, "en-fr": _en_fr}
+
+
+def load_task(name_or_file: str, data_dir: str | Path | None = None) -> Task:
+    """A built-in task by name (lambada, hellaswag, sst2, en-fr) or a task file."""
+    if name_or_file in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name_or_file](find_data_dir(data_dir))
+    if Path(name_or_file).suffix in (".json", ".yaml", ".yml") or Path(name_or_file).exists():
+        return load_task_file(name_or_file)
+    raise GptnError(f"unknown task {name_or_file!r}: a built-in ({', '.join(BUILTIN_TASKS)}) or a task file "
+                    "(.json / .yaml)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def build_prompt(task: Task, doc: Doc, demos: list[Doc]) -> str:
+    """Description, demonstrations (query + delimiter + answer) and the query, joined by the separator."""
+    parts = ([task.description] if task.description else []) + \
+        [d.query + task.target_delimiter + d.target() for d in demos] + [doc.query]
+    return task.separator.join(parts)
+
+
+def sample_demos(task: Task, index: int, k: int, seed: int) -> list[Doc]:
+    """K demonstrations for docs[index], drawn with a seed from the pool, never the query itself."""
+    if k == 0:
+        return []
+    doc = task.docs[index]
+    if task.pool is None:
+        candidates = [d for i, d in enumerate(task.docs) if i != index and d != doc]
+    else:
+        candidates = [d for d in task.pool if d != doc]
+    if k > len(candidates):
+        raise GptnError(f"task {task.name}: K={k} demonstrations asked for, but the pool has only "
+                        f"{len(candidates)} examples besides the query")
+    return random.Random(seed * 1_000_003 + index).sample(candidates, k)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and its continuation, split the way lm-evaluation-harness does: trailing
+    spaces move to the continuation, the pair is encoded whole, and an empty context reads end-of-text."""
+    if not context:
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def fit_prompt(task: Task, doc: Doc, demos: list[Doc], tokenizer, n_ctx: int) -> tuple[str, int]:
+    """The prompt with as many demonstrations as fit the context window beside the longest answer
+    (the demonstrations farthest from the query are dropped first); returns (prompt, demos used)."""
+    longest = max((doc.choices or doc.answers or [""]), key=len)
+    reserve = len(tokenizer.encode(task.target_delimiter + longest)) + (task.max_gen_tokens if task.kind == "generate" else 0)
+    for used in range(len(demos), -1, -1):
+        prompt = build_prompt(task, doc, demos[len(demos) - used:])
+        if used == 0 or len(tokenizer.encode(prompt)) + reserve <= n_ctx:
+            return prompt, used
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def loglikelihood_tokens(model: GPT, requests: list[tuple[list[int], list[int]]], batch_size: int = 32
+                         ) -> list[tuple[float, bool, int]]:
+    """(log P(continuation | context), whether greedy decoding would produce it, its token count).
+
+    Requests that share a context read it once: the contexts of a batch are run together (right-padded),
+    their keys and values are copied to one row per continuation, and only the positions that predict
+    continuation tokens go through the vocabulary projection. Contexts longer than the window lose
+    their start.
+    """
+    require_decoder(model, "do zero-, one- or few-shot prompting")
+    n_ctx = model.config.n_ctx
+    device = model.wte.weight.device
+    prepared = []
+    for ctx, cont in requests:
+        if not cont:
+            raise GptnError("a continuation must have at least one token")
+        if len(cont) > n_ctx:
+            raise GptnError(f"a continuation of {len(cont)} tokens does not fit the context window of {n_ctx}")
+        prepared.append((tuple(ctx[-(n_ctx + 1 - len(cont)):]), list(cont)))
+    groups: dict[tuple, list[int]] = {}
+    for i, (ctx, _) in enumerate(prepared):
+        groups.setdefault(ctx, []).append(i)
+    order = sorted(groups, key=len, reverse=True)  # similar lengths together: less padding
+    results: list = [None] * len(requests)
+    start = 0
+    while start < len(order):
+        chunk, rows = [], 0
+        while start < len(order) and (not chunk or rows + len(groups[order[start]]) <= batch_size):
+            chunk.append(order[start])
+            rows += len(groups[order[start]])
+            start += 1
+        _score_chunk(model, chunk, groups, prepared, results, device)
+    return results
+
+
+def _score_chunk(model: GPT, contexts: list[tuple], groups: dict, prepared: list, results: list, device) -> None:
+    B, L = len(contexts), max(map(len, contexts))
+    ctx_len = torch.tensor([len(c) for c in contexts], device=device)
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    for g, c in enumerate(contexts):
+        ids[g, :len(c)] = torch.tensor(c)
+    ctx_mask = torch.arange(L, device=device)[None] < ctx_len[:, None]  # (B, L)
+    members = [(g, i) for g, c in enumerate(contexts) for i in groups[c]]
+    tail = max(len(prepared[i][1]) for _, i in members) - 1  # continuation tokens fed back in
+    cache = KVCache(model.config, B, L + tail, device=device, dtype=model.wte.weight.dtype)
+    h = model.hidden_states(ids, attention_mask=ctx_mask if B > 1 else None, cache=cache)  # (B, L, C)
+    first = F.log_softmax(model._tied_logits(h[torch.arange(B), ctx_len - 1]).float(), -1)  # (B, V)
+    cont_lp = None
+    if tail > 0:
+        row_group = torch.tensor([g for g, _ in members], device=device)
+        x = torch.zeros(len(members), tail, dtype=torch.long, device=device)
+        valid = torch.zeros(len(members), tail, dtype=torch.bool, device=device)
+        for r, (_, i) in enumerate(members):
+            cont = prepared[i][1]
+            x[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+            valid[r, :len(cont) - 1] = True
+        # Padding slots past a short continuation may run beyond the window; their outputs are unused.
+        positions = (ctx_len[row_group, None] + torch.arange(tail, device=device)[None]).clamp(max=model.config.n_ctx - 1)
+        mask = torch.cat([ctx_mask[row_group], valid], dim=1)
+        h2 = model.hidden_states(x, position_ids=positions, attention_mask=mask, cache=cache.select(row_group))
+        cont_lp = F.log_softmax(model._tied_logits(h2[valid]).float(), -1)  # only the rows that predict a token
+    offset = 0
+    for r, (g, i) in enumerate(members):
+        cont = prepared[i][1]
+        lp = [first[g]] + ([cont_lp[offset + j] for j in range(len(cont) - 1)] if cont_lp is not None else [])
+        offset += len(cont) - 1
+        rows = torch.stack(lp)  # (len(cont), V)
+        target = torch.tensor(cont, device=device)
+        total = rows.gather(1, target[:, None]).sum().item()
+        greedy = bool((rows.argmax(-1) == target).all())
+        results[i] = (total, greedy, len(cont))
+
+
+def _normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, answer: str) -> float:
+    p, a = _normalize_answer(prediction).split(), _normalize_answer(answer).split()
+    common = sum((Counter(p) & Counter(a)).values())
+    if not p or not a:
+        return float(p == a)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(a)
+    return 2 * precision * recall / (precision + recall)
+
+
+def choose(loglik: list[float], n_tokens: list[int], choices: list[str], normalization: str,
+           unconditional: list[float] | None = None) -> int:
+    """The chosen answer's index under a normalisation of the log-likelihoods."""
+    if normalization == "sum":
+        scores = loglik
+    elif normalization == "per_token":
+        scores = [ll / n for ll, n in zip(loglik, n_tokens)]
+    elif normalization == "per_char":  # lm-evaluation-harness's acc_norm: characters of the answer text
+        scores = [ll / max(1, len(c)) for ll, c in zip(loglik, choices)]
+    elif normalization == "unconditional":
+        scores = [ll - u for ll, u in zip(loglik, unconditional)]
+    else:
+        raise GptnError(f"normalization {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+    return max(range(len(scores)), key=lambda i: scores[i])
+
+
+@dataclass
+class ShotResult:
+    k: int
+    metric: str
+    value: float
+    stderr: float
+    examples: int
+    demos_used: float  # mean demonstrations that fit
+    metrics: dict  # every metric computed, e.g. accuracy under each normalisation
+    records: list[dict]
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def evaluate_fewshot(model: GPT, tokenizer, task: Task, k: int, limit: int | None = None, seed: int = 1234,
+                     batch_size: int = 32, normalization: str | None = None) -> ShotResult:
+    """Evaluate `task` with K demonstrations per query (no gradient update)."""
+    require_decoder(model, "do zero-, one- or few-shot prompting")
+    if k < 0:
+        raise GptnError(f"K must be >= 0, got {k}")
+    normalization = normalization or task.normalization
+    if normalization not in NORMALIZATIONS:
+        raise GptnError(f"normalization {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+    model.eval()
+    n_ctx = model.config.n_ctx
+    indices = list(range(len(task.docs)))
+    if limit is not None and limit < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, limit))
+    prompts, used = [], []
+    for i in indices:
+        prompt, n = fit_prompt(task, task.docs[i], sample_demos(task, i, k, seed), tokenizer, n_ctx)
+        prompts.append(prompt)
+        used.append(n)
+    docs = [task.docs[i] for i in indices]
+    records = [{"index": i, "prompt": p, "demos_used": n} for i, p, n in zip(indices, prompts, used)]
+    if task.kind == "multiple_choice":
+        metrics, per_example = _score_multiple_choice(model, tokenizer, task, docs, prompts, records, batch_size,
+                                                      normalization)
+        metric = f"accuracy ({normalization})"
+    elif task.kind == "cloze":
+        reqs = [encode_pair(tokenizer, p, task.target_delimiter + d.answers[0]) for p, d in zip(prompts, docs)]
+        scored = loglikelihood_tokens(model, reqs, batch_size)
+        per_example = [float(greedy) for _, greedy, _ in scored]
+        lls = [ll for ll, _, _ in scored]
+        for rec, d, (ll, greedy, n) in zip(records, docs, scored):
+            rec.update(answer=d.answers[0], loglik=ll, correct=greedy)
+        metrics = {"accuracy": sum(per_example) / len(per_example), "perplexity": math.exp(-sum(lls) / len(lls))}
+        metric = "last-word accuracy"
+    else:
+        from .generate import SamplingConfig, generate
+        sampling = SamplingConfig(max_new_tokens=task.max_gen_tokens, greedy=True, stop=task.stop)
+        outputs = []
+        for s in range(0, len(prompts), batch_size):
+            outputs += [texts[0] for texts in generate(model, tokenizer, prompts[s:s + batch_size], sampling)]
+        per_example, f1s = [], []
+        for rec, d, out in zip(records, docs, outputs):
+            em = max(float(_normalize_answer(out) == _normalize_answer(a)) for a in d.answers)
+            f1 = max(token_f1(out, a) for a in d.answers)
+            per_example.append(em)
+            f1s.append(f1)
+            rec.update(output=out, answers=d.answers, exact_match=em, f1=f1)
+        metrics = {"exact_match": sum(per_example) / len(per_example), "f1": sum(f1s) / len(f1s)}
+        metric = "exact match"
+    value, stderr = _mean_stderr(per_example)
+    return ShotResult(k, metric, value, stderr, len(docs), sum(used) / len(used), metrics, records)
+
+
+def _score_multiple_choice(model, tokenizer, task, docs, prompts, records, batch_size, normalization):
+    reqs, owners = [], []
+    for j, (p, d) in enumerate(zip(prompts, docs)):
+        for c in d.choices:
+            reqs.append(encode_pair(tokenizer, p, task.target_delimiter + c))
+            owners.append(j)
+    scored = loglikelihood_tokens(model, reqs, batch_size)
+    uncond = None
+    if normalization == "unconditional":
+        ureqs = [encode_pair(tokenizer, UNCONDITIONAL_CONTEXT, task.target_delimiter + c) for d in docs for c in d.choices]
+        uncond = [ll for ll, _, _ in loglikelihood_tokens(model, ureqs, batch_size)]
+    per_norm = {n: [] for n in NORMALIZATIONS if n != "unconditional" or uncond is not None}
+    pos = 0
+    chosen_main = []
+    for rec, d in zip(records, docs):
+        m = len(d.choices)
+        lls = [scored[pos + c][0] for c in range(m)]
+        ntok = [scored[pos + c][2] for c in range(m)]
+        u = uncond[pos:pos + m] if uncond is not None else None
+        pos += m
+        for n in per_norm:
+            per_norm[n].append(float(choose(lls, ntok, d.choices, n, u) == d.gold))
+        pick = choose(lls, ntok, d.choices, normalization, u)
+        chosen_main.append(float(pick == d.gold))
+        rec.update(choices=d.choices, gold=d.gold, loglik=lls, chosen=pick, correct=pick == d.gold)
+    metrics = {f"accuracy_{n}": sum(v) / len(v) for n, v in per_norm.items()}
+    return metrics, chosen_main
+
+
+def plot_metric_vs_shots(results: list[ShotResult], task: Task, path: str | Path) -> Path:
+    """A PNG of the metric against K (matplotlib, the `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GptnError("plotting needs matplotlib: pip install 'gptn[plot]'") from None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = [r.k for r in results]
+    ax.errorbar(ks, [r.value for r in results], yerr=[r.stderr for r in results], marker="o", capsize=3,
+                label="gptn")
+    if task.chance is not None:
+        ax.axhline(task.chance, color="grey", linestyle="--", label="chance")
+    ax.set_xlabel("K (demonstrations in the prompt)")
+    ax.set_ylabel(results[0].metric)
+    ax.set_title(task.name)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["Doc", "Task", "load_task", "load_task_file", "build_prompt", "sample_demos", "encode_pair",
+           "fit_prompt", "loglikelihood_tokens", "choose", "token_f1", "evaluate_fewshot", "ShotResult",
+           "BUILTIN_TASKS", "NORMALIZATIONS", "plot_metric_vs_shots"]

@@ -1,0 +1,628 @@
+"""GPT-1 transfer learning: the pretrained GPT plus one linear layer, trained on a small labeled set.
+
+GPT-1 (Radford et al., 2018, §3.3) turns every task into token sequences the pretrained model can read,
+framed by a start token s, a delimiter $ and an extract token e; the head reads h_n at e:
+
+    classification    s text e                                   -> linear -> softmax over labels
+    entailment        s premise $ hypothesis e                   -> linear -> softmax
+    similarity        s A $ B e  and  s B $ A e, h_n(e) summed   -> linear (classes or a score)
+    multiple choice   s context $ answer_k e, for each k         -> linear -> one score each -> softmax
+
+The objective is L3 = L2 + λ·L1: the task loss plus the language-model loss on the same inputs.
+
+Over-long inputs lose tokens from the start of the longest segment first (for multiple choice, from
+the start of the context first), so that the words nearest the extract token are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bert import CLS, SEP
+from .checkpoint import checkpoint_dir, load_model, load_weights, save_checkpoint
+from .config import GptnError
+from .data import read_records
+from .model import GPT
+from .tokenizer import DELIM, EXTRACT, START, Tokenizer
+
+TASKS = ("classification", "entailment", "similarity", "multiple_choice")
+HEAD_FILE = "head.safetensors"
+TASK_FILE = "task.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples and the file layouts they come from
+
+
+@dataclass
+class Example:
+    """One labeled (or unlabeled) input: `segments` are (text,), (A, B) or (context,) for multiple choice."""
+
+    segments: tuple[str, ...]
+    label: str | float | int | None = None  # a class name, a score, or the index of the right choice
+    choices: tuple[str, ...] = ()
+
+
+@dataclass
+class Columns:
+    """Column (field) names to read from a TSV/CSV/JSONL file; None means "recognise the layout"."""
+
+    text: str | None = None
+    text_b: str | None = None
+    label: str | None = None
+    choices: str | None = None
+
+
+# Known layouts: header columns -> (task, regression, text, text_b, label). GLUE's TSVs, as released.
+KNOWN_LAYOUTS = [
+    ({"sentence", "label"}, ("classification", False, "sentence", None, "label")),  # SST-2, CoLA
+    ({"sentence1", "sentence2", "score"}, ("similarity", True, "sentence1", "sentence2", "score")),  # STS-B
+    ({"#1 String", "#2 String", "Quality"}, ("similarity", False, "#1 String", "#2 String", "Quality")),  # MRPC
+    ({"sentence1", "sentence2", "label"}, ("entailment", False, "sentence1", "sentence2", "label")),  # RTE, WNLI
+    ({"question", "sentence", "label"}, ("entailment", False, "question", "sentence", "label")),  # QNLI
+    ({"premise", "hypothesis", "label"}, ("entailment", False, "premise", "hypothesis", "label")),  # SNLI-style
+    ({"text", "label"}, ("classification", False, "text", None, "label")),
+]
+MC_CONTEXT_FIELDS = ("context", "ctx", "question", "goal")
+MC_CHOICE_FIELDS = ("endings", "choices", "options")
+
+
+@dataclass
+class TaskData:
+    task: str
+    regression: bool
+    examples: list[Example]
+
+
+def _read_hellaswag_text(path: Path) -> list[Example]:
+    """HellaSwag's 6-lines-per-item text layout: context, gold index, four endings."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) % 6:
+        raise GptnError(f"{path}: {len(lines)} lines; the multiple-choice text layout has 6 lines per item")
+    out = []
+    for i in range(0, len(lines), 6):
+        if not lines[i + 1].strip().isdigit() or not 0 <= int(lines[i + 1]) < 4:
+            raise GptnError(f"{path}:{i + 2}: expected the gold ending's index 0-3, got {lines[i + 1]!r}")
+        out.append(Example((lines[i],), int(lines[i + 1]), tuple(lines[i + 2:i + 6])))
+    return out
+
+
+def _first_present(row: dict, names) -> str | None:
+    return next((n for n in names if n in row), None)
+
+
+def read_task_file(path: str | Path, task: str | None = None, columns: Columns | None = None,
+                   regression: bool | None = None, require_labels: bool = True) -> TaskData:
+    """Examples from a TSV/CSV/JSONL file (GLUE, multiple-choice JSONL and HellaSwag text recognised)."""
+    path = Path(path)
+    columns = columns or Columns()
+    if task is not None and task not in TASKS:
+        raise GptnError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    if not path.is_file():
+        raise GptnError(f"data file {path} does not exist")
+    if path.suffix == ".txt":
+        if task not in (None, "multiple_choice"):
+            raise GptnError(f"{path}: a .txt file is read as HellaSwag's multiple-choice layout, not as {task}")
+        return TaskData("multiple_choice", False, _read_hellaswag_text(path))
+    rows = read_records(path)
+    if not rows:
+        raise GptnError(f"{path} holds no examples")
+    first = rows[0]
+    text, text_b, label, choices = columns.text, columns.text_b, columns.label, columns.choices
+    guessed_regression = False
+    mc_choices = columns.choices or _first_present(first, MC_CHOICE_FIELDS)
+    if task == "multiple_choice" or (task is None and mc_choices and isinstance(first.get(mc_choices), list)):
+        task, choices = "multiple_choice", mc_choices
+        text = text or _first_present(first, MC_CONTEXT_FIELDS)
+        label = label or _first_present(first, ("label", "gold", "answer"))
+    elif text is None:
+        for keys, layout in KNOWN_LAYOUTS:
+            needed = keys if require_labels else keys - {layout[4]}
+            if needed <= set(first) and (task is None or task == layout[0] or
+                                       (task == "similarity" and layout[0] == "entailment")):
+                task = task or layout[0]
+                guessed_regression, text, text_b, label = layout[1:]
+                break
+    if text is None or task is None:
+        raise GptnError(f"{path}: unrecognised layout (columns {sorted(first)}); name the task and columns "
+                        "with --task and --text-col/--text-b-col/--label-col")
+    regression = guessed_regression if regression is None else regression
+    if task in ("entailment", "similarity") and text_b is None:
+        raise GptnError(f"{path}: a {task} task needs a second text column (--text-b-col)")
+    out = []
+    for n, row in enumerate(rows, 1):
+        for col in (text, text_b, choices):
+            if col is not None and col not in row:
+                raise GptnError(f"{path}: example {n} has no field {col!r} (fields: {sorted(row)})")
+        value = row.get(label) if label else None
+        if value is None and require_labels:
+            raise GptnError(f"{path}: example {n} has no label field {label!r}")
+        segs = (str(row[text]).strip(),) + ((str(row[text_b]).strip(),) if task in ("entailment", "similarity") else ())
+        if task == "multiple_choice":
+            opts = row[choices]
+            if not isinstance(opts, list) or len(opts) < 2:
+                raise GptnError(f"{path}: example {n}: field {choices!r} must be a list of at least 2 answers")
+            if value is not None:
+                try:
+                    value = int(value)
+                except (TypeError, ValueError):
+                    raise GptnError(f"{path}: example {n}: label {value!r} is not a choice index") from None
+                if not 0 <= value < len(opts):
+                    raise GptnError(f"{path}: example {n}: label {value} is outside 0..{len(opts) - 1}")
+            out.append(Example(segs, value, tuple(str(o).strip() for o in opts)))
+            continue
+        if value is not None:
+            if regression:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise GptnError(f"{path}: example {n}: score {value!r} is not a number") from None
+            else:
+                value = str(value).strip()
+        out.append(Example(segs, value))
+    return TaskData(task, regression, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-1's input transformations
+
+
+def _truncate(segments: list[list[int]], budget: int, context_first: bool) -> list[list[int]]:
+    """Drop tokens from the start of the longest segment (or of segment 0 first) until all fit."""
+    segments = [list(s) for s in segments]
+    excess = sum(map(len, segments)) - budget
+    if excess > 0 and context_first:
+        cut = min(excess, len(segments[0]))
+        segments[0] = segments[0][cut:]
+        excess -= cut
+    while excess > 0:
+        i = max(range(len(segments)), key=lambda j: len(segments[j]))
+        longest, others = len(segments[i]), [len(s) for j, s in enumerate(segments) if j != i]
+        cut = min(excess, max(1, longest - max(others, default=0)))
+        segments[i] = segments[i][cut:]
+        excess -= cut
+    return segments
+
+
+def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: int, arch: str = "gpt"
+                    ) -> list[list[int]]:
+    """The token sequences GPT-1 builds for one example (one, two for similarity, one per choice).
+
+    For a BERT-style encoder: [CLS] A [SEP] (B [SEP]), the head reading [CLS] at position 0.
+    """
+    if arch == "bert":
+        s, d, e = (tokenizer.special_tokens[t] for t in (CLS, SEP, SEP))
+    else:
+        s, d, e = (tokenizer.special_tokens[t] for t in (START, DELIM, EXTRACT))
+    enc = [tokenizer.encode(t) for t in example.segments]
+    if task == "classification":
+        (text,) = _truncate(enc[:1], n_ctx - 2, False)
+        return [[s, *text, e]]
+    if task == "entailment":
+        a, b = _truncate(enc[:2], n_ctx - 3, False)
+        return [[s, *a, d, *b, e]]
+    if task == "similarity":
+        a, b = _truncate(enc[:2], n_ctx - 3, False)
+        return [[s, *a, d, *b, e], [s, *b, d, *a, e]]
+    if task == "multiple_choice":
+        seqs = []
+        for choice in example.choices:
+            ctx, ans = _truncate([enc[0], tokenizer.encode(choice)], n_ctx - 3, True)
+            seqs.append([s, *ctx, d, *ans, e])
+        return seqs
+    raise GptnError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (S, T) every sequence of the batch, right-padded
+    lengths: torch.Tensor  # (S,)
+    groups: list[int]  # sequences per example: 1, 2 (similarity) or K (multiple choice)
+
+
+def collate(sequences: list[list[list[int]]], pad_id: int) -> Batch:
+    flat = [s for seqs in sequences for s in seqs]
+    T = max(map(len, flat))
+    ids = torch.full((len(flat), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(flat):
+        ids[i, :len(s)] = torch.tensor(s)
+    return Batch(ids, torch.tensor([len(s) for s in flat]), [len(seqs) for seqs in sequences])
+
+
+# ----------------------------------------------------------------------------------------------
+# The task model: the same GPT, one linear head
+
+
+@dataclass
+class TaskSpec:
+    """What a fine-tuned head predicts; saved as task.json beside the checkpoint."""
+
+    task: str
+    labels: list[str] = field(default_factory=list)  # class names (empty for regression and multiple choice)
+    regression: bool = False
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.regression or self.task == "multiple_choice" else len(self.labels)
+
+    @property
+    def metric(self) -> str:
+        """The validation metric the best checkpoint is chosen by."""
+        if self.regression:
+            return "pearson"
+        if self.task == "similarity" and len(self.labels) == 2:
+            return "f1"
+        return "accuracy"
+
+
+class TaskModel(nn.Module):
+    """GPT + dropout + linear layer on h_n at the extract token (GPT-1 §3.2); for a BERT-style
+    encoder, on h_n at the classification token, with segment embeddings for sentence B."""
+
+    def __init__(self, gpt: GPT, spec: TaskSpec, head_dropout: float = 0.1, sep_id: int | None = None):
+        super().__init__()
+        self.gpt, self.spec, self.sep_id = gpt, spec, sep_id
+        self.head_dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(gpt.config.d_model, spec.n_outputs)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: Batch, with_lm_loss: bool = True):
+        """(task outputs, L1). Outputs: (N, labels) logits, (N,) scores, or (N, K) choice logits."""
+        ids = batch.ids.to(self.head.weight.device)
+        lengths = batch.lengths.to(ids.device)
+        if self.gpt.config.arch == "bert":
+            is_sep = ids == self.sep_id
+            segments = (is_sep.cumsum(1) - is_sep.long()).clamp(max=1)  # 0 up to the first [SEP], then 1
+            pad = torch.arange(ids.size(1), device=ids.device)[None] < lengths[:, None]
+            h = self.gpt.hidden_states(ids, attention_mask=pad, segment_ids=segments)  # (S, T, C)
+            h_extract = h[:, 0]  # [CLS]
+        else:
+            h = self.gpt.hidden_states(ids)  # (S, T, C); right padding is invisible to a causal model
+            h_extract = h[torch.arange(len(ids), device=ids.device), lengths - 1]  # (S, C)
+        if self.spec.task == "similarity":  # both orderings, added element-wise
+            h_extract = h_extract.view(-1, 2, h_extract.size(-1)).sum(1)  # (N, C)
+        out = self.head(self.head_dropout(h_extract))
+        if self.spec.task == "multiple_choice":
+            scores = out.new_full((len(batch.groups), max(batch.groups)), float("-inf"))
+            flat = out.squeeze(-1)
+            start = 0
+            for i, k in enumerate(batch.groups):
+                scores[i, :k] = flat[start:start + k]
+                start += k
+            out = scores
+        elif self.spec.regression:
+            out = out.squeeze(-1)
+        lm_loss = None
+        if with_lm_loss:
+            targets = ids[:, 1:].masked_fill(torch.arange(1, ids.size(1), device=ids.device) >= lengths[:, None], -100)
+            logits = self.gpt._tied_logits(h[:, :-1])
+            lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return out, lm_loss
+
+
+
+def objective(model: TaskModel, batch: Batch, targets: torch.Tensor, lm_weight: float):
+    """(L3, L2, L1) with L3 = L2 + λ·L1: the task loss plus λ times the LM loss on the same inputs.
+    At λ = 0 the LM loss is not computed at all (L1 is None)."""
+    out, lm_loss = model(batch, with_lm_loss=lm_weight > 0 and model.gpt.config.arch == "gpt")
+    targets = targets.to(out.device)
+    task_loss = F.mse_loss(out.float(), targets.float()) if model.spec.regression else F.cross_entropy(out.float(), targets)
+    loss = task_loss + lm_weight * lm_loss if lm_loss is not None else task_loss
+    return loss, task_loss, lm_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties averaged (Spearman's convention)."""
+    order = torch.argsort(x)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    for v in torch.unique(x):
+        tied = x == v
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = a.norm() * b.norm()
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def compute_metrics(spec: TaskSpec, predictions: list, gold: list) -> dict:
+    """accuracy (+ F1 of the positive class for two-class similarity); Pearson and Spearman for scores."""
+    if spec.regression:
+        p = torch.tensor(predictions, dtype=torch.float64)
+        g = torch.tensor(gold, dtype=torch.float64)
+        return {"pearson": _pearson(p, g), "spearman": _pearson(_ranks(p), _ranks(g)), "mse": float(((p - g) ** 2).mean())}
+    correct = sum(p == g for p, g in zip(predictions, gold))
+    metrics = {"accuracy": correct / max(1, len(gold))}
+    if spec.task != "multiple_choice" and len(spec.labels) == 2:
+        positive = "1" if "1" in spec.labels else spec.labels[1]
+        tp = sum(p == positive and g == positive for p, g in zip(predictions, gold))
+        fp = sum(p == positive and g != positive for p, g in zip(predictions, gold))
+        fn = sum(p != positive and g == positive for p, g in zip(predictions, gold))
+        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+@dataclass
+class FinetuneConfig:
+    run: str  # the pretrained run (or imported model folder)
+    out: str
+    train: str
+    val: str | None = None
+    task: str | None = None  # recognised from the file layout when None
+    columns: Columns = field(default_factory=Columns)
+    regression: bool | None = None
+    epochs: int = 3  # GPT-1's defaults from here on
+    batch_size: int = 32
+    lr: float = 6.25e-5
+    warmup_fraction: float = 0.002
+    weight_decay: float = 0.01
+    lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1; 0 disables the auxiliary objective
+    dropout: float = 0.1  # residual, attention and embedding dropout during fine-tuning
+    head_dropout: float = 0.1
+    grad_clip: float = 1.0
+    max_train_examples: int | None = None
+    from_scratch: bool = False  # the same architecture, randomly initialised: the no-pretraining baseline
+    evals_per_epoch: int = 1
+    seed: int = 1337
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise GptnError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise GptnError(f"lr must be positive, not {self.lr}")
+        if self.lm_weight < 0:
+            raise GptnError(f"lm_weight (λ) must be >= 0, not {self.lm_weight}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise GptnError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+
+
+def _with_gpt1_tokens(model: GPT, tokenizer: Tokenizer) -> GPT:
+    """Add start/delimiter/extract to the tokenizer and, if needed, rows for them to W_e (N(0, 0.02))."""
+    tokenizer.add_special_tokens()
+    if tokenizer.vocab_size <= model.config.vocab_size:
+        return model
+    grown = GPT(model.config.replace(vocab_size=tokenizer.vocab_size))
+    state = model.state_dict()
+    wte = grown.wte.weight.detach().clone()
+    wte[:model.config.vocab_size] = state["wte.weight"]
+    state["wte.weight"] = wte
+    grown.load_state_dict(state)
+    return grown
+
+
+def _reconfigure_dropout(gpt: GPT, dropout: float) -> GPT:
+    if gpt.config.dropout == dropout:
+        return gpt
+    fresh = GPT(gpt.config.replace(dropout=dropout))
+    fresh.load_state_dict(gpt.state_dict())
+    return fresh
+
+
+def _device(pref: str) -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref not in ("cpu", "cuda"):
+        raise GptnError(f"--device {pref}: expected auto, cpu or cuda")
+    return torch.device(pref)
+
+
+def _targets(spec: TaskSpec, examples: list[Example]) -> torch.Tensor:
+    if spec.regression:
+        return torch.tensor([float(x.label) for x in examples])
+    if spec.task == "multiple_choice":
+        return torch.tensor([int(x.label) for x in examples])
+    return torch.tensor([spec.labels.index(x.label) for x in examples])
+
+
+def _decode_outputs(spec: TaskSpec, out: torch.Tensor) -> tuple[list, list]:
+    """(predicted labels, probabilities or scores) from the head's outputs."""
+    if spec.regression:
+        scores = out.float().tolist()
+        return scores, scores
+    probs = out.float().softmax(-1)
+    best = probs.argmax(-1).tolist()
+    preds = best if spec.task == "multiple_choice" else [spec.labels[i] for i in best]
+    return preds, probs.tolist()
+
+
+@torch.no_grad()
+def run_task_model(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32):
+    """Predicted labels and probabilities (or scores) for `examples`, in order."""
+    was_training = model.training
+    model.eval()
+    n_ctx = model.gpt.config.n_ctx
+    preds, probs = [], []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = collate([input_sequences(model.spec.task, x, tokenizer, n_ctx, model.gpt.config.arch) for x in chunk],
+                        tokenizer.eot_id)
+        out, _ = model(batch, with_lm_loss=False)
+        p, q = _decode_outputs(model.spec, out)
+        preds += p
+        probs += q
+    model.train(was_training)
+    return preds, probs
+
+
+def evaluate_task(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> dict:
+    preds, _ = run_task_model(model, tokenizer, examples, batch_size)
+    return compute_metrics(model.spec, preds, [x.label for x in examples])
+
+
+def _save(out: Path, model: TaskModel, tokenizer: Tokenizer, meta: dict) -> None:
+    head = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    gpt_state = {k: v.detach().cpu().contiguous() for k, v in model.gpt.state_dict().items()}
+    save_checkpoint(out, model.gpt.config, gpt_state, tokenizer, meta=meta,
+                    extra_files={TASK_FILE: json.dumps(asdict(model.spec), indent=2) + "\n"},
+                    extra_tensors={HEAD_FILE: head})
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune a pretrained GPT on a labeled task with L3 = L2 + λ·L1; keep the best checkpoint by
+    validation metric in `cfg.out`. Returns a summary (best metric, its epoch/step, val metrics)."""
+    from tqdm import tqdm
+
+    from .pretrain import make_optimizer
+
+    train_data = read_task_file(cfg.train, cfg.task, cfg.columns, cfg.regression)
+    task = train_data.task
+    val_data = read_task_file(cfg.val, task, cfg.columns, train_data.regression) if cfg.val else None
+    if cfg.max_train_examples:
+        rng = random.Random(cfg.seed)
+        train_data.examples = rng.sample(train_data.examples, min(cfg.max_train_examples, len(train_data.examples)))
+    if train_data.regression or task == "multiple_choice":
+        labels = []
+    else:
+        labels = sorted({x.label for x in train_data.examples})
+        if len(labels) < 2:
+            raise GptnError(f"{cfg.train}: only one label ({labels}) in the training set; a classifier needs two or more")
+        if val_data:
+            unknown = sorted({x.label for x in val_data.examples} - set(labels))
+            if unknown:
+                raise GptnError(f"{cfg.val}: labels {unknown[:5]} never occur in the training set {cfg.train}")
+    spec = TaskSpec(task, labels, train_data.regression)
+
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    gpt, tokenizer = load_model(cfg.run)
+    if tokenizer is None:
+        raise GptnError(f"{cfg.run} has no tokenizer folder; fine-tuning needs the model's tokenizer")
+    gpt = GPT(gpt.config.replace(dropout=cfg.dropout)) if cfg.from_scratch else _reconfigure_dropout(gpt, cfg.dropout)
+    arch = gpt.config.arch
+    if arch == "gpt":
+        gpt = _with_gpt1_tokens(gpt, tokenizer)
+    elif cfg.lm_weight > 0 and cfg.progress:
+        print("gptn finetune: a BERT-style encoder has no next-token objective; training on the task loss alone "
+              "(λ = 0)", file=sys.stderr)
+    lm_weight = cfg.lm_weight if arch == "gpt" else 0.0
+    model = TaskModel(gpt, spec, cfg.head_dropout, tokenizer.special_tokens.get(SEP)).to(device)
+    n_ctx = gpt.config.n_ctx
+
+    train_seqs = [input_sequences(task, x, tokenizer, n_ctx, arch) for x in train_data.examples]
+    train_targets = _targets(spec, train_data.examples)
+    steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, round(cfg.warmup_fraction * total))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "metrics.jsonl", "w")
+    best, history = None, []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    bar = tqdm(total=total, desc=f"fine-tuning ({task})", disable=not cfg.progress, file=sys.stderr)
+    t0, step = time.time(), 0
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train_seqs), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            batch = collate([train_seqs[i] for i in idx], tokenizer.eot_id)
+            # GPT-1: linear warm-up over 0.2% of training, then linear decay to 0.
+            lr = cfg.lr * (step + 1) / warmup if step < warmup else cfg.lr * max(0.0, (total - step) / (total - warmup))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, task_loss, lm_loss = objective(model, batch, train_targets[idx], lm_weight)
+            if not torch.isfinite(loss):
+                raise GptnError(f"loss became {loss.item()} at step {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            record = {"step": step, "epoch": epoch + 1, "task_loss": task_loss.item(), "lr": lr}
+            if lm_loss is not None:
+                record["lm_loss"] = lm_loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{task_loss.item():.4f}")
+            if step % eval_every == 0 or step == total:
+                metrics = evaluate_task(model, tokenizer, val_data.examples if val_data else train_data.examples)
+                record["val" if val_data else "train_eval"] = metrics
+                history.append({"step": step, "epoch": epoch + 1, **metrics})
+                value = metrics[spec.metric]
+                if best is None or value > best["value"]:
+                    best = {"value": value, "step": step, "epoch": epoch + 1, "metrics": metrics}
+                    _save(out, model, tokenizer, {"kind": "finetune", "step": step, "task": task,
+                                                   "metric": spec.metric, "value": value, "metrics": metrics,
+                                                   "source": str(cfg.run), "from_scratch": cfg.from_scratch,
+                                                   "lm_weight": lm_weight, "arch": arch})
+                if cfg.progress:
+                    bar.write(f"step {step} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                              file=sys.stderr)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    bar.close()
+    log.close()
+    return {"task": task, "metric": spec.metric, "best": best, "history": history,
+            "train_examples": len(train_seqs), "steps": step, "seconds": time.time() - t0,
+            "checkpoint": str(out / "checkpoint")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a fine-tuned run and predicting
+
+
+def load_task_model(run: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:
+    """A fine-tuned run: the GPT, its head and label names, and the tokenizer; in eval mode."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoint_dir(run)
+    if not (ckpt / TASK_FILE).is_file() or not (ckpt / HEAD_FILE).is_file():
+        raise GptnError(f"{run} is not a fine-tuned run (no {TASK_FILE} / {HEAD_FILE}); make one with `gptn finetune`")
+    gpt, tokenizer = load_model(run, device=device)
+    spec = TaskSpec(**json.loads((ckpt / TASK_FILE).read_text()))
+    model = TaskModel(gpt, spec, sep_id=tokenizer.special_tokens.get(SEP) if tokenizer else None)
+    head = {k.removeprefix("head."): v for k, v in load_file(str(ckpt / HEAD_FILE)).items()}
+    load_weights(model.head, head, source=str(ckpt / HEAD_FILE))
+    return model.to(device).eval(), tokenizer
+
+
+def predict(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> list[dict]:
+    """One record per example: the predicted label (or score, or choice index) and the probabilities."""
+    preds, probs = run_task_model(model, tokenizer, examples, batch_size)
+    spec = model.spec
+    records = []
+    for x, p, q in zip(examples, preds, probs):
+        rec = {"input": list(x.segments), "prediction": p}
+        if spec.task == "multiple_choice":
+            rec["choices"] = list(x.choices)
+            rec["probs"] = q
+        elif not spec.regression:
+            rec["probs"] = dict(zip(spec.labels, q))
+        if x.label is not None:
+            rec["label"] = x.label
+        records.append(rec)
+    return records
+
+
+__all__ = ["TASKS", "Example", "Columns", "TaskData", "read_task_file", "input_sequences", "collate", "Batch",
+           "TaskSpec", "TaskModel", "objective", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
+           "predict", "evaluate_task"]

@@ -1,0 +1,82 @@
+"""lm-evaluation-harness model class for gptn runs.
+
+    import lm_eval
+    from gptn.integrations.lm_eval import GptnLM
+    results = lm_eval.simple_evaluate(model=GptnLM(run="runs/quickstart/run"), tasks=["lambada_openai"])
+
+Importing this module registers the class as "gptn", so `model="gptn", model_args="run=PATH"` works too.
+Requests are scored by the same functions `gptn fewshot` uses (shared contexts read once, the
+vocabulary projection only where a continuation token is predicted).
+"""
+
+from __future__ import annotations
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from ..checkpoint import load_model
+from ..config import GptnError
+from ..fewshot import loglikelihood_tokens
+from ..generate import SamplingConfig, generate, score
+
+
+@register_model("gptn")
+class GptnLM(TemplateLM):
+    """A gptn model for lm_eval.simple_evaluate: give `run` (a run directory) or `model` and `tokenizer`."""
+
+    def __init__(self, run: str | None = None, model=None, tokenizer=None, batch_size: int | str = 32,
+                 device: str = "cpu", max_gen_toks: int = 256, **_ignored):
+        super().__init__()
+        if model is None:
+            if run is None:
+                raise GptnError("GptnLM needs run=PATH or model= and tokenizer=")
+            model, tokenizer = load_model(run, device=device)
+        if tokenizer is None:
+            raise GptnError("GptnLM needs the model's tokenizer")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32
+        self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eot_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.n_ctx
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string)
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        scored = loglikelihood_tokens(self.model, [(ctx, cont) for _, ctx, cont in requests], self.batch_size)
+        return [(ll, greedy) for ll, greedy, _ in scored]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        # The harness sums these itself: a plain float per document, not a tuple.
+        return [score(self.model, self.tokenizer, req.args[0], stride=self.max_length).total_logprob
+                if req.args[0] else 0.0 for req in requests]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        # The harness leaves `until` and `max_gen_toks` to the model: both are applied here.
+        out = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(gen_kwargs.pop("temperature", 0.0))
+            do_sample = bool(gen_kwargs.pop("do_sample", temperature > 0))
+            sampling = SamplingConfig(max_new_tokens=max_new, stop=until, greedy=not do_sample,
+                                      temperature=temperature if do_sample else 1.0,
+                                      top_p=gen_kwargs.pop("top_p", None), top_k=gen_kwargs.pop("top_k", None),
+                                      seed=gen_kwargs.pop("seed", None))
+            out.append(generate(self.model, self.tokenizer, [context], sampling)[0][0])
+        return out
+
+
+__all__ = ["GptnLM"]

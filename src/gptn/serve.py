@@ -1,0 +1,429 @@
+"""An OpenAI-compatible completions server (`gptn serve`, the `serve` extra: FastAPI + uvicorn).
+
+    POST /v1/completions   prompt (text, texts, token ids), max_tokens, temperature, top_p, n, stop, seed,
+                           stream (server-sent events ending in `data: [DONE]`), logprobs, echo; usage
+    GET  /v1/models        the one model served
+    GET  /health           liveness
+
+Requests that arrive while the model is busy are queued, and the next pass takes every queued
+request with compatible sampling settings into one batch (greedy requests always batch together;
+a seeded sampled request runs alone, so that its seed reproduces it). Errors are OpenAI-style
+objects: 400 bad values, 401 missing/wrong key, 404 unknown model or path, 413 prompt longer than the
+context, 422 wrong types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import GptnError
+from .generate import SamplingConfig, _StopWatcher, encode_prompt, generate_ids
+from .model import require_decoder
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise GptnError("the server needs the `serve` extra: pip install 'gptn[serve]'") from e
+
+MAX_N = 16  # completions per prompt
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    best_of: int | None = None
+    user: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The batching engine: one thread owns the model
+
+
+@dataclass
+class Job:
+    """One request's rows (prompts x n) and where their tokens go."""
+
+    rows: list[list[int]]
+    sampling: SamplingConfig
+    max_tokens: int
+    logprobs: int | None
+    emit: callable  # emit(event) from the engine thread, event = dict
+    watcher: _StopWatcher = None
+    produced: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    batch_key: tuple = ()
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 32):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.jobs: queue.Queue = queue.Queue()
+        self.batches = 0  # passes through the model, for tests and stats
+        self._unique = itertools.count()
+        self.thread = threading.Thread(target=self._loop, name="gptn-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        s = job.sampling
+        seeded_sampling = s.seed is not None and not s.greedy
+        job.batch_key = (s.greedy, s.temperature, s.top_p, s.top_k, job.logprobs is not None,
+                         next(self._unique) if seeded_sampling else None)
+        self.jobs.put(job)
+
+    def _loop(self) -> None:
+        pending: list[Job] = []
+        while True:
+            if not pending:
+                pending.append(self.jobs.get())
+            while True:  # everything queued meanwhile
+                try:
+                    pending.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            first = pending[0]
+            if isinstance(first, _Call):
+                pending.pop(0)
+                first.fn()
+                continue
+            batch, rest, rows = [], [], 0
+            for job in pending:
+                if isinstance(job, Job) and job.batch_key == first.batch_key and \
+                        (not batch or rows + len(job.rows) <= self.max_batch):
+                    batch.append(job)
+                    rows += len(job.rows)
+                else:
+                    rest.append(job)
+            pending = rest
+            try:
+                self._run(batch)
+            except Exception as e:  # a failure must reach the waiting requests, not kill the engine
+                for job in batch:
+                    job.emit({"error": f"{type(e).__name__}: {e}"})
+
+    @torch.no_grad()
+    def _run(self, batch: list[Job]) -> None:
+        owners = [(job, r) for job in batch for r in range(len(job.rows))]
+        counts = [0] * len(owners)
+        max_new = max(job.max_tokens for job in batch)
+        self.batches += 1
+
+        def on_token(row, token, info=None):
+            job, r = owners[row]
+            if job.cancelled:
+                return True
+            counts[row] += 1
+            stopped = job.watcher(r, token)
+            job.emit({"row": r, "token": token, "info": info, "stopped": stopped,
+                      "length": not stopped and counts[row] >= job.max_tokens})
+            return stopped or counts[row] >= job.max_tokens
+
+        if max_new > 0:
+            prompts = [job.rows[r] for job, r in owners]
+            generate_ids(self.model, prompts, SamplingConfig(**{**batch[0].sampling.__dict__, "max_new_tokens": max_new}),
+                         pad_id=self.tokenizer.eot_id, on_token=on_token, warn=lambda _m: None,
+                         logprobs=batch[0].logprobs)
+        for job in batch:
+            job.emit({"done": True})
+
+    def prompt_logprobs(self, ids: list[int], top: int | None):
+        """For echo: each prompt token's log-probability (None for the first) and its top alternatives."""
+        done = threading.Event()
+        out = {}
+
+        def work():
+            n_ctx = self.model.config.n_ctx
+            x = torch.tensor([ids[-n_ctx:]])
+            lp = F.log_softmax(self.model(x)[0].float(), -1)
+            lost = max(0, len(ids) - n_ctx)
+            token_lp = [None] * (1 + lost) + lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist()
+            tops = [None] * (1 + lost)
+            if top:
+                v, i = lp[:-1].topk(top, -1)
+                tops += [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+            out["value"] = (token_lp, tops)
+            done.set()
+
+        self.jobs.put(_Call(work, done))
+        done.wait()
+        return out["value"]
+
+
+@dataclass
+class _Call:
+    """A plain function run on the engine thread (which owns the model)."""
+
+    fn: callable
+    done: threading.Event
+
+
+# ----------------------------------------------------------------------------------------------
+# The HTTP application
+
+
+def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = 32,
+               max_tokens_limit: int | None = None) -> FastAPI:
+    """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does)."""
+    require_decoder(model, "serve completions")
+    n_ctx = model.config.n_ctx
+    max_tokens_limit = max_tokens_limit or n_ctx
+    engine = Engine(model, tokenizer, max_batch)
+    app = FastAPI(title="gptn", description="OpenAI-compatible completions for a gptn model")
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, e: ApiError):
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err.get("type") in ("json_invalid", "json_type") for err in errors):
+            return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+        first = errors[0] if errors else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(f"invalid value for {param}: {first.get('msg', 'invalid request')}",
+                                       param=param), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                               "authentication_error", code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "batches": engine.batches}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "gptn"}]}
+
+    def prompts_of(req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            texts = [p]
+        elif p and isinstance(p[0], int):
+            texts = [p]
+        else:
+            texts = list(p) or [""]
+        out = []
+        for t in texts:
+            ids = encode_prompt(tokenizer, t)
+            bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.config.vocab_size - 1})",
+                               "prompt")
+            if len(ids) > n_ctx:
+                raise ApiError(413, f"the prompt has {len(ids)} tokens; this model's context window is {n_ctx}",
+                               "prompt", code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    def validate(req: CompletionRequest) -> None:
+        if req.model not in (None, model_name):
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server has {model_name!r}", "model",
+                           "not_found_error", "model_not_found")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if not 0 <= max_tokens <= max_tokens_limit:
+            raise ApiError(400, f"max_tokens must be in 0..{max_tokens_limit}, got {max_tokens}", "max_tokens")
+        if not 1 <= req.n <= MAX_N:
+            raise ApiError(400, f"n must be in 1..{MAX_N}, got {req.n}", "n")
+        if req.temperature < 0 or req.temperature > 2:
+            raise ApiError(400, f"temperature must be in [0, 2], got {req.temperature}", "temperature")
+        if not 0 < req.top_p <= 1:
+            raise ApiError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise ApiError(400, f"logprobs must be in 0..20, got {req.logprobs}", "logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise ApiError(400, f"{name} is not supported by this server", name)
+        if req.best_of not in (None, 1, req.n):
+            raise ApiError(400, "best_of is not supported by this server", "best_of")
+        if req.stream and req.echo and req.logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not supported when streaming", "echo")
+
+    def logprobs_block(tokens, token_lp, tops, offset0):
+        text_offset, pos = [], offset0
+        texts = [tokenizer.decode([t]) for t in tokens]
+        for t in texts:
+            text_offset.append(pos)
+            pos += len(t)
+        return {"tokens": texts, "token_logprobs": token_lp,
+                "top_logprobs": [None if top is None else {tokenizer.decode([i]): v for i, v in top} for top in tops],
+                "text_offset": text_offset}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        validate(req)
+        prompts = prompts_of(req)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=req.temperature,
+                                  top_p=req.top_p if req.top_p < 1 else None, seed=req.seed)
+        rows = [ids for ids in prompts for _ in range(req.n)]
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
+        deltas: list[list[str]] = [[] for _ in rows]
+
+        def stream_text(r, text):
+            deltas[r].append(text)
+
+        job = Job(rows, sampling, max_tokens, req.logprobs,
+                  emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  watcher=_StopWatcher(tokenizer, len(rows), stop, stream_text))
+        echo_lp = {}
+        if req.echo and req.logprobs is not None:
+            for i, ids in enumerate(prompts):
+                echo_lp[i] = await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs)
+        engine.submit(job)
+        tokens: list[list[int]] = [[] for _ in rows]
+        token_info: list[list] = [[] for _ in rows]
+        finish = [None] * len(rows)
+
+        def prompt_text(r):
+            return tokenizer.decode(rows[r]) if req.echo else ""
+
+        def choice_logprobs(r):
+            if req.logprobs is None:
+                return None
+            gen_lp = [info[0] for info in token_info[r]]
+            gen_top = [info[1] for info in token_info[r]]
+            if req.echo:
+                p_lp, p_top = echo_lp[r // req.n]
+                return logprobs_block(rows[r] + tokens[r], p_lp + gen_lp, p_top + gen_top, 0)
+            return logprobs_block(tokens[r], gen_lp, gen_top, 0)
+
+        def chunk(r, text, finish_reason=None, logprobs=None):
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"text": text, "index": r, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+        def apply(ev):
+            if "error" in ev:
+                raise ApiError(500, ev["error"], kind="server_error")
+            r = ev["row"]
+            tokens[r].append(ev["token"])
+            if ev["info"] is not None:
+                token_info[r].append(ev["info"])
+            if ev["stopped"]:
+                finish[r] = "stop"
+            elif ev["length"]:
+                finish[r] = "length"
+            return r
+
+        def usage():
+            completion = sum(len(t) for t in tokens)
+            prompt = sum(len(p) for p in prompts)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+        if not req.stream:
+            while True:
+                ev = await events.get()
+                if ev.get("done"):
+                    break
+                apply(ev)
+            texts = job.watcher.finish()
+            choices = [{"text": prompt_text(r) + texts[r], "index": r, "logprobs": choice_logprobs(r),
+                        "finish_reason": finish[r] or ("length" if max_tokens == 0 else "stop")}
+                       for r in range(len(rows))]
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage()}
+
+        async def sse():
+            try:
+                if req.echo:
+                    for r in range(len(rows)):
+                        yield f"data: {json.dumps(chunk(r, prompt_text(r)))}\n\n"
+                while True:
+                    ev = await events.get()
+                    if ev.get("done"):
+                        break
+                    r = apply(ev)
+                    text = "".join(deltas[r])
+                    deltas[r].clear()
+                    lp = None
+                    if req.logprobs is not None and token_info[r]:
+                        lp = logprobs_block([tokens[r][-1]], [token_info[r][-1][0]], [token_info[r][-1][1]], 0)
+                    if text or lp or finish[r]:
+                        yield f"data: {json.dumps(chunk(r, text, finish[r], lp))}\n\n"
+                job.watcher.finish()
+                for r in range(len(rows)):
+                    rest = "".join(deltas[r])
+                    if rest or finish[r] is None:
+                        yield f"data: {json.dumps(chunk(r, rest, finish[r] or 'stop'))}\n\n"
+                final = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                         "choices": [], "usage": usage()}
+                yield f"data: {json.dumps(final)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a client that went away stops its rows at the next token
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, max_batch: int = 32, device: str = "cpu") -> None:
+    """Load a run and serve it until interrupted."""
+    import uvicorn
+
+    from .checkpoint import load_model
+    from pathlib import Path
+    model, tokenizer = load_model(run, device=device)
+    if tokenizer is None:
+        raise GptnError(f"{run} has no tokenizer saved beside the model")
+    model.prepack_for_cpu_inference()
+    name = model_name or Path(run).resolve().name
+    app = create_app(model, tokenizer, name, api_key, max_batch)
+    print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
+          f"{'API key required' if api_key else 'no API key'})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+__all__ = ["create_app", "serve", "Engine", "CompletionRequest"]

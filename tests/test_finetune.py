@@ -1,0 +1,218 @@
+import json
+
+import pytest
+import torch
+
+from gptn.checkpoint import save_checkpoint
+from gptn.cli import main
+from gptn.config import GPTConfig, GptnError
+from gptn.finetune import (Example, FinetuneConfig, TaskModel, TaskSpec, _truncate, _with_gpt1_tokens, collate,
+                           compute_metrics, finetune, input_sequences, load_task_model, objective, predict,
+                           read_task_file)
+from gptn.model import GPT
+from gptn.tokenizer import DELIM, EXTRACT, START, CharTokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
+
+
+@pytest.fixture
+def tok():
+    return CharTokenizer.from_text(ALPHABET).add_special_tokens()
+
+
+def ids(tok, text):
+    return tok.encode(text)
+
+
+def test_each_input_transformation_builds_gpt1_sequences(tok):
+    s, d, e = (tok.special_tokens[t] for t in (START, DELIM, EXTRACT))
+    assert input_sequences("classification", Example(("good",)), tok, 64) == [[s, *ids(tok, "good"), e]]
+    assert input_sequences("entailment", Example(("a cat", "an animal")), tok, 64) == \
+        [[s, *ids(tok, "a cat"), d, *ids(tok, "an animal"), e]]
+    assert input_sequences("similarity", Example(("one", "two")), tok, 64) == \
+        [[s, *ids(tok, "one"), d, *ids(tok, "two"), e], [s, *ids(tok, "two"), d, *ids(tok, "one"), e]]
+    assert input_sequences("multiple_choice", Example(("ctx",), 0, ("x", "yz")), tok, 64) == \
+        [[s, *ids(tok, "ctx"), d, *ids(tok, "x"), e], [s, *ids(tok, "ctx"), d, *ids(tok, "yz"), e]]
+    # the literal token texts, for a reader
+    (seq,) = input_sequences("entailment", Example(("ab", "c")), tok, 64)
+    assert tok.decode(seq) == f"{START}ab{DELIM}c{EXTRACT}"
+
+
+def test_over_long_inputs_lose_the_start_of_the_longest_segment(tok):
+    assert _truncate([[1, 2, 3, 4, 5, 6], [7, 8]], 6, context_first=False) == [[3, 4, 5, 6], [7, 8]]
+    assert _truncate([[1, 2, 3], [4, 5, 6]], 4, context_first=False) == [[2, 3], [5, 6]]
+    assert _truncate([[1, 2, 3], [4, 5, 6]], 2, context_first=True) == [[], [5, 6]]
+    (seq,) = input_sequences("classification", Example(("abcdefghij",)), tok, 6)
+    assert len(seq) == 6 and tok.decode(seq[1:-1]) == "ghij"  # the end, nearest the extract token, is kept
+    for choice in input_sequences("multiple_choice", Example(("abcdefgh",), 0, ("xy", "z")), tok, 8):
+        assert len(choice) <= 8 and tok.decode(choice).endswith(EXTRACT)
+        assert "fgh" in tok.decode(choice) or "efgh" in tok.decode(choice)
+
+
+def _task_model(tok, spec, seed=0):
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))
+    return TaskModel(gpt, spec, head_dropout=0.0).eval()
+
+
+def test_similarity_is_symmetric_in_a_and_b(tok):
+    model = _task_model(tok, TaskSpec("similarity", regression=True))
+    ab = collate([input_sequences("similarity", Example(("a man runs", "someone is running")), tok, 48)], tok.eot_id)
+    ba = collate([input_sequences("similarity", Example(("someone is running", "a man runs")), tok, 48)], tok.eot_id)
+    with torch.no_grad():
+        out_ab, _ = model(ab, with_lm_loss=False)
+        out_ba, _ = model(ba, with_lm_loss=False)
+    torch.testing.assert_close(out_ab, out_ba)
+
+
+def test_multiple_choice_is_invariant_to_the_order_of_candidates(tok):
+    model = _task_model(tok, TaskSpec("multiple_choice"))
+    choices = ("the dog barks", "a cat", "rain falls down", "no")
+    perm = (2, 0, 3, 1)
+    x = Example(("what happens?",), 0, choices)
+    y = Example(("what happens?",), perm.index(0), tuple(choices[i] for i in perm))
+    p_x, p_y = predict(model, tok, [x])[0]["probs"], predict(model, tok, [y])[0]["probs"]
+    torch.testing.assert_close(torch.tensor([p_y[perm.index(i)] for i in range(4)]), torch.tensor(p_x))
+
+
+def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
+    model = _task_model(tok, TaskSpec("classification", ["neg", "pos"]))
+    batch = collate([input_sequences("classification", Example((t,)), tok, 48) for t in ("good film", "bad")],
+                    tok.eot_id)
+    targets = torch.tensor([1, 0])
+
+    def grad(lm_weight):
+        model.zero_grad()
+        loss, task_loss, lm_loss = objective(model, batch, targets, lm_weight)
+        loss.backward()
+        return model.gpt.h[0].mlp.c_fc.weight.grad.clone(), loss, task_loss, lm_loss
+
+    g0, loss0, task0, lm0 = grad(0.0)
+    g5, loss5, task5, lm5 = grad(0.5)
+    assert lm0 is None and loss0.item() == task0.item()
+    torch.testing.assert_close(loss5, task5 + 0.5 * lm5)
+    assert not torch.allclose(g0, g5)
+    model.zero_grad()
+    objective(model, batch, targets, 0.5)[1].backward()  # L2 alone gives the λ = 0 gradient
+    torch.testing.assert_close(model.gpt.h[0].mlp.c_fc.weight.grad, g0)
+
+
+def test_special_tokens_grow_the_embedding_and_keep_pretrained_rows():
+    tok = CharTokenizer.from_text(ALPHABET)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=1, d_model=8))
+    grown = _with_gpt1_tokens(gpt, tok)
+    assert grown.config.vocab_size == gpt.config.vocab_size + 3 == tok.vocab_size
+    torch.testing.assert_close(grown.wte.weight[:gpt.config.vocab_size], gpt.wte.weight)
+    torch.testing.assert_close(grown.h[0].attn.c_attn.weight, gpt.h[0].attn.c_attn.weight)
+
+
+def _write_separable(path, n=40):
+    rows = ["sentence\tlabel"]
+    words = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad"]
+    for i in range(n):
+        w = words[i % 8]
+        rows.append(f"the {w} movie\t{'pos' if i % 8 < 4 else 'neg'}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def pretrained_run(tmp_path):
+    tok = CharTokenizer.from_text(ALPHABET)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))
+    save_checkpoint(tmp_path / "pre", gpt.config, gpt.state_dict(), tokenizer=tok)
+    return tmp_path / "pre"
+
+
+def test_tiny_model_fits_a_separable_task_and_predicts(tmp_path, pretrained_run, capsys):
+    train = tmp_path / "train.tsv"
+    _write_separable(train)
+    summary = finetune(FinetuneConfig(run=str(pretrained_run), out=str(tmp_path / "ft"), train=str(train),
+                                      val=str(train), epochs=20, batch_size=8, lr=3e-3, dropout=0.0,
+                                      head_dropout=0.0, progress=False))
+    assert summary["task"] == "classification" and summary["best"]["value"] == 1.0
+    model, tok = load_task_model(tmp_path / "ft")
+    assert model.spec.labels == ["neg", "pos"]
+    records = predict(model, tok, read_task_file(train).examples)
+    assert all(r["prediction"] == r["label"] for r in records)
+
+    assert main(["predict", str(tmp_path / "ft"), "--text", "the awful movie", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prediction"] == "neg" and out["probs"]["neg"] > 0.5
+    assert main(["predict", str(tmp_path / "ft"), str(train)]) == 0
+    assert "accuracy 1.0000" in capsys.readouterr().out
+
+
+def test_cli_finetunes_multiple_choice_from_jsonl(tmp_path, pretrained_run, capsys):
+    rows = [{"context": "pick the vowel", "endings": ["b", "a", "c"], "label": 1},
+            {"context": "pick the vowel", "endings": ["e", "d", "f"], "label": 0},
+            {"context": "pick the vowel", "endings": ["g", "h", "i"], "label": 2}] * 4
+    f = tmp_path / "mc.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["finetune", str(pretrained_run), "--train", str(f), "--val", str(f), "--out", str(tmp_path / "mc"),
+                 "--epochs", "30", "--batch-size", "4", "--lr", "3e-3", "--dropout", "0", "--head-dropout", "0",
+                 "--no-progress"]) == 0
+    assert "multiple_choice" in capsys.readouterr().out
+    assert main(["predict", str(tmp_path / "mc"), "--text", "pick the vowel", "--choice", "c", "--choice", "a"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == "1"
+
+
+def test_glue_and_hellaswag_layouts_are_recognised(shared_data):
+    glue = shared_data / "glue"
+    sst = read_task_file(glue / "SST-2" / "dev.tsv")
+    assert (sst.task, sst.regression, len(sst.examples)) == ("classification", False, 872)
+    assert sst.examples[0] == Example(("it 's a charming and often affecting journey .",), "1")
+    rte = read_task_file(glue / "RTE" / "dev.tsv")
+    assert rte.task == "entailment" and rte.examples[0].label == "not_entailment"
+    assert rte.examples[0].segments[1] == "Christopher Reeve had an accident."
+    mrpc = read_task_file(glue / "MRPC" / "dev.tsv")
+    assert mrpc.task == "similarity" and not mrpc.regression and {x.label for x in mrpc.examples} == {"0", "1"}
+    sts = read_task_file(glue / "STS-B" / "dev.tsv")
+    assert sts.task == "similarity" and sts.regression and sts.examples[0].label == 5.0
+    hs = read_task_file(shared_data / "hellaswag" / "hellaswag_val_full.txt")
+    assert hs.task == "multiple_choice" and len(hs.examples) == 10042
+    assert hs.examples[0].label == 3 and len(hs.examples[0].choices) == 4
+    assert hs.examples[0].segments == ("Roof shingle removal: A man is sitting on a roof. he",)
+
+
+def test_metrics_on_hand_computed_cases():
+    spec = TaskSpec("similarity", ["0", "1"])
+    m = compute_metrics(spec, ["1", "1", "0", "0"], ["1", "0", "0", "1"])
+    assert m == {"accuracy": 0.5, "f1": 0.5}  # tp 1, fp 1, fn 1
+    reg = compute_metrics(TaskSpec("similarity", regression=True), [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0])
+    assert reg["pearson"] == pytest.approx(0.8) and reg["spearman"] == pytest.approx(0.8)
+    ties = compute_metrics(TaskSpec("similarity", regression=True), [1.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    assert ties["spearman"] == pytest.approx(0.8660254)  # ranks (1.5, 1.5, 3) vs (1, 2, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "MISSING.tsv"], "does not exist"),
+    (["--train", "{bad}"], "unrecognised layout"),
+    (["--train", "{one}"], "only one label"),
+    (["--train", "{train}", "--task", "entailment", "--text-col", "sentence"], "second text column"),
+    (["--train", "{train}", "--lr", "-1"], "lr must be positive"),
+])
+def test_bad_finetune_input_is_one_line(tmp_path, pretrained_run, capsys, args, message):
+    (tmp_path / "bad.tsv").write_text("foo\tbar\n1\t2\n")
+    (tmp_path / "one.tsv").write_text("sentence\tlabel\nabc\tpos\nab\tpos\n")
+    _write_separable(tmp_path / "train.tsv")
+    args = [a.format(bad=tmp_path / "bad.tsv", one=tmp_path / "one.tsv", train=tmp_path / "train.tsv") for a in args]
+    assert main(["finetune", str(pretrained_run), "--out", str(tmp_path / "o"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_predict_refuses_a_run_that_was_not_fine_tuned(pretrained_run, capsys):
+    assert main(["predict", str(pretrained_run), "--text", "abc"]) == 2
+    assert "not a fine-tuned run" in capsys.readouterr().err
+
+
+def test_bad_rows_name_the_file_and_line(tmp_path):
+    f = tmp_path / "x.tsv"
+    f.write_text("sentence\tlabel\nok\t1\nbroken row\n")
+    with pytest.raises(GptnError, match=r"x.tsv:3"):
+        read_task_file(f)
+    j = tmp_path / "mc.jsonl"
+    j.write_text(json.dumps({"context": "c", "endings": ["a", "b"], "label": 5}) + "\n")
+    with pytest.raises(GptnError, match="outside 0..1"):
+        read_task_file(j)

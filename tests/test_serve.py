@@ -1,0 +1,184 @@
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("fastapi", reason="the server is the `serve` extra (in dev)")
+openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
+import uvicorn  # noqa: E402
+
+from gptn.config import GPTConfig  # noqa: E402
+from gptn.generate import SamplingConfig, generate  # noqa: E402
+from gptn.model import GPT  # noqa: E402
+from gptn.serve import create_app  # noqa: E402
+from gptn.tokenizer import CharTokenizer  # noqa: E402
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.\n"
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CharTokenizer.from_text(ALPHABET)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))
+    with torch.no_grad():
+        m.wte.weight.mul_(3)
+    return m.eval()
+
+
+def _start(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            return server, port
+        time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    app = create_app(model, tok, model_name="tiny", api_key=KEY)
+    srv, port = _start(app)
+    yield app, port
+    srv.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key=KEY, max_retries=0)
+
+
+def raw(port, body, key=KEY, path="/v1/completions"):
+    """(status, parsed JSON body) of a raw POST."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_greedy_completion_equals_gptn_generate(client, model, tok):
+    r = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
+    want = generate(model, tok, ["the cat"], SamplingConfig(max_new_tokens=12, greedy=True))[0][0]
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == 7 and r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_streamed_completion_equals_the_plain_one_and_ends_with_done(client, server):
+    plain = client.completions.create(model="tiny", prompt="a b", max_tokens=15, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt="a b", max_tokens=15, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain
+    req = urllib.request.Request(f"http://127.0.0.1:{server[1]}/v1/completions",
+                                 data=json.dumps({"prompt": "a", "max_tokens": 3, "stream": True}).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        events = [ln for ln in r.read().decode().split("\n") if ln.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+def test_n_seed_and_several_prompts(client):
+    r = client.completions.create(model="tiny", prompt=["ab", "a longer prompt"], max_tokens=8, n=3, seed=5,
+                                  temperature=1.0)
+    assert [c.index for c in r.choices] == list(range(6))
+    again = client.completions.create(model="tiny", prompt=["ab", "a longer prompt"], max_tokens=8, n=3, seed=5,
+                                      temperature=1.0)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]  # a seed reproduces
+
+
+def test_stop_strings_are_cut_and_reported(client, model, tok):
+    full = generate(model, tok, ["the "], SamplingConfig(max_new_tokens=20, greedy=True))[0][0]
+    stop = full[3:5]
+    r = client.completions.create(model="tiny", prompt="the ", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_echo_match_the_model(client, model, tok):
+    r = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = tok.encode("the cat")
+    with torch.no_grad():
+        first = F.log_softmax(model(torch.tensor([ids]))[0, -1], -1)
+    assert lp.tokens[0] == tok.decode([int(first.argmax())])
+    assert lp.token_logprobs[0] == pytest.approx(first.max().item(), abs=1e-4)
+    assert len(lp.top_logprobs[0]) == 2 and len(lp.token_logprobs) == 4
+    # echo + logprobs, no new tokens: what lm-evaluation-harness's local-completions asks for
+    e = client.completions.create(model="tiny", prompt="the cat", max_tokens=0, echo=True, logprobs=1)
+    got = e.choices[0].logprobs.token_logprobs
+    with torch.no_grad():
+        lps = F.log_softmax(model(torch.tensor([ids]))[0], -1)
+    want = [lps[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert e.choices[0].text == "the cat" and got[0] is None and got[1:] == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"prompt": "a", "max_tokens": "many"}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"prompt": "a" * 60}, 413, "prompt"),
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": [99999]}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param):
+    code, err = raw(server[1], body)
+    assert code == status and set(err["error"]) == {"message", "type", "param", "code"}
+    assert err["error"]["param"] == param and err["error"]["message"]
+    assert raw(server[1], {"prompt": "ok", "max_tokens": 2})[0] == 200
+
+
+def test_api_key_is_required(server):
+    code, err = raw(server[1], {"prompt": "a"}, key=None)
+    assert code == 401 and err["error"]["type"] == "authentication_error"
+    assert raw(server[1], {"prompt": "a"}, key="wrong")[0] == 401
+    with urllib.request.urlopen(f"http://127.0.0.1:{server[1]}/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"  # health needs no key
+
+
+def test_client_disconnecting_mid_stream_does_not_hurt_the_server(server):
+    body = json.dumps({"prompt": "a", "max_tokens": 40, "stream": True, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server[1])) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\n\r\n" + body)
+        assert b"200" in s.recv(64)
+    code, r = raw(server[1], {"prompt": "still here", "max_tokens": 3})
+    assert code == 200 and len(r["choices"]) == 1
+
+
+def test_concurrent_requests_are_batched_and_equal_single_requests(model, tok):
+    app = create_app(model, tok, model_name="tiny")
+    srv, port = _start(app)
+    try:
+        prompts = [f"prompt {'x' * i}" for i in range(8)]
+        single = [generate(model, tok, [p], SamplingConfig(max_new_tokens=16, greedy=True))[0][0] for p in prompts]
+        before = app.state.engine.batches
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda p: raw(port, {"prompt": p, "max_tokens": 16, "temperature": 0}, key=None),
+                                 prompts))
+        assert [o[1]["choices"][0]["text"] for o in outs] == single
+        assert app.state.engine.batches - before < len(prompts)  # several requests shared a pass
+    finally:
+        srv.should_exit = True
