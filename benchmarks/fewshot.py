@@ -7,7 +7,7 @@
 2. Accuracy: K = 0, 1, 8 on LAMBADA (last-word accuracy) and HellaSwag (accuracy, per-character
    normalisation) for the best model gptn pretrains here in a few minutes (or `--run`), with chance.
 
-    python benchmarks/fewshot.py [--items 100] [--run RUN] [--pretrain-seconds 420] [--limit 500]
+    python benchmarks/fewshot.py [--items 100] [--run RUN] [--pretrain-seconds 360] [--limit 300]
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def main():
     ap.add_argument("--items", type=int, default=100, help="HellaSwag items for the speed comparison")
     ap.add_argument("--hf-batch", type=int, default=8, help="the harness's batch size")
     ap.add_argument("--run", help="model for the K table (default: pretrain one here)")
-    ap.add_argument("--pretrain-seconds", type=float, default=420)
-    ap.add_argument("--limit", type=int, default=500, help="examples per task and K")
+    ap.add_argument("--pretrain-seconds", type=float, default=360)
+    ap.add_argument("--limit", type=int, default=300, help="examples per task and K")
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

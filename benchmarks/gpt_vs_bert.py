@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine, table, write_results  # noqa: E402
-from transfer import MODEL, build_data  # noqa: E402
+from transfer import BATCH_SEQUENCES, MODEL, PRETRAIN_LR, build_data  # noqa: E402
 
 from gptn.checkpoint import load_model  # noqa: E402
 from gptn.compute import training_flops_per_token  # noqa: E402
@@ -42,7 +42,8 @@ GLUE = SHARED / "glue"
 
 def pretrain_arch(work: Path, arch: str, steps: int, batch_tokens: int) -> dict:
     s = pretrain(PretrainConfig(corpus=str(work / "corpus"), out=str(work / arch), overrides={**MODEL, "arch": arch},
-                                steps=steps, batch_tokens=batch_tokens, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                                steps=steps, batch_tokens=batch_tokens, lr=PRETRAIN_LR, min_lr=PRETRAIN_LR / 10,
+                                warmup_steps=100,
                                 eval_interval=steps, eval_batches=10, checkpoint_interval=steps, progress=False))
     return {"steps": s["steps"], "val_loss": s["val"]["val_loss"], "seconds": round(s["train_seconds"]),
             "objective": "next token" if arch == "gpt" else "masked tokens (15%)"}
@@ -77,8 +78,8 @@ def main():
             raise SystemExit(f"{args.gpt_run} is not the benchmark's model size {MODEL}")
     else:
         config = GPTConfig(vocab_size=Corpus(work / "corpus").tokenizer.vocab_size, **MODEL)
-        batch_tokens = 32 * MODEL["n_ctx"]
-        steps = max(100, int(args.pretrain_seconds / _seconds_per_step(config, 32)))
+        batch_tokens = BATCH_SEQUENCES * MODEL["n_ctx"]
+        steps = max(100, int(args.pretrain_seconds / _seconds_per_step(config, BATCH_SEQUENCES)))
         pre["gpt"] = pretrain_arch(work, "gpt", steps, batch_tokens)
     pre["bert"] = pretrain_arch(work, "bert", steps, batch_tokens)
     for arch in ("gpt", "bert"):

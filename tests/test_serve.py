@@ -182,3 +182,49 @@ def test_concurrent_requests_are_batched_and_equal_single_requests(model, tok):
         assert app.state.engine.batches - before < len(prompts)  # several requests shared a pass
     finally:
         srv.should_exit = True
+
+
+def test_lm_eval_local_completions_equals_the_in_process_model(tmp_path, model, tok):
+    """lm-evaluation-harness's `local-completions` (echo + logprobs over HTTP, remote tokenizer)
+    scores a local task exactly as the in-process GptnLM does."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the dev extra")
+    from lm_eval.tasks import TaskManager
+
+    from gptn.integrations.lm_eval import GptnLM
+    rows = [{"q": f"the {w} is", "choices": [" cat", " dog", " sun"], "label": i % 3}
+            for i, w in enumerate(["cat", "dog", "sun", "moon", "tree", "fish"])]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "t.yaml").write_text(f"""task: gptn_http_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'test.jsonl'}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    srv, port = _start(create_app(model, tok, model_name="tiny"))  # the harness's local model sends no key
+    try:
+        http = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["gptn_http_mc"], task_manager=manager, bootstrap_iters=0,
+            model_args={"base_url": f"http://127.0.0.1:{port}/v1/completions", "model": "tiny",
+                        "tokenizer_backend": "remote", "num_concurrent": 1, "max_retries": 1})
+    finally:
+        srv.should_exit = True
+    local = lm_eval.simple_evaluate(model=GptnLM(model=model, tokenizer=tok), tasks=["gptn_http_mc"],
+                                    task_manager=manager, bootstrap_iters=0)
+    assert http["results"]["gptn_http_mc"]["acc,none"] == local["results"]["gptn_http_mc"]["acc,none"]
+    # and the log-likelihoods themselves agree
+    h = sorted(http["samples"]["gptn_http_mc"], key=lambda s: s["doc_id"])
+    g = sorted(local["samples"]["gptn_http_mc"], key=lambda s: s["doc_id"])
+    for a, b in zip(h, g):
+        assert [x[0] for x in a["filtered_resps"]] == pytest.approx([x[0] for x in b["filtered_resps"]], abs=1e-3)

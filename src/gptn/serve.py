@@ -4,6 +4,7 @@
                            stream (server-sent events ending in `data: [DONE]`), logprobs, echo; usage
     GET  /v1/models        the one model served
     GET  /health           liveness
+    /tokenize, /detokenize, /tokenizer_info   vLLM-style, for lm-evaluation-harness's local-completions
 
 Requests that arrive while the model is busy are queued, and the next pass takes every queued
 request with compatible sampling settings into one batch (greedy requests always batch together;
@@ -60,6 +61,15 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = 0.0
     best_of: int | None = None
     user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
 
 
 class ApiError(Exception):
@@ -229,7 +239,7 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
                                                "authentication_error", code="invalid_api_key"), status_code=401)
@@ -242,6 +252,24 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "gptn"}]}
+
+    # vLLM's tokenizer endpoints: lm-evaluation-harness's `local-completions` tokenizes through them
+    # (tokenizer_backend=remote), so the harness needs no copy of the tokenizer.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        eot = tokenizer.decode([tokenizer.eot_id])
+        return {"eos_token": eot, "bos_token": eot, "pad_token": eot, "model_max_length": n_ctx}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ids = tokenizer.encode(req.prompt, allow_special=True)
+        return {"tokens": ids, "count": len(ids), "max_model_len": n_ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if any(not 0 <= i < model.config.vocab_size for i in req.tokens):
+            raise ApiError(400, "a token id is outside the vocabulary", "tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     def prompts_of(req: CompletionRequest) -> list[list[int]]:
         p = req.prompt

@@ -11,7 +11,8 @@ vocabulary projection only where a continuation token is predicted).
 
 from __future__ import annotations
 
-from lm_eval.api.model import TemplateLM
+import lm_eval.models  # noqa: F401  # the harness fills its registry lazily only while it is empty:
+from lm_eval.api.model import TemplateLM  # registering first would hide its own models ("hf", ...)
 from lm_eval.api.registry import register_model
 
 from ..checkpoint import load_model
