@@ -7,6 +7,7 @@
 2. Accuracy: K = 0, 1, 8 on LAMBADA (last-word accuracy) and HellaSwag (accuracy, per-character
    normalisation) for the best model gptn pretrains here in a few minutes (or `--run`), with chance.
 
+    pip install "lm-eval[hf]"   # the harness's hf backend needs accelerate
     python benchmarks/fewshot.py [--items 100] [--run RUN] [--pretrain-seconds 360] [--limit 300]
 """
 
