@@ -23,3 +23,16 @@ def require_shared() -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     return require_shared()
+
+
+def tiny_gpt(vocab_size: int, n_ctx: int = 48, sharpen: bool = False):
+    """A 2-layer, d_model 32 GPT with seeded random weights, in eval mode. `sharpen` scales W_e by 3
+    for peakier distributions than at initialisation, so that greedy decoding is well defined."""
+    from gptn.config import GPTConfig
+    from gptn.model import GPT
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=vocab_size, n_ctx=n_ctx, n_layer=2, n_head=2, d_model=32, dropout=0.0))
+    if sharpen:
+        with torch.no_grad():
+            m.wte.weight.mul_(3)
+    return m.eval()

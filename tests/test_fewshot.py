@@ -3,14 +3,14 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_gpt
 import torch.nn.functional as F
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
-from gptn.config import GPTConfig, GptnError
+from gptn.config import GptnError
 from gptn.fewshot import (Doc, Task, build_prompt, choose, encode_pair, evaluate_fewshot, fit_prompt, load_task,
                           load_task_file, loglikelihood_tokens, sample_demos, token_f1)
-from gptn.model import GPT
 from gptn.tokenizer import CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzTEF ?:=>\n"
@@ -23,8 +23,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()
+    return tiny_gpt(tok.vocab_size, n_ctx=64)
 
 
 def translation_task():

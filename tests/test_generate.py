@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
@@ -20,11 +21,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))
-    with torch.no_grad():  # sharper distributions than at initialisation, so that greedy is well defined
-        m.wte.weight.mul_(3)
-    return m.eval()
+    return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
 
 
 @pytest.fixture

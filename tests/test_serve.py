@@ -14,9 +14,8 @@ pytest.importorskip("fastapi", reason="the server is the `serve` extra (in dev)"
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 import uvicorn  # noqa: E402
 
-from gptn.config import GPTConfig  # noqa: E402
+from conftest import tiny_gpt  # noqa: E402
 from gptn.generate import SamplingConfig, generate  # noqa: E402
-from gptn.model import GPT  # noqa: E402
 from gptn.serve import create_app  # noqa: E402
 from gptn.tokenizer import CharTokenizer  # noqa: E402
 
@@ -31,11 +30,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))
-    with torch.no_grad():
-        m.wte.weight.mul_(3)
-    return m.eval()
+    return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
 
 
 def _start(app):

@@ -243,12 +243,10 @@ def cmd_quickstart(sub):
 
 def _load_run(run: str, device: str = "cpu"):
     from .checkpoint import load_model
-    from .model import require_decoder
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(run, device=device)
-    require_decoder(model, "generate, score or prompt")
     model.prepack_for_cpu_inference()  # these commands only read the model
     if tokenizer is None:
         raise GptnError(f"{run} has no tokenizer saved beside the model")

@@ -438,7 +438,6 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
 def evaluate_fewshot(model: GPT, tokenizer, task: Task, k: int, limit: int | None = None, seed: int = 1234,
                      batch_size: int = 32, normalization: str | None = None) -> ShotResult:
     """Evaluate `task` with K demonstrations per query (no gradient update)."""
-    require_decoder(model, "do zero-, one- or few-shot prompting")
     if k < 0:
         raise GptnError(f"K must be >= 0, got {k}")
     normalization = normalization or task.normalization
