@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_gpt
 
 from gptn.checkpoint import save_checkpoint
@@ -147,6 +148,20 @@ def test_long_prompt_keeps_its_end(model, tok, capsys):
     assert out == tail and "longer than the context" in capsys.readouterr().err
 
 
+def test_one_row_product_split_across_threads_matches_linear():
+    from gptn.model import _row_times_weight
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        for out_features in (64, 67):  # divisible by the thread count, and with a remainder
+            w, b, x = torch.randn(out_features, 48), torch.randn(out_features), torch.randn(1, 1, 48)
+            torch.testing.assert_close(_row_times_weight(x, w, b), F.linear(x.view(1, 48), w, b))
+            torch.testing.assert_close(_row_times_weight(x, w), F.linear(x.view(1, 48), w))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_prepacked_cpu_inference_gives_the_same_results(tok):
     torch.manual_seed(1)
     plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()
@@ -157,6 +172,7 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     x = torch.randint(0, tok.vocab_size, (4, 3))
     with torch.no_grad():
         torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x[:1, :1]), plain(x[:1, :1]), atol=1e-5, rtol=1e-5)  # one row
     prompts = [[1, 2, 3], [4], [5, 6]]
     cfg = SamplingConfig(max_new_tokens=20, greedy=True)
     assert generate_ids(packed, prompts, cfg) == generate_ids(plain, prompts, cfg)
