@@ -67,7 +67,7 @@ def _row_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def _linear_with_packed_weight(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if torch.is_grad_enabled() or rows > 64 or self.weight._version != self._packed_version:
+    if torch.is_grad_enabled() or not 1 <= rows <= 64 or self.weight._version != self._packed_version:
         return F.linear(x, self.weight, self.bias)
     if rows == 1:
         return _row_times_weight(x, self.weight, self.bias).view(*x.shape[:-1], -1)
@@ -224,8 +224,9 @@ class GPT(nn.Module):
 
         MKL's GEMM is slow when only a few rows (2-64 tokens: batched decoding) meet a large weight;
         oneDNN's prepacked kernel decodes a batch of 8 about 1.4x faster here. One token at a time goes
-        to _row_times_weight (all threads read the weights); long prefills keep MKL, faster there. Costs a second copy of the layer weights; does
-        nothing off CPU, outside fp32, or where this torch build lacks oneDNN.
+        to _row_times_weight (all threads read the weights); long prefills keep MKL, faster there.
+        Costs a second copy of the layer weights; does nothing off CPU, outside fp32, or where this
+        torch build lacks oneDNN.
         """
         if self.wte.weight.device.type != "cpu" or self.wte.weight.dtype != torch.float32 \
                 or not torch.backends.mkldnn.is_available():
