@@ -9,7 +9,7 @@
    scratch, is handicapped by GPT-1's 6.25e-5; --gpt1-lr adds the four runs at that rate too, ~5 min):
    the comparison is best against best.
 3. The same pretrained model fine-tuned on 2,000 training examples each of RTE, MRPC and STS-B
-   (dev results, the better SST-2 λ), which keeps the whole benchmark near 20 minutes on two cores.
+   (dev results, the better SST-2 λ), which keeps the whole benchmark under 20 minutes on two cores.
 
 Writes benchmarks/results/transfer.json; `pretrained_minus_scratch` is the best pretrained SST-2 dev
 accuracy minus the best from-scratch accuracy, in points.
