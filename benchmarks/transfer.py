@@ -20,7 +20,6 @@ accuracy minus the best from-scratch accuracy, in points.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import shutil
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine, table, write_results  # noqa: E402
 
 from gptn.config import GPTConfig  # noqa: E402
-from gptn.data import Corpus, prepare  # noqa: E402
+from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
 from gptn.quickstart import _seconds_per_step  # noqa: E402
@@ -48,15 +47,9 @@ N_LABELED = 2000
 GPT1_LR = 6.25e-5
 
 
-def read_tsv(path: Path) -> list[dict]:
-    lines = path.read_text(encoding="utf-8-sig").rstrip("\n").split("\n")
-    header = lines[0].split("\t")
-    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
-
-
 def build_data(work: Path, seed: int = 0) -> tuple[Path, Path]:
     """(unlabeled corpus JSONL, the 2,000 labeled SST-2 sentences as a TSV)."""
-    sst = read_tsv(GLUE / "SST-2" / "train.tsv")
+    sst = read_records(GLUE / "SST-2" / "train.tsv")
     random.Random(seed).shuffle(sst)
     labeled, unlabeled = sst[:N_LABELED], sst[N_LABELED:]
     labeled_tsv = work / "sst2_train_2000.tsv"
@@ -65,11 +58,11 @@ def build_data(work: Path, seed: int = 0) -> tuple[Path, Path]:
         for r in labeled:
             f.write(f"{r['sentence']}\t{r['label']}\n")
     texts = [r["sentence"].strip() for r in unlabeled]
-    for r in read_tsv(GLUE / "RTE" / "train.tsv"):
+    for r in read_records(GLUE / "RTE" / "train.tsv"):
         texts += [r["sentence1"], r["sentence2"]]
-    for r in read_tsv(GLUE / "MRPC" / "train.tsv"):
+    for r in read_records(GLUE / "MRPC" / "train.tsv"):
         texts += [r["#1 String"], r["#2 String"]]
-    for r in read_tsv(GLUE / "STS-B" / "train.tsv"):
+    for r in read_records(GLUE / "STS-B" / "train.tsv"):
         texts += [r["sentence1"], r["sentence2"]]
     corpus_jsonl = work / "unlabeled.jsonl"
     with open(corpus_jsonl, "w") as f:

@@ -36,3 +36,16 @@ def tiny_gpt(vocab_size: int, n_ctx: int = 48, sharpen: bool = False):
         with torch.no_grad():
             m.wte.weight.mul_(3)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A character tokenizer over lower-case text (modules with other alphabets define their own)."""
+    from gptn.tokenizer import CharTokenizer
+    return CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ,.\n")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """tiny_gpt over `tok`, sharpened so that greedy decoding is well defined."""
+    return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)

@@ -3,26 +3,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig
 from gptn.generate import SamplingConfig, filter_logits, generate, generate_ids, next_token_probs, score
 from gptn.model import GPT, _CpuInferenceLinear, _row_times_weight
-from gptn.tokenizer import CharTokenizer
-
-ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.\n"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer.from_text(ALPHABET)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
 
 
 @pytest.fixture

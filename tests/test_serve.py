@@ -14,23 +14,10 @@ pytest.importorskip("fastapi", reason="the server is the `serve` extra (in dev)"
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 import uvicorn  # noqa: E402
 
-from conftest import tiny_gpt  # noqa: E402
 from gptn.generate import SamplingConfig, generate  # noqa: E402
 from gptn.serve import create_app  # noqa: E402
-from gptn.tokenizer import CharTokenizer  # noqa: E402
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.\n"
 KEY = "sk-test"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer.from_text(ALPHABET)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
 
 
 def _start(app):

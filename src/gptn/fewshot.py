@@ -380,9 +380,12 @@ def _score_chunk(model: GPT, contexts: list[tuple], groups: dict, prepared: list
         results[i] = (total, greedy, len(cont))
 
 
+_PUNCTUATION = set(string.punctuation)
+
+
 def _normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
