@@ -13,7 +13,7 @@ from gptn.checkpoint import checkpoint_dir, load_model
 from gptn.cli import main
 from gptn.config import GPTConfig
 from gptn.data import prepare
-from gptn.pretrain import PretrainConfig, lr_at, make_optimizer, pretrain
+from gptn.pretrain import PretrainConfig, lr_at, pretrain
 from gptn.model import GPT
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i % 7} times.\n" for i in range(3000))
@@ -44,15 +44,6 @@ def test_schedule_warmup_then_cosine():
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
 
 
-def test_weight_decay_on_matrices_only():
-    model = GPT(GPTConfig(vocab_size=50, n_ctx=16, n_layer=1, n_head=2, d_model=16))
-    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-
-
 def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
     summary = pretrain(PretrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), preset="tiny",
                                       overrides={"dropout": 0.0, "n_ctx": 32}, steps=60, batch_tokens=32 * 8,
@@ -71,9 +62,11 @@ def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
         assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-def test_resume_after_sigkill_is_exact(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_sigkill_is_exact(corpus, tmp_path, optimizer):
     common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "40", "--batch-tokens", "256",
-              "--lr", "3e-3", "--eval-interval", "20", "--checkpoint-interval", "5", "--no-progress"]
+              "--lr", "3e-3", "--optimizer", optimizer, "--eval-interval", "20", "--checkpoint-interval", "5",
+              "--no-progress"]
     full = _cli(*common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     # Start the same run, SIGKILL it once it has checkpointed past step 10, then resume.
@@ -137,10 +130,10 @@ def _torchrun(*args):
                            "-m", "gptn", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_rank_with_accumulation(corpus, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon")])
+def test_two_ranks_equal_one_rank_with_accumulation(corpus, tmp_path, strategy, optimizer):
     common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "3", "--batch-tokens", str(32 * 8),
-              "--micro-batch", "2", "--lr", "1e-2", "--eval-interval", "0", "--no-progress"]
+              "--micro-batch", "2", "--lr", "1e-2", "--optimizer", optimizer, "--eval-interval", "0", "--no-progress"]
     one = _cli(*common, "--out", str(tmp_path / "one"))  # 8 sequences: 4 micro-batches of 2
     assert one.returncode == 0, one.stderr
     two = _torchrun(*common, "--strategy", strategy, "--out", str(tmp_path / "two"))  # 2 ranks x 2 micro-batches of 2
@@ -182,6 +175,11 @@ def test_bad_inputs_before_training(corpus, tmp_path, capsys):
     capsys.readouterr()
     assert main(["pretrain", str(corpus), "--out", run, "--preset", "tiny", "--set", "n_layer=3"]) == 2
     assert "holds a different model" in capsys.readouterr().err
+    assert main(["pretrain", str(corpus), "--out", run, "--optimizer", "muon", "--steps", "4"]) == 2
+    assert "trained with --optimizer adamw" in capsys.readouterr().err
+    assert main(["pretrain", str(corpus), "--out", str(tmp_path / "new"), "--preset", "tiny", "--optimizer", "muon",
+                 "--strategy", "fsdp"]) == 2
+    assert "use --strategy ddp" in capsys.readouterr().err
     other = tmp_path / "other.txt"
     other.write_text("completely different alphabet: XYZ!?" * 200)
     prepare([str(other)], "char", tmp_path / "c2", progress=False)

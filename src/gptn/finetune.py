@@ -490,7 +490,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     validation metric in `cfg.out`. Returns a summary (best metric, its epoch/step, val metrics)."""
     from tqdm import tqdm
 
-    from .pretrain import make_optimizer
+    from .optim import make_optimizer
 
     train_data = read_task_file(cfg.train, cfg.task, cfg.columns, cfg.regression)
     task = train_data.task

@@ -1,7 +1,7 @@
 """Pretraining: maximise L1(U) = sum_i log P(u_i | u_{i-k..i-1}) on a prepared corpus.
 
 One loop for one CPU, one GPU or many (torchrun; DDP or FSDP2), with AdamW (weight decay on
-matrices only), linear warm-up then cosine decay, gradient clipping, gradient accumulation to reach
+matrices only) or Muon, linear warm-up then cosine decay, gradient clipping, gradient accumulation to reach
 a batch given in tokens, bf16 autocast on GPUs (fp16 + gradient scaler where bf16 is missing),
 periodic validation (loss, perplexity, bits per byte), atomic checkpoints and exact resume.
 """
@@ -27,6 +27,7 @@ from .compute import training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
 from .model import GPT
+from .optim import make_optimizer
 
 
 @dataclass
@@ -45,6 +46,8 @@ class PretrainConfig:
     min_lr: float | None = None  # default lr / 10
     warmup_steps: int | None = None  # default 2% of steps
     weight_decay: float = 0.1
+    optimizer: str | None = None  # "adamw" (default for a new run) or "muon" (Muon for linear weights, AdamW for the rest)
+    muon_lr: float | None = None  # Muon's peak rate (default 0.02); it follows the same schedule as lr
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -76,17 +79,6 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, device_type: str):
-    """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or LayerNorm."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    is_dtensor = any(type(p).__name__ == "DTensor" for p in decay)
-    # The fused kernel is several times faster than the per-tensor loop, on CPU as on GPU.
-    fused = not is_dtensor and device_type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +351,11 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         config = _check_resume(cfg, run, corpus, saved_cfg)
         _check_tokenizer(checkpoint_dir(run) / "tokenizer", corpus, _run_tokenizer(corpus, config))
         # The schedule and batch are part of the run; the user may extend `steps` or change logging.
-        for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed"):
-            setattr(cfg, key, saved_cfg[key] if getattr(cfg, key) is None or key == "seed" else getattr(cfg, key))
+        saved_opt = saved_cfg.get("optimizer") or "adamw"
+        if cfg.optimizer not in (None, saved_opt):
+            raise GptnError(f"{run} was trained with --optimizer {saved_opt}; resume it with that one (or use another --out)")
+        for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed", "optimizer", "muon_lr"):
+            setattr(cfg, key, saved_cfg.get(key) if getattr(cfg, key) is None or key == "seed" else getattr(cfg, key))
         preset = get_preset(saved_cfg["preset"]) if saved_cfg.get("preset") else None
     else:
         config, preset = resolve_model_config(cfg, corpus.tokenizer.vocab_size)
@@ -385,6 +380,11 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     min_lr = cfg.min_lr if cfg.min_lr is not None else lr / 10
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 50)
     cfg.batch_tokens, cfg.micro_batch, cfg.lr, cfg.min_lr, cfg.warmup_steps = batch_tokens, micro, lr, min_lr, warmup
+    cfg.optimizer, cfg.muon_lr = cfg.optimizer or "adamw", cfg.muon_lr or 0.02
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise GptnError(f"--optimizer must be adamw or muon, not {cfg.optimizer!r}")
+    if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
+        raise GptnError("--optimizer muon orthogonalises whole weight matrices, which FSDP shards; use --strategy ddp")
 
     train_loader = BatchLoader(corpus, "train", n_ctx, global_batch, cfg.seed, d.rank, d.world, accum)
     val_split = "val" if corpus.tokens("val") > n_ctx + 1 else "train"
@@ -401,7 +401,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         step = train_state["step"]
     model.to(device)
     wrapped = _wrap(model, cfg.strategy, d, device)
-    optimizer = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
+                               cfg.optimizer, cfg.muon_lr)
     if train_state is not None:
         _load_optimizer_state(model, optimizer, train_state["optimizer"], cfg.strategy, d)
         rng = train_state["rng"]
@@ -462,7 +463,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         t0 = time.perf_counter()
         lr_now = lr_at(step, cfg.steps, lr, min_lr, warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr_now
+            group["lr"] = lr_now * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(train_loader.step_batches(step)):
             if config.arch == "bert":  # masked-LM instead of next-token: same windows, other targets

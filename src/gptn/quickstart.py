@@ -16,7 +16,8 @@ from .config import GPTConfig, GptnError
 from .data import STDLIB, Corpus, prepare
 from .generate import SamplingConfig, generate, next_token_probs
 from .model import GPT
-from .pretrain import PretrainConfig, make_optimizer, pretrain
+from .optim import make_optimizer
+from .pretrain import PretrainConfig, pretrain
 
 # A GPT-2-style (pre-LN) model small enough to learn something in minutes on two cores.
 QUICKSTART_MODEL = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0)
