@@ -5,7 +5,10 @@ Recipe: 4 layers, 4 heads, d_model 128, context 64, batch 12, 2,000 steps, AdamW
 weight decay 0.1 and gradient clipping at 1.0 as the reference recipe's config file has them. Both models get
 the same batches (gptn's loader), the same AdamW (weight decay on matrices only, fused kernel) and
 the same schedule; Hugging Face's GPT2LMHeadModel has biases, so gptn keeps them on here.
-Then: the wall time gptn needs to reach validation loss 1.88 with the best settings it offers.
+Then: the wall time gptn needs to reach validation loss 1.88 with the best settings it offers
+(Muon, a 32-character context with 48 sequences per step, no biases, 2 layers; 4 shown too);
+the validation loss of each gptn model over the whole validation text is reported beside the
+recipe's 20-batch estimate, so that a shorter context cannot flatter the figure.
 
 Targets (issue): tokens/s >= 1.7x Hugging Face with validation loss <= 1.89; 1.88 within 48 s.
 """
@@ -21,9 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED, machine, median, table, write_results  # noqa: E402
 
+from gptn.checkpoint import load_model  # noqa: E402
 from gptn.data import BatchLoader, Corpus, prepare  # noqa: E402
+from gptn.generate import score  # noqa: E402
 from gptn.optim import make_optimizer  # noqa: E402
-from gptn.pretrain import PretrainConfig, lr_at, pretrain  # noqa: E402
+from gptn.pretrain import PretrainConfig, lr_at, measure_matmul_peak, pretrain  # noqa: E402
 
 N_CTX, BATCH, STEPS, LR, MIN_LR, WARMUP, BETA2 = 64, 12, 2000, 1e-3, 1e-4, 100, 0.99
 MODEL = dict(n_layer=4, n_head=4, d_model=128, n_ctx=N_CTX, dropout=0.0)
@@ -40,6 +45,14 @@ def gptn_recipe(corpus: Path, out: Path, steps: int, **extra) -> dict:
     s = pretrain(cfg)
     s["wall_seconds"] = time.perf_counter() - t0
     return s
+
+
+def full_val_loss(run: Path, corpus: Path) -> float:
+    """Mean loss over every character of the validation text, in consecutive windows of the model's context."""
+    import numpy as np
+    model, tok = load_model(run)
+    text = tok.decode([i for i in np.concatenate(Corpus(corpus).shards("val")).tolist() if i != tok.eot_id])
+    return -score(model, tok, text, stride=model.config.n_ctx, batch_size=64).total_logprob / len(text)
 
 
 @torch.no_grad()
@@ -96,13 +109,15 @@ def main():
     corpus = work / "shakespeare"
     prepare([str(SHARED / "tinyshakespeare" / "input.txt")], "char", corpus, val_fraction=0.1, progress=False)
 
+    peak = measure_matmul_peak(torch.device("cpu"))  # how fast this (shared, noisy) machine is right now
     ours = gptn_recipe(corpus, work / "gptn", args.steps)
     theirs = hf_recipe(corpus, args.steps)
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
     res = {"speed_ratio_vs_hf": ratio, "val_loss": ours["val"]["val_loss"],
            "gptn": {"tokens_per_s": ours["tokens_per_s"], "val_loss": ours["val"]["val_loss"],
+                    "full_val_loss": full_val_loss(work / "gptn", corpus),
                     "train_seconds": ours["train_seconds"], "wall_seconds": ours["wall_seconds"]},
-           "hf": theirs, "steps": args.steps,
+           "hf": theirs, "steps": args.steps, "matmul_peak_gflops": peak / 1e9,
            "targets": {"speed_ratio_vs_hf": 1.7, "val_loss": 1.89, "seconds_to_1_88": 48.0}}
     rows = [("gptn (biases on)", f"{ours['tokens_per_s']:,.0f}", f"{ours['val']['val_loss']:.4f}", f"{ours['train_seconds']:.1f}"),
             ("Hugging Face GPT2LMHeadModel", f"{theirs['tokens_per_s']:,.0f}", f"{theirs['val_loss']:.4f}",
@@ -119,17 +134,28 @@ def main():
                            "val_loss": comp["val"]["val_loss"], "wall_seconds": comp["wall_seconds"]}
         rows.append(("gptn --compile (median step)", f"{comp_tps:,.0f}", f"{comp['val']['val_loss']:.4f}",
                      f"{comp['wall_seconds']:.1f} (wall, incl. compile)"))
-        # Best settings gptn offers for wall time to 1.88: no biases, a higher peak lr and a shorter
-        # cosine (so the decay happens before 1.88 is reached), evaluation every 100 steps, stop at 1.88.
-        fast = gptn_recipe(corpus, work / "fast", 1400, model={"bias": False}, lr=2e-3, min_lr=2e-4,
-                           eval_interval=100, stop_at_val_loss=1.88)
-        reached = fast["val"]["val_loss"] <= 1.88
-        res["seconds_to_1_88"] = fast["wall_seconds"] if reached else None
-        res["fast_run"] = {"steps": fast["steps"], "val_loss": fast["val"]["val_loss"], "reached": reached,
-                           "wall_seconds": fast["wall_seconds"], "tokens_per_s": fast["tokens_per_s"],
-                           "settings": "bias=False, lr 2e-3 -> 2e-4 over 1400 steps, warm-up 100, eval every 100 steps"}
-        rows.append(("gptn best settings, to val 1.88", f"{fast['tokens_per_s']:,.0f}", f"{fast['val']['val_loss']:.4f}",
-                     f"{fast['wall_seconds']:.1f} (wall, {fast['steps']} steps)"))
+        # Best settings gptn offers for wall time to 1.88, measured on this machine: Muon (about half the
+        # tokens AdamW needs), a 32-character context with 48 sequences per step (more, shorter windows
+        # learn faster early; the Muon step's cost is per step, not per token), no biases, a cosine that
+        # ends where 1.88 is due, evaluation over the recipe's 15,360 validation tokens, stopping at 1.88.
+        # Two layers instead of four: at this budget the shallower model gets there sooner (measured
+        # 2 / 3 / 4 layers: 1.85 in 37 s, 1.86 in 38 s, 1.88 in 55 s); the four-layer run is shown too.
+        common = dict(batch_tokens=48 * 32, optimizer="muon", muon_lr=0.04, lr=5e-3, min_lr=5e-4, warmup_steps=30,
+                      eval_batches=10, stop_at_val_loss=1.88)
+        res["fast_runs"] = {}
+        for name, n_layer, steps in (("recipe's 4 layers", 4, 280), ("2 layers", 2, 340)):
+            settings = dict(common, model={"bias": False, "n_ctx": 32, "n_layer": n_layer}, eval_interval=steps // 4)
+            fast = gptn_recipe(corpus, work / f"fast{n_layer}", steps, **settings)
+            reached = fast["val"]["val_loss"] <= 1.88
+            res["fast_runs"][name] = {
+                "steps": fast["steps"], "val_loss": fast["val"]["val_loss"], "reached": reached,
+                "wall_seconds": fast["wall_seconds"], "train_seconds": fast["train_seconds"],
+                "tokens_per_s": fast["tokens_per_s"], "full_val_loss": full_val_loss(work / f"fast{n_layer}", corpus),
+                "settings": {**settings, "steps": steps}}
+            rows.append((f"gptn best settings, {name}, to 1.88", f"{fast['tokens_per_s']:,.0f}",
+                         f"{fast['val']['val_loss']:.4f}", f"{fast['wall_seconds']:.1f} (wall, {fast['steps']} steps)"))
+        times = [r["wall_seconds"] for r in res["fast_runs"].values() if r["reached"]]
+        res["seconds_to_1_88"] = min(times) if times else None
     res["machine"] = machine()
     print(table(rows, ("model", "tokens/s", "val loss", "seconds")))
     print(f"speed ratio gptn / HF = {ratio:.2f}x (target >= 1.7); val loss {res['val_loss']:.4f} (target <= 1.89)"

@@ -23,17 +23,18 @@ NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # quintic iteration, as torch.optim.
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T of each (m, n) matrix in `g` (..., m, n), by quintic Newton-Schulz."""
+    """Approximately U V^T of each (m, n) matrix in `g` (m, n) or (k, m, n), by quintic Newton-Schulz."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32).reshape(-1, *g.shape[-2:])
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT  # iterate on the (small, small) Gram matrix side
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.mT).to(g.dtype)
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X
+    return (x if wide else x.mT).reshape(g.shape).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
