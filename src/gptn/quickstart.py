@@ -24,11 +24,11 @@ QUICKSTART_MODEL = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0
 BATCH_SEQUENCES = 16
 
 
-def _seconds_per_step(config: GPTConfig, batch: int) -> float:
+def _seconds_per_step(config: GPTConfig, batch: int, optimizer: str = "adamw") -> float:
     """Time a few real training steps of this model, to fit the schedule into the time budget."""
     torch.manual_seed(0)
     model = GPT(config)
-    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", optimizer)
     x = torch.randint(0, config.vocab_size, (batch, config.n_ctx))
     times = []
     for _ in range(4):
@@ -66,14 +66,16 @@ def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = 
         shutil.rmtree(run_dir)  # a quickstart always trains afresh within its budget
     config = GPTConfig(vocab_size=corpus.tokenizer.vocab_size, **QUICKSTART_MODEL)
     budget = minutes * 60
-    steps = max(10, int(budget / _seconds_per_step(config, BATCH_SEQUENCES)))
+    # Muon: its steps cost ~35% more here, but in two minutes it reached validation loss 5.04 where AdamW
+    # was at 5.55.
+    steps = max(10, int(budget / _seconds_per_step(config, BATCH_SEQUENCES, "muon")))
     say(f"[2/4] pretraining a GPT-2-style model ({GPT(config).num_parameters():,} parameters: "
         f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads, context {config.n_ctx}) "
-        f"for {steps} steps (~{minutes:g} min)")
+        f"with Muon for {steps} steps (~{minutes:g} min)")
     summary = pretrain(PretrainConfig(
         corpus=str(corpus_dir), out=str(run_dir), model_config=None, preset=None,
         overrides={**QUICKSTART_MODEL, "vocab_size": corpus.tokenizer.vocab_size},
-        steps=steps, batch_tokens=BATCH_SEQUENCES * config.n_ctx, lr=2e-3, min_lr=2e-4,
+        steps=steps, batch_tokens=BATCH_SEQUENCES * config.n_ctx, lr=2e-3, min_lr=2e-4, optimizer="muon",
         warmup_steps=max(1, steps // 20), eval_interval=max(1, steps // 5), eval_batches=10,
         checkpoint_interval=max(1, steps // 2), max_seconds=budget * 1.25, progress=progress))
     val = summary["val"]
