@@ -7,9 +7,10 @@ and LayerNorm gains stay with AdamW, as in the paper. It reaches a given loss in
 
 The update is PyTorch's `torch.optim.Muon` (same coefficients, Nesterov momentum, decoupled weight
 decay, Keller Jordan's sqrt(max(1, rows/cols)) learning-rate scale); it is ours because that one
-orthogonalises in bfloat16 one matrix at a time, which on a CPU without bf16 matmul units is several
-times slower than the whole training step. Here matrices of one shape go through one batched
-iteration, in bfloat16 on GPUs and float32 on CPUs.
+orthogonalises in bfloat16 one matrix at a time, which on a CPU without bf16 matmul units is slow:
+for the 16 matrices of the 4x128 Shakespeare model, 932 ms per step against 36 ms here (the whole
+AdamW training step is ~80 ms). Here matrices of one shape go through one batched iteration, in
+bfloat16 on GPUs and float32 on CPUs.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Muon(torch.optim.Optimizer):
                 update = orthogonalize(update, group["ns_steps"])
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, list(update.unbind(0)), alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+                scale = math.sqrt(max(1.0, rows / cols))  # Keller Jordan's: tall matrices move as far per row
+                torch._foreach_add_(params, list(update.unbind(0)), alpha=-group["lr"] * scale)
         return loss
 
 

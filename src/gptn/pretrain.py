@@ -46,7 +46,7 @@ class PretrainConfig:
     min_lr: float | None = None  # default lr / 10
     warmup_steps: int | None = None  # default 2% of steps
     weight_decay: float = 0.1
-    optimizer: str | None = None  # "adamw" (default for a new run) or "muon" (Muon for linear weights, AdamW for the rest)
+    optimizer: str | None = None  # "adamw" (default) or "muon" (Muon for linear weights, AdamW for the rest)
     muon_lr: float | None = None  # Muon's peak rate (default 0.02); it follows the same schedule as lr
     beta1: float = 0.9
     beta2: float = 0.95
@@ -353,7 +353,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         # The schedule and batch are part of the run; the user may extend `steps` or change logging.
         saved_opt = saved_cfg.get("optimizer") or "adamw"
         if cfg.optimizer not in (None, saved_opt):
-            raise GptnError(f"{run} was trained with --optimizer {saved_opt}; resume it with that one (or use another --out)")
+            raise GptnError(f"{run} was trained with --optimizer {saved_opt}; resume it with that one "
+                            "(or use another --out)")
         for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed", "optimizer", "muon_lr"):
             setattr(cfg, key, saved_cfg.get(key) if getattr(cfg, key) is None or key == "seed" else getattr(cfg, key))
         preset = get_preset(saved_cfg["preset"]) if saved_cfg.get("preset") else None
