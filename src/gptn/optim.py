@@ -3,7 +3,7 @@
 Muon (Jordan et al., 2024, https://kellerjordan.github.io/posts/muon/) replaces each hidden matrix's
 momentum update by the nearest semi-orthogonal matrix (a few Newton-Schulz iterations), so every
 direction of the update moves at the same rate. Embeddings (W_e doubles as the tied softmax), biases
-and LayerNorm gains stay with AdamW, as in the paper. It reaches a given loss in fewer tokens.
+and LayerNorm gains stay with AdamW, as its authors advise. It reaches a given loss in fewer tokens.
 
 The update is PyTorch's `torch.optim.Muon` (same coefficients, Nesterov momentum, decoupled weight
 decay, Keller Jordan's sqrt(max(1, rows/cols)) learning-rate scale); it is ours because that one
@@ -74,7 +74,8 @@ class Muon(torch.optim.Optimizer):
                 update = orthogonalize(update, group["ns_steps"])
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                scale = math.sqrt(max(1.0, rows / cols))  # Keller Jordan's: tall matrices move as far per row
+                # An orthogonalised tall matrix has smaller entries; Keller Jordan's scale evens them out.
+                scale = math.sqrt(max(1.0, rows / cols))
                 torch._foreach_add_(params, list(update.unbind(0)), alpha=-group["lr"] * scale)
         return loss
 
