@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # quintic iteration, as torch.optim.Muon
+MUON_LR = 0.02  # the reference implementation's default
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -41,7 +42,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 class Muon(torch.optim.Optimizer):
     """Momentum, orthogonalised: for 2-D weight matrices only."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float = MUON_LR, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps))
@@ -112,7 +113,7 @@ class MuonWithAdamW:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device_type: str,
-                   kind: str = "adamw", muon_lr: float = 0.02):
+                   kind: str = "adamw", muon_lr: float = MUON_LR):
     """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or
     LayerNorm; or (kind "muon") Muon at `muon_lr` for the weights of linear layers, AdamW for the rest."""
     muon_params = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad] \
@@ -135,4 +136,4 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, devi
     return MuonWithAdamW(muon, adamw)
 
 
-__all__ = ["Muon", "MuonWithAdamW", "make_optimizer", "orthogonalize"]
+__all__ = ["MUON_LR", "Muon", "MuonWithAdamW", "make_optimizer", "orthogonalize"]

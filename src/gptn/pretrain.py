@@ -27,7 +27,7 @@ from .compute import training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
 from .model import GPT
-from .optim import make_optimizer
+from .optim import MUON_LR, make_optimizer
 
 
 @dataclass
@@ -381,7 +381,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     min_lr = cfg.min_lr if cfg.min_lr is not None else lr / 10
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 50)
     cfg.batch_tokens, cfg.micro_batch, cfg.lr, cfg.min_lr, cfg.warmup_steps = batch_tokens, micro, lr, min_lr, warmup
-    cfg.optimizer, cfg.muon_lr = cfg.optimizer or "adamw", cfg.muon_lr or 0.02
+    cfg.optimizer, cfg.muon_lr = cfg.optimizer or "adamw", cfg.muon_lr or MUON_LR
     if cfg.optimizer not in ("adamw", "muon"):
         raise GptnError(f"--optimizer must be adamw or muon, not {cfg.optimizer!r}")
     if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
