@@ -1,7 +1,9 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
 from gptn.config import GPTConfig
-from gptn.model import GPT, KVCache
+from gptn.model import GPT, KVCache, next_token_loss
 
 
 def tiny(**kw):
@@ -106,3 +108,21 @@ def test_last_only_logits():
     model = GPT(tiny()).eval()
     idx = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_next_token_loss_matches_cross_entropy(dtype):
+    """Under torch.compile the loss is our own autograd function; value and gradient must be F.cross_entropy's."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 17, 97) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 97, (3, 17))
+    targets[0, :4] = -100  # ignored positions count neither in the sum nor in the mean
+    ref = F.cross_entropy(logits.float().reshape(-1, 97), targets.reshape(-1), ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    compiled = torch.compile(next_token_loss, backend="aot_eager", fullgraph=True)
+    for loss_fn in (next_token_loss, compiled):
+        loss = loss_fn(logits, targets)
+        (grad,) = torch.autograd.grad(loss, logits)
+        torch.testing.assert_close(loss, ref)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=1e-6, rtol=0)

@@ -32,7 +32,7 @@ from .bert import CLS, SEP
 from .checkpoint import checkpoint_dir, load_model, load_weights, save_checkpoint
 from .config import GptnError
 from .data import read_records
-from .model import GPT
+from .model import GPT, next_token_loss
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
@@ -309,7 +309,7 @@ class TaskModel(nn.Module):
         if with_lm_loss:
             targets = ids[:, 1:].masked_fill(torch.arange(1, ids.size(1), device=ids.device) >= lengths[:, None], -100)
             logits = self.gpt._tied_logits(h[:, :-1])
-            lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+            lm_loss = next_token_loss(logits, targets)
         return out, lm_loss
 
 

@@ -162,6 +162,39 @@ def require_decoder(model: "GPT", what: str) -> None:
                         "Only a GPT predicts the next token; fine-tune the encoder with `gptn finetune` instead")
 
 
+class _CompiledNextTokenLoss(torch.autograd.Function):
+    """F.cross_entropy's mean over non-ignored rows, for torch.compile: it saves for the backward only the
+    logits in their own dtype and one logsumexp per row, and writes the gradient as one pointwise
+    expression, which the compiler fuses into a single pass. F.cross_entropy under bf16 autocast saves
+    a float32 log-softmax of all (B*T, V) logits, twice their size, and reads it back (H100, gpt2 at
+    16x1024 compiled: 39.5 -> 38.4 ms per step). Eagerly, F.cross_entropy's own kernels are faster."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        valid = targets != -100
+        safe = targets.masked_fill(~valid, 0)
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        count = valid.sum()
+        ctx.save_for_backward(logits, safe, valid, lse, count)
+        return ((lse - picked) * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, safe, valid, lse, count = ctx.saved_tensors
+        one_hot = torch.arange(logits.size(1), device=logits.device) == safe[:, None]
+        grad = (torch.exp(logits.float() - lse[:, None]) - one_hot.float()) * (grad_loss / count * valid)[:, None]
+        return grad.to(logits.dtype), None
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L1 as a mean: the cross-entropy of `logits` (..., V) against `targets` (...), -100 ignored."""
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    if torch.compiler.is_compiling():
+        return _CompiledNextTokenLoss.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+
+
 class GPT(nn.Module):
     """The GPT-n language model. `forward` returns next-token logits (and the L1 loss given targets)."""
 
@@ -232,8 +265,7 @@ class GPT(nn.Module):
         logits = self._tied_logits(h)  # tied softmax layer: h_n W_e^T   (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def prepack_for_cpu_inference(self) -> "GPT":
         """Make every linear layer and the tied softmax layer run through _CpuInferenceLinear, in place.
@@ -255,7 +287,14 @@ class GPT(nn.Module):
         """h W_e^T, through the prepacked copy of W_e when prepack_for_cpu_inference made one."""
         if self._inference_head is not None:
             return self._inference_head(h)
-        return F.linear(h, self.wte.weight)
+        w = self.wte.weight
+        pad = -w.size(0) % 64 if w.is_cuda else 0
+        if pad:
+            # cuBLAS's fast kernels want 16-byte-aligned rows; GPT-2's 50,257 logits per row make this layer's
+            # three products fall back to slow ones (H100, gpt2 at 16x1024: 80 -> 58 ms per step eager). Zero
+            # rows added for the product alone keep W_e's shape, so checkpoints and exports are unchanged.
+            return F.linear(h, F.pad(w, (0, 0, 0, pad)))[..., :w.size(0)]
+        return F.linear(h, w)
 
     def _attention_mask(self, T: int, past: int, attention_mask, device):
         """Boolean mask (B|1, 1, T, past+T), or None when the fused causal kernel can be used."""
