@@ -8,6 +8,7 @@ import os
 import sys
 
 from .config import GptnError
+from .optim import MUON_LR
 
 COMMANDS = {}
 
@@ -194,7 +195,7 @@ def cmd_pretrain(sub):
     sub.add_argument("--optimizer", choices=["adamw", "muon"],
                      help="adamw (default; GPT-1/2/3's) or muon: Muon for the linear layers' weights, AdamW for "
                      "embeddings, biases and LayerNorm; reaches a given loss in fewer tokens (default: the run's)")
-    sub.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default 0.02)")
+    sub.add_argument("--muon-lr", type=float, help=f"Muon's peak learning rate (default {MUON_LR:g})")
     sub.add_argument("--grad-clip", type=float, default=1.0)
     sub.add_argument("--eval-interval", type=int, default=250)
     sub.add_argument("--eval-batches", type=int, default=20)

@@ -47,7 +47,7 @@ class PretrainConfig:
     warmup_steps: int | None = None  # default 2% of steps
     weight_decay: float = 0.1
     optimizer: str | None = None  # "adamw" (default) or "muon" (Muon for linear weights, AdamW for the rest)
-    muon_lr: float | None = None  # Muon's peak rate (default 0.02); it follows the same schedule as lr
+    muon_lr: float | None = None  # Muon's peak rate (default optim.MUON_LR); it follows the same schedule as lr
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
