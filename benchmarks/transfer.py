@@ -12,12 +12,15 @@
    other row contains), which are what the dev set holds.
 3. The same pretrained model fine-tuned on 2,000 training examples each of RTE, MRPC and STS-B
    (dev results, the better SST-2 λ), which keeps the whole benchmark under 20 minutes on two cores.
+4. With --label-curve (about 10 minutes more): pretrained vs scratch on 250, 500 and 1,000 of the random
+   rows, two seeds each (the seed picks the subset and the initialisation), epochs scaled so that every
+   run takes as many optimizer steps as 3 epochs of 2,000. Whether pretraining helps when labels are scarcer.
 
 Writes benchmarks/results/transfer.json; `pretrained_minus_scratch` is the best pretrained SST-2 dev
 accuracy minus the best from-scratch accuracy, in points, on the random rows
 (`pretrained_minus_scratch_whole_sentences` on the whole sentences).
 
-    python benchmarks/transfer.py [--pretrain-seconds 360] [--gpt1-lr] [--work /tmp/gptn-transfer]
+    python benchmarks/transfer.py [--pretrain-seconds 360] [--gpt1-lr] [--label-curve] [--work /tmp/gptn-transfer]
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="reuse a pretrained run already in --work")
     ap.add_argument("--lr", type=float, default=6.25e-4, help="fine-tuning learning rate (10x GPT-1's)")
     ap.add_argument("--gpt1-lr", action="store_true", help="also fine-tune SST-2 at GPT-1's 6.25e-5")
+    ap.add_argument("--label-curve", action="store_true", help="also pretrained vs scratch on 250/500/1,000 labels")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.work)
@@ -122,7 +126,8 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     corpus_jsonl, labeled = build_data(work)
 
-    if not (run / "checkpoint").is_dir():
+    reused = (run / "checkpoint").is_dir()
+    if not reused:
         t0 = time.time()
         texts = [json.loads(line)["text"] for line in open(corpus_jsonl)]
         prepare([str(corpus_jsonl)], "bpe:4096", work / "corpus", val_fraction=0.02, progress=False)
@@ -168,6 +173,15 @@ def main():
     glue = {task: tune(task.lower(), GLUE / task / "train.tsv", GLUE / task / "dev.tsv", lr=best[1],
                        lm_weight=best[2], max_train_examples=N_LABELED)
             for task in ("RTE", "MRPC", "STS-B")}
+    curve = {}
+    if args.label_curve:
+        for n in (250, 500, 1000):
+            for init in ("pretrained", "scratch"):
+                runs = [tune(f"sst2_{n}_{init}_seed{seed}", labeled["random rows"], sst_dev, lr=args.lr, lm_weight=0.0,
+                             from_scratch=init == "scratch", max_train_examples=n, epochs=round(3 * N_LABELED / n),
+                             seed=seed) for seed in (1, 2)]
+                curve[f"{n} labels: {init}"] = {"accuracy": [r["value"] for r in runs],
+                                                "mean": sum(r["value"] for r in runs) / len(runs)}
     chance = {"SST-2": 0.5, "RTE": 0.5, "MRPC": "F1 0.81 if always 'paraphrase'", "STS-B": "Pearson 0"}
 
     rows = [(k, f"{100 * v['value']:.1f}", v["lr"], v["lm_weight"], v["seconds"]) for k, v in sst.items()]
@@ -175,17 +189,22 @@ def main():
     print(table(rows, ("setting", "accuracy", "lr", "λ", "s")))
     for labeled_set, d in diffs.items():
         print(f"pretrained minus scratch (best of each), {labeled_set}: {d:+.1f} points (target >= +5)")
+    if curve:
+        print("\nSST-2 dev accuracy (%) with fewer labels (random rows, no aux, two seeds)")
+        print(table([(k, f"{100 * v['mean']:.1f}", " / ".join(f"{100 * a:.1f}" for a in v["accuracy"]))
+                     for k, v in curve.items()], ("labels: init", "mean", "seeds")))
     rows = [(k, v["metric"], f"{v['value']:.4f}", json.dumps({m: round(x, 4) for m, x in v["metrics"].items()}))
             for k, v in glue.items()]
     print(f"\nGLUE dev, the same pretrained model, {N_LABELED:,} training examples each")
     print(table(rows, ("task", "metric", "value", "all metrics")))
     results = {"pretrained_minus_scratch": diffs["random rows"],
-               "pretrained_minus_scratch_whole_sentences": diffs["whole sentences"], "sst2_dev": sst, "glue_dev": glue, "glue_train_examples": N_LABELED,
+               "pretrained_minus_scratch_whole_sentences": diffs["whole sentences"], "sst2_dev": sst,
+               **({"label_curve": curve} if curve else {}), "glue_dev": glue, "glue_train_examples": N_LABELED,
                "chance": chance,
                "pretraining": {**pre, "model": MODEL, "corpus": "SST-2 train minus both 2,000-example labeled "
                                "sets + RTE/MRPC/STS-B train sentences, labels removed", "tokenizer": "bpe:4096"},
                "finetune_defaults": "GPT-1: 3 epochs, batch 32, warm-up 0.2% then linear decay, dropout 0.1",
-               "total_seconds": round(time.time() - t_all), "machine": machine()}
+               "total_seconds": round(time.time() - t_all), "pretraining_reused": reused, "machine": machine()}
     print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
 
 
