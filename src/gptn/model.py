@@ -288,11 +288,13 @@ class GPT(nn.Module):
         if self._inference_head is not None:
             return self._inference_head(h)
         w = self.wte.weight
-        pad = -w.size(0) % 64 if w.is_cuda else 0
+        pad = -w.size(0) % 64 if w.is_cuda and torch.is_grad_enabled() else 0
         if pad:
             # cuBLAS's fast kernels want 16-byte-aligned rows; GPT-2's 50,257 logits per row make this layer's
-            # three products fall back to slow ones (H100, gpt2 at 16x1024: 80 -> 58 ms per step eager). Zero
-            # rows added for the product alone keep W_e's shape, so checkpoints and exports are unchanged.
+            # three training products fall back to slow ones (H100, gpt2 at 16x1024: 80 -> 58 ms per step eager).
+            # Zero rows added for the product alone keep W_e's shape, so checkpoints and exports are unchanged.
+            # Not without gradients: decoding a few rows, the padded copy would move W_e twice per token
+            # where the product reads it once.
             return F.linear(h, F.pad(w, (0, 0, 0, pad)))[..., :w.size(0)]
         return F.linear(h, w)
 
