@@ -13,9 +13,12 @@ moment leaves either the previous checkpoint or the new one, never a mixture.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +35,36 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path, folder: Path):
+    """Hold an exclusive lock on `lock_file` (created if needed) while writing into `folder`, so two
+    processes never write one run or corpus. The operating system drops the lock when its process
+    ends, so a killed run never blocks its own resume."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a")
+    except FileExistsError:
+        raise GptnError(f"{lock_file.parent} exists and is not a folder") from None
+    except OSError as e:
+        raise GptnError(f"cannot write in {lock_file.parent}: {e.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise GptnError(f"{folder} is being written by another gptn process; wait for it to finish "
+                        "or choose another folder") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def run_lock(run_dir: str | Path):
+    """The lock of a run directory (RUN/.lock)."""
+    return exclusive_lock(Path(run_dir) / ".lock", Path(run_dir))
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -96,7 +129,8 @@ def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str
         (tmp / name).write_text(text)
     for name, tensors in (extra_tensors or {}).items():
         save_file(tensors, str(tmp / name), metadata={"format": "pt", "writer": "gptn"})
-    (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n")
+    meta = {**(meta or {}), "weights_sha256": _sha256(tmp / "model.safetensors")}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -111,6 +145,45 @@ def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str
     return final
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a truncated, empty or altered file is a one-line error naming it
+    (checked against the checksum meta.json holds, when the checkpoint was written with one)."""
+    path = Path(path)
+    meta_file = path.parent / "meta.json"
+    if path.name == "model.safetensors" and meta_file.is_file():
+        try:
+            expected = json.loads(meta_file.read_text(encoding="utf-8")).get("weights_sha256")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise GptnError(f"{meta_file} is not a readable JSON object ({e})") from None
+        if expected and _sha256(path) != expected:
+            raise GptnError(f"{path} does not match the checksum in {meta_file.name}: the file was altered or "
+                            "damaged after it was saved")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError: a damaged file, not a bug of ours
+        raise GptnError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_train_state(path: str | Path) -> dict:
+    """The training state saved beside a checkpoint (optimizer, RNG, loader, schedule)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, EOFError, unpickling errors
+        raise GptnError(f"{path} is damaged and cannot be read ({type(e).__name__}); resume from a copy of the run "
+                        "or start a new --out") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise GptnError(f"{path} does not hold a gptn training state")
+    return state
+
+
 def load_config(run_dir: str | Path) -> GPTConfig:
     return GPTConfig.load(checkpoint_dir(run_dir) / "config.json")
 
@@ -123,7 +196,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", dtype: t
     ckpt = checkpoint_dir(run_dir)
     config = GPTConfig.load(ckpt / "config.json")
     model = GPT(config)
-    load_weights(model, load_file(str(ckpt / "model.safetensors")), source=str(ckpt))
+    load_weights(model, read_weights(ckpt / "model.safetensors"), source=str(ckpt))
     model.to(device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     return model, tokenizer

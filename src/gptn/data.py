@@ -34,6 +34,8 @@ from typing import Iterator
 import numpy as np
 
 from .config import GptnError
+from .checkpoint import exclusive_lock
+from .normalize import normalize as normalize_text, parse_steps
 from .tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 
 MAGIC = b"GPTNTOK\0"
@@ -346,31 +348,59 @@ def _check_out(out: Path) -> None:
 
 def prepare(sources: list[str], tokenizer: str | Tokenizer, out: str | Path, val_fraction: float = 0.005,
             seed: int = 0, text_field: str = "text", dtype: str = "auto", workers: int | None = None,
-            max_docs: int | None = None, progress: bool = True) -> dict:
+            max_docs: int | None = None, progress: bool = True, normalize: str | tuple | None = None) -> dict:
     """Tokenize `sources` into token shards in `out`; returns the manifest.
 
+    `normalize` (e.g. "sst", see normalize.py) rewrites every document first; the steps are saved
+    with the tokenizer, so every later encode of this corpus's models applies them too.
+
     Written to a temporary folder and renamed at the end, so an interrupted run never leaves a
-    corpus that later loads as if complete.
+    corpus that later loads as if complete; two prepares of one output are refused (a lock).
     """
-    from tqdm import tqdm
 
     out = Path(out)
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), out):
+        return _prepare(sources, tokenizer, out, val_fraction, seed, text_field, dtype, workers, max_docs, progress,
+                        normalize)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders left by a killed `prepare` of the same output (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(sources, tokenizer, out: Path, val_fraction, seed, text_field, dtype, workers, max_docs, progress,
+             normalize) -> dict:
+    from tqdm import tqdm
+
     _check_out(out)
+    _remove_stale_temporaries(out)
     if not 0.0 <= val_fraction < 1.0:
         raise GptnError(f"val_fraction must be in [0, 1), got {val_fraction}")
     files = expand_sources(sources)  # fails early on a missing path
+    steps = parse_steps(normalize)
 
     def documents():
         n = 0
         for doc in iter_documents(files, text_field):
             if max_docs is not None and n >= max_docs:
                 return
+            if steps and not (doc := Document(normalize_text(doc.text, steps), doc.source)).text:
+                continue
             n += 1
             yield doc
 
     if isinstance(tokenizer, str):
         needs_corpus = tokenizer == "char" or tokenizer.startswith("bpe:")
         tokenizer = resolve_tokenizer(tokenizer, (d.text for d in documents()) if needs_corpus else None)
+    if steps and tokenizer.normalize not in ((), steps):
+        raise GptnError(f"the tokenizer already normalises its text ({','.join(tokenizer.normalize)}); "
+                        f"--normalize {','.join(steps)} would apply other steps")
+    steps = steps or tokenizer.normalize  # a given tokenizer's own steps apply to the corpus too
+    tokenizer.with_normalization(steps)
     token_dtype = _dtype_for(tokenizer.vocab_size, dtype)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -478,13 +508,21 @@ class Corpus:
         if not path.is_file():
             raise GptnError(f"{self.folder} is not a prepared corpus (no manifest.json); run `gptn prepare` first")
         try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GptnError(f"{path}: invalid JSON ({e})") from None
         if self.manifest.get("format") != "gptn-corpus":
             raise GptnError(f"{path}: not a gptn corpus manifest")
         self.tokenizer = load_tokenizer(self.folder / "tokenizer")
         self._splits: dict[str, list[np.ndarray]] = {}
+
+    def check_ids(self, vocab_size: int) -> None:
+        """A shard holding a token id the model has no row for is a damaged (or foreign) file."""
+        for split in ("train", "val"):
+            for name, shard in zip(self.manifest["shards"].get(split, []), self.shards(split)):
+                if shard.size and int(shard.max()) >= vocab_size:
+                    raise GptnError(f"{self.folder / name} holds token id {int(shard.max())}, outside the "
+                                    f"vocabulary of {vocab_size}: the shard is damaged or from another corpus")
 
     def shards(self, split: str) -> list[np.ndarray]:
         if split not in self._splits:
@@ -559,7 +597,13 @@ class BatchLoader:
 def read_records(path: str | Path) -> list[dict]:
     """Rows of a labeled-data file as dicts: JSONL (or a JSON list), CSV, or TSV (GLUE's: tabs only)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GptnError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                        "expected a TSV, CSV or JSONL file") from None
+    except OSError as e:
+        raise GptnError(f"cannot read {path}: {e.strerror}") from None
     if path.suffix in (".jsonl", ".json"):
         if path.suffix == ".json" and text.lstrip().startswith("["):
             return json.loads(text)

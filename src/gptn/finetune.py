@@ -9,6 +9,8 @@ framed by a start token s, a delimiter $ and an extract token e; the head reads 
     multiple choice   s context $ answer_k e, for each k         -> linear -> one score each -> softmax
 
 The objective is L3 = L2 + λ·L1: the task loss plus the language-model loss on the same inputs.
+Beside GPT-1's head on the extract token, the head may read h_n averaged over the input
+(`pooling="mean"`), and the blocks' matrices may be fine-tuned with Muon.
 
 Over-long inputs lose tokens from the start of the longest segment first (for multiple choice, from
 the start of the context first), so that the words nearest the extract token are kept.
@@ -29,13 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bert import CLS, SEP
-from .checkpoint import checkpoint_dir, load_model, load_weights, save_checkpoint
-from .config import GptnError
+from .checkpoint import checkpoint_dir, load_model, load_weights, read_weights, save_checkpoint
+from .config import GptnError, is_number
 from .data import read_records
 from .model import GPT, next_token_loss
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
+POOLINGS = ("extract", "mean")
 HEAD_FILE = "head.safetensors"
 TASK_FILE = "task.json"
 
@@ -252,6 +255,7 @@ class TaskSpec:
     task: str
     labels: list[str] = field(default_factory=list)  # class names (empty for regression and multiple choice)
     regression: bool = False
+    pooling: str = "extract"  # what the head reads: h_n at the extract token (GPT-1), or "mean" over the tokens
 
     @property
     def n_outputs(self) -> int:
@@ -291,7 +295,11 @@ class TaskModel(nn.Module):
             h_extract = h[:, 0]  # [CLS]
         else:
             h = self.gpt.hidden_states(ids)  # (S, T, C); right padding is invisible to a causal model
-            h_extract = h[torch.arange(len(ids), device=ids.device), lengths - 1]  # (S, C)
+            if self.spec.pooling == "mean":
+                real = (torch.arange(ids.size(1), device=ids.device)[None] < lengths[:, None]).to(h.dtype)
+                h_extract = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (S, C)
+            else:
+                h_extract = h[torch.arange(len(ids), device=ids.device), lengths - 1]  # (S, C)
         if self.spec.task == "similarity":  # both orderings, added element-wise
             h_extract = h_extract.view(-1, 2, h_extract.size(-1)).sum(1)  # (N, C)
         out = self.head(self.head_dropout(h_extract))
@@ -382,6 +390,9 @@ class FinetuneConfig:
     warmup_fraction: float = 0.002
     weight_decay: float = 0.01
     lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1; 0 disables the auxiliary objective
+    pooling: str = "extract"  # the head reads h_n at the extract token (GPT-1), or "mean": averaged over the input
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW (at lr) for the rest
+    muon_lr: float | None = None  # Muon's peak rate (default optim.MUON_LR / 10)
     dropout: float = 0.1  # residual, attention and embedding dropout during fine-tuning
     head_dropout: float = 0.1
     grad_clip: float = 1.0
@@ -396,12 +407,25 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "evals_per_epoch"):
             if getattr(self, name) < 1:
                 raise GptnError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("lr", "lm_weight", "weight_decay", "dropout", "head_dropout", "grad_clip", "warmup_fraction"):
+            if not is_number(getattr(self, name)):
+                raise GptnError(f"{name} must be a finite number, not {getattr(self, name)!r}")
         if self.lr <= 0:
             raise GptnError(f"lr must be positive, not {self.lr}")
         if self.lm_weight < 0:
             raise GptnError(f"lm_weight (λ) must be >= 0, not {self.lm_weight}")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise GptnError(f"max_train_examples must be at least 1 (or unset for all), not {self.max_train_examples}")
+        if not 0 <= self.seed < 2**63:
+            raise GptnError(f"seed must be a whole number in [0, 2**63), not {self.seed}")
         if not 0 <= self.warmup_fraction < 1:
             raise GptnError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+        if self.pooling not in POOLINGS:
+            raise GptnError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise GptnError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
+        if self.muon_lr is not None and not self.muon_lr > 0:
+            raise GptnError(f"muon_lr must be positive, not {self.muon_lr}")
 
 
 def _with_gpt1_tokens(model: GPT, tokenizer: Tokenizer) -> GPT:
@@ -490,7 +514,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     validation metric in `cfg.out`. Returns a summary (best metric, its epoch/step, val metrics)."""
     from tqdm import tqdm
 
-    from .optim import make_optimizer
+    from .optim import MUON_LR, make_optimizer
 
     train_data = read_task_file(cfg.train, cfg.task, cfg.columns, cfg.regression)
     task = train_data.task
@@ -508,7 +532,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             unknown = sorted({x.label for x in val_data.examples} - set(labels))
             if unknown:
                 raise GptnError(f"{cfg.val}: labels {unknown[:5]} never occur in the training set {cfg.train}")
-    spec = TaskSpec(task, labels, train_data.regression)
+    spec = TaskSpec(task, labels, train_data.regression, cfg.pooling)
 
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
@@ -531,7 +555,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_fraction * total))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type, cfg.optimizer,
+                               cfg.muon_lr or MUON_LR / 10, adamw_only=[model.head])
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -549,7 +574,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             # GPT-1: linear warm-up over 0.2% of training, then linear decay to 0.
             lr = cfg.lr * (step + 1) / warmup if step < warmup else cfg.lr * max(0.0, (total - step) / (total - warmup))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, task_loss, lm_loss = objective(model, batch, train_targets[idx], lm_weight)
             if not torch.isfinite(loss):
                 raise GptnError(f"loss became {loss.item()} at step {step}; lower --lr")
@@ -592,15 +617,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def load_task_model(run: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:
     """A fine-tuned run: the GPT, its head and label names, and the tokenizer; in eval mode."""
-    from safetensors.torch import load_file
-
     ckpt = checkpoint_dir(run)
     if not (ckpt / TASK_FILE).is_file() or not (ckpt / HEAD_FILE).is_file():
         raise GptnError(f"{run} is not a fine-tuned run (no {TASK_FILE} / {HEAD_FILE}); make one with `gptn finetune`")
     gpt, tokenizer = load_model(run, device=device)
-    spec = TaskSpec(**json.loads((ckpt / TASK_FILE).read_text()))
+    try:
+        spec = TaskSpec(**json.loads((ckpt / TASK_FILE).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise GptnError(f"{ckpt / TASK_FILE} is not a readable task description ({e})") from None
     model = TaskModel(gpt, spec, sep_id=tokenizer.special_tokens.get(SEP) if tokenizer else None)
-    head = {k.removeprefix("head."): v for k, v in load_file(str(ckpt / HEAD_FILE)).items()}
+    head = {k.removeprefix("head."): v for k, v in read_weights(ckpt / HEAD_FILE).items()}
     load_weights(model.head, head, source=str(ckpt / HEAD_FILE))
     return model.to(device).eval(), tokenizer
 

@@ -113,10 +113,13 @@ class MuonWithAdamW:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device_type: str,
-                   kind: str = "adamw", muon_lr: float = MUON_LR):
+                   kind: str = "adamw", muon_lr: float = MUON_LR, adamw_only=()):
     """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or
-    LayerNorm; or (kind "muon") Muon at `muon_lr` for the weights of linear layers, AdamW for the rest."""
-    muon_params = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad] \
+    LayerNorm; or (kind "muon") Muon at `muon_lr` for the weights of linear layers, AdamW for the rest
+    (and for the modules in `adamw_only`, e.g. a task head: an output layer, as Muon's authors advise)."""
+    excluded = {id(m) for m in adamw_only}
+    muon_params = [m.weight for m in model.modules()
+                   if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m) not in excluded] \
         if kind == "muon" else []
     in_muon = {id(p) for p in muon_params}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_muon]

@@ -3,7 +3,9 @@
 One loop for one CPU, one GPU or many (torchrun; DDP or FSDP2), with AdamW (weight decay on
 matrices only) or Muon, linear warm-up then cosine decay, gradient clipping, gradient accumulation to reach
 a batch given in tokens, bf16 autocast on GPUs (fp16 + gradient scaler where bf16 is missing),
-periodic validation (loss, perplexity, bits per byte), atomic checkpoints and exact resume.
+periodic validation (loss, perplexity, bits per byte), atomic checkpoints and exact resume. A new
+run may start from another's weights (`init_from`: continued, domain-adaptive pretraining) with a
+fresh optimizer, schedule and loader.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,12 +26,14 @@ import torch
 import torch.distributed as dist
 
 from .bert import BERT_SPECIALS, mask_tokens, step_generator
-from .checkpoint import checkpoint_dir, has_checkpoint, load_config, model_state_dict, save_checkpoint
-from .compute import training_flops_per_token
+from .checkpoint import (checkpoint_dir, has_checkpoint, load_config, load_weights, model_state_dict, read_train_state,
+                         read_weights, run_lock, save_checkpoint)
+from .compute import softmax_share, training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, make_optimizer
+from .tokenizer import load_tokenizer
 
 
 @dataclass
@@ -36,6 +42,7 @@ class PretrainConfig:
 
     corpus: str
     out: str
+    init_from: str | None = None  # start a new run from this run's (or imported folder's) weights
     preset: str | None = None  # default "mini" for a new run
     model_config: str | None = None  # a GPTConfig JSON file instead of a preset
     overrides: dict = field(default_factory=dict)  # GPTConfig fields, e.g. {"dropout": 0.0}
@@ -54,6 +61,7 @@ class PretrainConfig:
     eval_interval: int = 250
     eval_batches: int = 20
     checkpoint_interval: int = 500
+    snapshot_interval: int | None = None  # also keep the weights every N steps in RUN/snapshots/step-N
     log_interval: int = 10
     seed: int = 1337
     strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp"
@@ -64,6 +72,31 @@ class PretrainConfig:
     progress: bool = True
     max_seconds: float | None = None  # stop (and save) after this much training time
     stop_at_val_loss: float | None = None  # stop (and save) once validation loss reaches this
+
+    def __post_init__(self):
+        for name in ("steps", "eval_batches", "checkpoint_interval", "log_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
+        for name in ("lr", "min_lr", "muon_lr", "peak_flops", "max_seconds"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0 or name == "min_lr" and value == 0):
+                raise GptnError(f"{name} must be a positive number, not {value!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise GptnError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
+        for name in ("batch_tokens", "micro_batch", "snapshot_interval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise GptnError(f"warmup_steps must be >= 0, not {self.warmup_steps}")
+        if self.eval_interval < 0:
+            raise GptnError(f"eval_interval must be >= 0 (0: no evaluation), not {self.eval_interval}")
+        if not 0 <= self.seed < 2**63:
+            raise GptnError(f"seed must be a whole number in [0, 2**63), not {self.seed}")
+        if self.init_from is not None and (self.preset or self.model_config):
+            raise GptnError("--init-from takes the model from its source; drop --preset / --config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,21 +232,53 @@ def _check_resume(cfg: PretrainConfig, run: Path, corpus: Corpus, saved_cfg: dic
 
 
 def _check_tokenizer(run_tok_dir: Path, corpus: Corpus, tokenizer) -> None:
-    from .tokenizer import load_tokenizer
     if not run_tok_dir.is_dir():
         return
-    theirs = load_tokenizer(run_tok_dir).describe()
-    ours = tokenizer.describe()
-    if theirs != ours:
+    theirs = load_tokenizer(run_tok_dir)
+    if not theirs.same_vocabulary(tokenizer):
+        ours, theirs = tokenizer.describe(), theirs.describe()
         raise GptnError(f"the corpus {corpus.folder} was prepared with another tokenizer ({ours['kind']}, "
-                        f"{ours['vocab_size']} tokens) than the model's ({theirs['kind']}, {theirs['vocab_size']} tokens)")
+                        f"{ours['vocab_size']} tokens{_normalized(ours)}) than the model's ({theirs['kind']}, "
+                        f"{theirs['vocab_size']} tokens{_normalized(theirs)}); prepare it with "
+                        f"--tokenizer {run_tok_dir}")
+
+
+def _normalized(described: dict) -> str:
+    return f", normalised {','.join(described['normalize'])}" if described.get("normalize") else ""
+
+
+# GPTConfig fields a run started from another's weights may change: neither alters a weight's shape
+# (a shorter context keeps the first n_ctx rows of W_p).
+INIT_FROM_OVERRIDES = ("dropout", "n_ctx")
+
+
+def initial_weights(cfg: PretrainConfig, corpus: Corpus) -> tuple[GPTConfig, dict, object]:
+    """(config, weights, tokenizer) of `cfg.init_from`: a gptn run, a fine-tuned run (its task head is
+    left behind) or a folder `gptn import-hf` wrote; refused when the corpus was tokenized otherwise."""
+    source = Path(cfg.init_from)
+    ckpt = checkpoint_dir(source)
+    config = load_config(source)
+    if not (ckpt / "tokenizer").is_dir():
+        raise GptnError(f"--init-from {source} has no tokenizer folder; a run continues with its source's tokenizer")
+    _check_tokenizer(ckpt / "tokenizer", corpus, corpus.tokenizer)
+    changed = {k: v for k, v in cfg.overrides.items() if k not in INIT_FROM_OVERRIDES and getattr(config, k) != v}
+    if changed:
+        raise GptnError(f"--init-from {source}: --set {', '.join(sorted(changed))} would change the source "
+                        f"model's shape; only {' and '.join(INIT_FROM_OVERRIDES)} may be set")
+    n_ctx = cfg.overrides.get("n_ctx", config.n_ctx)
+    if n_ctx > config.n_ctx:
+        raise GptnError(f"--init-from {source}: n_ctx={n_ctx} is longer than the source's {config.n_ctx} "
+                        "(it has no position embeddings beyond that)")
+    weights = read_weights(ckpt / "model.safetensors")
+    weights["wpe.weight"] = weights["wpe.weight"][:n_ctx].clone()
+    config = config.replace(**{k: v for k, v in cfg.overrides.items() if k in INIT_FROM_OVERRIDES})
+    return config, weights, load_tokenizer(ckpt / "tokenizer")
 
 
 def _run_tokenizer(corpus: Corpus, config: GPTConfig):
     """The corpus's tokenizer; for a BERT-style encoder, with [CLS], [SEP] and [MASK] added."""
     if config.arch != "bert":
         return corpus.tokenizer
-    from .tokenizer import load_tokenizer
     return load_tokenizer(corpus.folder / "tokenizer").add_special_tokens(BERT_SPECIALS)
 
 
@@ -330,11 +395,51 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _InterruptFlag:
+    """Ctrl-C during training finishes the current step, saves a checkpoint and then interrupts,
+    instead of losing the steps since the last checkpoint."""
+
+    def __init__(self):
+        self.seen = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, _signum, _frame):
+        if self.seen:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.seen = True
+        print("\ngptn pretrain: interrupted; saving a checkpoint after this step (Ctrl-C again to stop now)",
+              file=sys.stderr)
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _say_schedule(run: Path, step: int, saved_steps: int | None, cfg: PretrainConfig, d: Dist) -> None:
+    """A resumed run that was finished, or whose --steps changed, says so: a longer run re-stretches
+    the cosine (the rate from here on is not the one the finished schedule ended with)."""
+    if not d.is_main or saved_steps is None:
+        return
+    if step >= cfg.steps:
+        print(f"gptn pretrain: {run} is finished at step {step} of {saved_steps}; pass a larger --steps to "
+              "train it further (the cosine schedule is then stretched to the new length)", file=sys.stderr)
+    elif cfg.steps != saved_steps:
+        before = lr_at(step, saved_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        after = lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        print(f"gptn pretrain: {run} goes from {saved_steps} to {cfg.steps} steps: the cosine schedule is "
+              f"stretched to the new length, so the rate at step {step} becomes {after:.3g} "
+              f"(it was {before:.3g})", file=sys.stderr)
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run in `cfg.out`; returns a summary (steps, losses, tokens/s, paths)."""
     d, device = setup_distributed(cfg.device)
     try:
-        return _pretrain(cfg, d, device)
+        with run_lock(cfg.out) if d.is_main else nullcontext():
+            return _pretrain(cfg, d, device)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -355,14 +460,22 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         if cfg.optimizer not in (None, saved_opt):
             raise GptnError(f"{run} was trained with --optimizer {saved_opt}; resume it with that one "
                             "(or use another --out)")
-        for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed", "optimizer", "muon_lr"):
-            setattr(cfg, key, saved_cfg.get(key) if getattr(cfg, key) is None or key == "seed" else getattr(cfg, key))
+        for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed", "optimizer", "muon_lr",
+                    "init_from"):
+            setattr(cfg, key, saved_cfg.get(key) if getattr(cfg, key) is None or key in ("seed", "init_from")
+                    else getattr(cfg, key))
         preset = get_preset(saved_cfg["preset"]) if saved_cfg.get("preset") else None
+        tokenizer = load_tokenizer(checkpoint_dir(run) / "tokenizer") if cfg.init_from else None
+    elif cfg.init_from:
+        config, source_weights, tokenizer = initial_weights(cfg, corpus)
+        preset = None
     else:
         config, preset = resolve_model_config(cfg, corpus.tokenizer.vocab_size)
-    tokenizer = _run_tokenizer(corpus, config)
+    if not cfg.init_from:
+        tokenizer = _run_tokenizer(corpus, config)
     if config.vocab_size < tokenizer.vocab_size:
         raise GptnError(f"the model has {config.vocab_size} tokens but its tokenizer has {tokenizer.vocab_size}")
+    corpus.check_ids(tokenizer.vocab_size)
 
     # Batch: tokens per optimizer step -> sequences -> per-rank micro-batches x accumulation.
     n_ctx = config.n_ctx
@@ -395,11 +508,13 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     model = GPT(config)
     step = 0
     train_state = None
+    if cfg.init_from and not resuming:
+        model.load_state_dict(source_weights)
     if resuming:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(checkpoint_dir(run) / "model.safetensors")))
-        train_state = torch.load(checkpoint_dir(run) / "train_state.pt", map_location="cpu", weights_only=False)
+        load_weights(model, read_weights(checkpoint_dir(run) / "model.safetensors"), source=str(checkpoint_dir(run)))
+        train_state = read_train_state(checkpoint_dir(run) / "train_state.pt")
         step = train_state["step"]
+        _say_schedule(run, step, saved_cfg.get("steps"), cfg, d)
     model.to(device)
     wrapped = _wrap(model, cfg.strategy, d, device)
     optimizer = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
@@ -422,6 +537,11 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = MetricsLog(run, step if resuming else None, d.is_main)
     flops_per_token = training_flops_per_token(config, n_ctx)
+    params_share, flops_share = softmax_share(config, n_ctx)
+    if flops_share > 0.5 and d.is_main and step == 0:
+        print(f"gptn pretrain: the tied softmax layer (vocabulary {config.vocab_size:,} x d_model {config.d_model}) "
+              f"holds {params_share:.0%} of the parameters and costs {flops_share:.0%} of the training FLOPs; a "
+              "smaller vocabulary (gptn prepare --tokenizer bpe:N) would train this model faster", file=sys.stderr)
     peak = cfg.peak_flops or peak_flops(device, amp_dtype)
     bytes_per_token = corpus.bytes_per_token(val_split)
 
@@ -437,7 +557,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
                             train_state={"step": step_done, "optimizer": optim_sd, "rng": rng,
                                          "loader": {"seed": cfg.seed, "next_step": step_done},
                                          "scheduler": {"lr": lr, "min_lr": min_lr, "warmup": warmup, "total": cfg.steps}},
-                            meta={"kind": "pretrain", "step": step_done, "corpus": str(cfg.corpus)})
+                            meta={"kind": "pretrain", "step": step_done, "corpus": str(cfg.corpus),
+                                  **({"init_from": str(cfg.init_from)} if cfg.init_from else {})})
         if d.world > 1:
             dist.barrier()
 
@@ -460,6 +581,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     train_time = 0.0
     losses = []
     model.train()
+    interrupted = _InterruptFlag()
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr_now = lr_at(step, cfg.steps, lr, min_lr, warmup)
@@ -504,6 +626,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         train_time += dt
         if not math.isfinite(loss_value):
             bar.close()
+            interrupted.restore()
             raise GptnError(f"loss is {loss_value} at step {step}; stopping (the last good checkpoint in {run} is kept)")
         losses.append(loss_value)
         tok_s = tokens_per_step / dt
@@ -517,19 +640,28 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         bar.set_postfix_str(f"loss {loss_value:.4f}  {tok_s:,.0f} tok/s  MFU {mfu:.1%}" +
                             (f"  val {last_eval['val_loss']:.4f}" if last_eval else ""), refresh=False)
         bar.update(1)
-        stop = cfg.max_seconds is not None and train_time >= cfg.max_seconds
+        stop = cfg.max_seconds is not None and train_time >= cfg.max_seconds or interrupted.seen
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps or stop):
             last_eval = run_eval(step)
             if cfg.stop_at_val_loss is not None and last_eval["val_loss"] <= cfg.stop_at_val_loss:
                 stop = True
         if step % cfg.checkpoint_interval == 0 or step == cfg.steps or stop:
             save(step)
+        if cfg.snapshot_interval and step % cfg.snapshot_interval == 0:
+            weights = _full_state(wrapped, optimizer, cfg.strategy, d)[0]  # a collective under FSDP
+            if d.is_main:
+                save_checkpoint(run / "snapshots" / f"step-{step:06d}", config, weights, tokenizer=tokenizer,
+                                meta={"kind": "pretrain-snapshot", "step": step, "tokens": step * tokens_per_step,
+                                      "train_seconds": train_time})
         if stop:
             break
     bar.close()
+    interrupted.restore()
     if step == summary["start_step"] and not has_checkpoint(run):
         save(step)
     log.close()
+    if interrupted.seen:  # the steps so far are saved; the CLI exits with 130
+        raise KeyboardInterrupt
     summary.update(steps=step, train_seconds=train_time, last_loss=losses[-1] if losses else None,
                    val=last_eval, tokens_per_s=(len(losses) * tokens_per_step / train_time) if train_time else None)
     if d.is_main:

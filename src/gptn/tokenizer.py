@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .config import GptnError
+from .normalize import normalize, parse_steps
 
 EOT = "<|endoftext|>"
 START, DELIM, EXTRACT = "<|start|>", "<|delim|>", "<|extract|>"
@@ -54,10 +55,16 @@ class Tokenizer:
     """Common interface. `special_tokens` maps each special token's text to its id."""
 
     kind = "base"
+    normalize: tuple[str, ...] = ()  # normalisation steps applied before encoding (see normalize.py)
 
     def __init__(self, special_tokens: dict[str, int]):
         self.special_tokens = dict(special_tokens)
         self._specials_changed()
+
+    def with_normalization(self, steps: tuple[str, ...]) -> "Tokenizer":
+        """Apply `steps` to all text this tokenizer encodes from now on (saved with it); returns self."""
+        self.normalize = tuple(steps)
+        return self
 
     def _specials_changed(self) -> None:
         self._id_to_special = {i: s for s, i in self.special_tokens.items()}
@@ -98,16 +105,19 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings are ordinary text unless `allow_special`."""
         if not allow_special or self._special_split is None:
-            return self._encode_ordinary(text)
+            return self._encode_ordinary(normalize(text, self.normalize))
         ids: list[int] = []
         for i, part in enumerate(self._special_split.split(text)):
             if i % 2:
                 ids.append(self.special_tokens[part])
             elif part:
-                ids.extend(self._encode_ordinary(part))
+                ids.extend(self._encode_ordinary(normalize(part, self.normalize)))
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._encode_ordinary_batch([normalize(t, self.normalize) for t in texts])
+
+    def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
         return [self._encode_ordinary(t) for t in texts]
 
     def decode_bytes(self, ids) -> bytes:
@@ -139,20 +149,34 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "special_tokens": self.special_tokens, **self._save_files(folder)}
+        if self.normalize:
+            meta["normalize"] = list(self.normalize)
         (folder / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     def describe(self) -> dict:
         """What identifies this tokenizer (kept in corpus manifests to catch mismatches)."""
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
+        out = {"kind": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
+        if self.normalize:
+            out["normalize"] = list(self.normalize)
+        return out
 
     def fingerprint(self) -> str:
         """A short hash of everything that decides the ids (vocabulary, merges, special tokens)."""
         import hashlib
-        content = json.dumps([self.kind, sorted(self.special_tokens.items()), self._identity()], ensure_ascii=False)
+        parts = [self.kind, sorted(self.special_tokens.items()), self._identity()]
+        content = json.dumps(parts + ([list(self.normalize)] if self.normalize else []), ensure_ascii=False)
         return hashlib.sha256(content.encode()).hexdigest()[:16]
 
     def _identity(self):
         raise NotImplementedError
+
+    def same_vocabulary(self, other: "Tokenizer") -> bool:
+        """True when both give every text the same ids: the same vocabulary, merges, normalisation and
+        shared special tokens (one may have more specials, e.g. GPT-1's, added by fine-tuning)."""
+        shared = set(self.special_tokens) & set(other.special_tokens)
+        return (self.kind == other.kind and self._identity() == other._identity()
+                and self.normalize == other.normalize and EOT in shared
+                and all(self.special_tokens[t] == other.special_tokens[t] for t in shared))
 
 
 class BPETokenizer(Tokenizer):
@@ -218,7 +242,7 @@ class BPETokenizer(Tokenizer):
             return self._tiktoken.encode_ordinary(text)
         return self._hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
         if self._tiktoken is not None:
             return self._tiktoken.encode_ordinary_batch(texts, num_threads=1)
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
@@ -311,6 +335,11 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
         raise GptnError(f"tokenizer folder {folder} does not exist")
     meta_path = folder / META
     meta = _read_json(meta_path) if meta_path.is_file() else None
+    tokenizer = _load_tokenizer(folder, meta)
+    return tokenizer.with_normalization(parse_steps(meta.get("normalize"))) if meta else tokenizer
+
+
+def _load_tokenizer(folder: Path, meta: dict | None) -> Tokenizer:
     if meta is not None and meta.get("kind") == "char":
         return CharTokenizer(meta["chars"], meta["special_tokens"])
     specials = meta["special_tokens"] if meta else None
