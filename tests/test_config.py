@@ -57,6 +57,14 @@ def test_sizes_json_matches_gpt3_table_d1(capsys):
     assert rows["gpt3-175b"]["flops_6nd"] == pytest.approx(3.14e23, rel=0.01)
     assert rows["gpt3-175b"]["pf_days_6nd"] == pytest.approx(3640, rel=0.01)
     assert rows["gpt3-small"]["flops_6nd"] == pytest.approx(2.25e20, rel=0.01)
+    # Table 2.1's own figures beside ours: its rounded batches, and the two shapes it misprints
+    assert [rows[n]["paper_batch"] for n in ("gpt3-small", "gpt3-xl", "gpt3-13b", "gpt3-175b")] == \
+        ["0.5M", "1M", "2M", "3.2M"] and rows["gpt3-small"]["batch_tokens"] == 524288
+    assert rows["gpt3-xl"]["paper_shape"] == {"n_head": 24} and rows["gpt3-xl"]["n_head"] == 16
+    assert rows["gpt3-13b"]["paper_shape"] == {"d_model": 5140} and "5120" in rows["gpt3-13b"]["note"]
+    assert main(["sizes"]) == 0
+    text = capsys.readouterr().out
+    assert "16*" in text and "5120*" in text and "* gpt3-xl: Table 2.1 prints 24 heads" in text
     assert rows["gpt3-small"]["pf_days_6nd"] == pytest.approx(2.60, rel=0.01)
     # The attention term adds most for small models with long contexts.
     small_extra = rows["gpt3-small"]["flops_with_attention"] / rows["gpt3-small"]["flops_6nd"]

@@ -232,8 +232,28 @@ def test_builtin_tasks_read_the_shared_data(shared_data):
     sst = load_task("sst2", shared_data)
     assert len(sst.docs) == 872 and len(sst.pool) == 67349 and sst.docs[0].choices == ["negative", "positive"]
     assert sst.docs[0].query.startswith("it 's a charming") and sst.docs[0].gold == 1
+    piqa = load_task("piqa", shared_data)
+    labels = (shared_data / "piqa" / "valid-labels.lst").read_text().split()
+    assert len(piqa.docs) == 1838 and piqa.chance == 0.5 and [str(d.gold) for d in piqa.docs] == labels
+    assert piqa.docs[0].query == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert piqa.docs[0].choices[0].startswith("Provide the guinea pig with a cage full of a few inches of bedding")
     enfr = load_task("en-fr", shared_data)
     abc = next(d for d in enfr.docs if d.query == "ABC =>")
     assert abc.answers == ["abc", "alphabet"] and enfr.description == "Translate English to French:"
     with pytest.raises(GptnError, match="unknown task"):
         load_task("nosuchtask", shared_data)
+
+
+def test_a_task_file_can_join_a_separate_labels_file(tmp_path, run, capsys):
+    _mc_files(tmp_path)
+    rows = [json.loads(ln) for ln in (tmp_path / "test.jsonl").read_text().splitlines()]
+    (tmp_path / "unlabeled.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n"
+                                                      for r in rows))
+    (tmp_path / "labels.lst").write_text("".join(f"{r['label']}\n" for r in rows))
+    spec = json.loads((tmp_path / "task.json").read_text())
+    (tmp_path / "split.json").write_text(json.dumps({**spec, "data": "unlabeled.jsonl", "labels": "labels.lst"}))
+    joined, whole = load_task_file(tmp_path / "split.json"), load_task_file(tmp_path / "task.json")
+    assert [d.gold for d in joined.docs] == [d.gold for d in whole.docs] and joined.docs[5].query == whole.docs[5].query
+    (tmp_path / "labels.lst").write_text("0\n1\n")
+    assert main(["fewshot", run, "--task", str(tmp_path / "split.json"), "--shots", "0"]) == 2
+    assert "has 2 labels for 24 examples" in capsys.readouterr().err

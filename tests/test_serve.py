@@ -123,6 +123,10 @@ def test_logprobs_and_echo_match_the_model(client, model, tok):
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": [99999]}, 400, "prompt"),
+    ({"prompt": "caf\u00e9 \U0001f600 \u0000"}, 400, None),  # outside the character tokenizer's alphabet
+    (b'{"prompt": "a", "temperature": NaN}', 400, None),
+    ({"prompt": "a", "seed": 2**70}, 400, None),
+    ({"prompt": ["a"] * 1000, "n": 16}, 400, "prompt"),  # 16,000 completions in one request
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param):
     code, err = raw(server[1], body)
@@ -131,12 +135,59 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
     assert raw(server[1], {"prompt": "ok", "max_tokens": 2})[0] == 200
 
 
+def test_a_stream_ends_with_usage_only_when_asked_for(client):
+    texts = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="a b", max_tokens=6,
+                                                                   temperature=0, stream=True)]
+    assert len("".join(texts)) > 0  # the loop clients write: every chunk has a choice
+    chunks = list(client.completions.create(model="tiny", prompt="a b", max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == "".join(texts)
+
+
+def test_a_huge_body_is_refused_before_it_is_parsed(model, tok):
+    import resource
+    app = create_app(model, tok, model_name="tiny", max_body=100_000)
+    srv, port = _start(app)
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        body = json.dumps({"prompt": [1] * 5_000_000}).encode()  # 15 MB of token ids
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a declared length: refused before the body
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:65536])
+            answer = b""
+            while b"--max-body" not in answer and (part := s.recv(4096)):
+                answer += part
+            answer = answer.decode()
+        assert answer.startswith("HTTP/1.1 413") and "--max-body" in answer and time.perf_counter() - t0 < 2
+        # the same without a declared length (chunked transfer)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                for i in range(0, len(body), 65536):
+                    piece = body[i:i + 65536]
+                    s.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered and closed before the whole body was sent
+            assert b"413" in s.recv(64)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: < 100 MB
+        assert raw(port, {"prompt": "ok", "max_tokens": 2}, key=None)[0] == 200
+    finally:
+        srv.should_exit = True
+
+
 def test_api_key_is_required(server):
     code, err = raw(server[1], {"prompt": "a"}, key=None)
     assert code == 401 and err["error"]["type"] == "authentication_error"
     assert raw(server[1], {"prompt": "a"}, key="wrong")[0] == 401
     with urllib.request.urlopen(f"http://127.0.0.1:{server[1]}/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"  # health needs no key
+    for path in ("/docs", "/redoc", "/openapi.json"):  # the API description is behind the key too
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{server[1]}{path}", timeout=10)
+        assert e.value.code == 401
 
 
 def test_client_disconnecting_mid_stream_does_not_hurt_the_server(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from .config import GptnError
@@ -55,17 +56,24 @@ def cmd_sizes(sub):
             print(json.dumps(rows, indent=2))
             return
         head = f"{'preset':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_head':>6} {'ctx':>5} " \
-               f"{'batch':>6} {'lr':>8} {'params':>8} {'paper':>8} {'6ND FLOPs':>10} {'paper':>9} " \
+               f"{'batch':>6} {'paper':>5} {'lr':>8} {'params':>8} {'paper':>8} {'6ND FLOPs':>10} {'paper':>9} " \
                f"{'PF/s-days':>9} {'paper':>7} {'+attn FLOPs':>11}"
         print(head)
         for r in rows:
             paper = lambda v, fmt: (fmt(v) if v else "-")  # noqa: E731
-            print(f"{r['name']:<12} {r['n_layer']:>6} {r['d_model']:>7} {r['n_head']:>5} {r['d_head']:>6} "
-                  f"{r['n_ctx']:>5} {_si(r['batch_tokens'] or 0):>6} {r['learning_rate'] or 0:>8.2e} "
+            mark = lambda key: "*" if key in r["paper_shape"] else ""  # noqa: E731
+            print(f"{r['name']:<12} {r['n_layer']:>6} {str(r['d_model']) + mark('d_model'):>7} "
+                  f"{str(r['n_head']) + mark('n_head'):>5} {r['d_head']:>6} "
+                  f"{r['n_ctx']:>5} {_si(r['batch_tokens'] or 0):>6} {r['paper_batch'] or '-':>5} "
+                  f"{r['learning_rate'] or 0:>8.2e} "
                   f"{_si(r['params']):>8} {paper(r['paper_params'], _si):>8} {r['flops_6nd']:>10.3g} "
                   f"{paper(r['paper_flops'], lambda v: f'{v:.3g}'):>9} {r['pf_days_6nd']:>9.3g} "
                   f"{paper(r['paper_pf_days'], lambda v: f'{v:.3g}'):>7} {r['flops_with_attention']:>11.3g}")
-        print(f"(compute for {args.tokens:.3g} training tokens; 'paper' = GPT-3 Table D.1)")
+        print(f"(compute for {args.tokens:.3g} training tokens; 'paper' = GPT-3 Table 2.1 for the batch, "
+              "Table D.1 for parameters and compute; batch = sequences x 2048 tokens, which Table 2.1 rounds)")
+        for r in rows:
+            if r["paper_shape"]:
+                print(f"* {r['name']}: {r['note']}")
     return run
 
 
@@ -146,14 +154,19 @@ def cmd_prepare(sub):
     sub.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default text)")
     sub.add_argument("--dtype", default="auto", help="token dtype: auto (uint16 when it fits), uint16 or uint32")
     sub.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    sub.add_argument("--normalize", metavar="STEPS",
+                     help="rewrite the text first and save the steps with the tokenizer, so fine-tuning, "
+                          "prediction and generation apply them too: html (<br /> tags out), lower, punct "
+                          "(Penn Treebank punctuation and contractions), or sst = all three (SST-2's text)")
 
     def run(args):
         from .data import prepare
         m = prepare(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                    text_field=args.text_field, dtype=args.dtype, workers=args.workers)
+                    text_field=args.text_field, dtype=args.dtype, workers=args.workers, normalize=args.normalize)
         print(f"prepared {args.out}: {m['documents']['train']:,} + {m['documents']['val']:,} documents, "
               f"{m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens ({m['dtype']}), "
-              f"tokenizer {m['tokenizer']['kind']} with {m['tokenizer']['vocab_size']:,} tokens")
+              f"tokenizer {m['tokenizer']['kind']} with {m['tokenizer']['vocab_size']:,} tokens"
+              + (f", text normalised ({','.join(m['tokenizer']['normalize'])})" if m['tokenizer'].get('normalize') else ""))
     return run
 
 
@@ -179,6 +192,10 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def cmd_pretrain(sub):
     sub.add_argument("corpus", help="a folder written by `gptn prepare`")
     sub.add_argument("--out", required=True, help="run directory (an existing run is resumed)")
+    sub.add_argument("--init-from", metavar="SRC",
+                     help="start a new run from the weights of SRC (a gptn run, a fine-tuned run or a folder "
+                          "`gptn import-hf` wrote) with a fresh optimizer, schedule and loader: continued "
+                          "(domain-adaptive) pretraining; the corpus must use SRC's tokenizer")
     sub.add_argument("--preset", help="model size (default mini; see `gptn sizes`)")
     sub.add_argument("--config", dest="model_config", help="a GPTConfig JSON file instead of a preset")
     sub.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
@@ -211,7 +228,8 @@ def cmd_pretrain(sub):
     def run(args):
         from .pretrain import PretrainConfig, pretrain
         cfg = PretrainConfig(
-            corpus=args.corpus, out=args.out, preset=args.preset, model_config=args.model_config,
+            corpus=args.corpus, out=args.out, init_from=args.init_from, preset=args.preset,
+            model_config=args.model_config,
             overrides={**_parse_overrides(args.overrides), **({"arch": args.arch} if args.arch else {})},
             steps=args.steps, batch_tokens=args.batch_tokens,
             micro_batch=args.micro_batch, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
@@ -221,7 +239,9 @@ def cmd_pretrain(sub):
             strategy=args.strategy, precision=args.precision, compile=args.compile, device=args.device,
             max_seconds=args.max_seconds, progress=not args.no_progress)
         s = pretrain(cfg)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"]:
+            print(f"{s['run']}: nothing to train, already at step {s['steps']}")
+        elif int(os.environ.get("RANK", "0")) == 0:
             val = s["val"]
             print(f"trained {s['run']}: steps {s['start_step']} -> {s['steps']}, {s['params']:,} parameters, "
                   f"last loss {s['last_loss']:.4f}" + (f", validation loss {val['val_loss']:.4f} "
@@ -264,22 +284,35 @@ def cmd_next(sub):
     sub.add_argument("run", help="run directory")
     sub.add_argument("prompt", help="the text so far, e.g. \"After running I am\"")
     sub.add_argument("--top", type=int, default=5, help="how many tokens to show (default 5)")
-    sub.add_argument("--json", action="store_true", help="print [{token, id, prob}, ...]")
+    sub.add_argument("--words", help="comma-separated continuations to score as well, e.g. tired,hot,thirsty "
+                     "(a word of several tokens: the product of its tokens' probabilities)")
+    sub.add_argument("--json", action="store_true", help="print [{token, id, prob}, ...] (with --words: "
+                     "{\"top\": [...], \"words\": [{word, tokens, prob}, ...]})")
     sub.add_argument("--device", default="cpu")
 
     def run(args):
-        from .generate import next_token_probs
+        from .generate import next_token_probs, word_probs
         if args.top < 1:
             raise GptnError(f"--top must be >= 1, got {args.top}")
+        words = [w.strip() for w in (args.words or "").split(",") if w.strip()]
+        if args.words is not None and not words:
+            raise GptnError("--words: expected comma-separated words, e.g. --words tired,hot")
         model, tok = _load_run(args.run, args.device)
         rows = next_token_probs(model, tok, args.prompt, args.top)
+        named = word_probs(model, tok, args.prompt, words) if words else []
         if args.json:
-            print(json.dumps(rows, ensure_ascii=False))
+            print(json.dumps({"top": rows, "words": named} if words else rows, ensure_ascii=False))
             return
         print(f"after {args.prompt!r}:")
         for r in rows:
             bar = "█" * max(1, round(r["prob"] * 40))
             print(f"  {r['token']!r:<16} {r['prob']:7.2%}  {bar}")
+        if named:
+            print("named continuations (several tokens: the product of their probabilities):")
+            for r in named:
+                bar = "█" * max(1, round(r["prob"] * 40)) if r["prob"] >= 1 / 80 else ""
+                print(f"  {r['word']!r:<16} {r['prob']:7.2%}  {bar}"
+                      + (f"  ({r['tokens']} tokens)" if r["tokens"] > 1 else ""))
     return run
 
 
@@ -294,10 +327,16 @@ def _sampling_args(sub):
     sub.add_argument("--seed", type=int, help="seed for reproducible sampling")
 
 
+def _unescape(text: str) -> str:
+    """The escapes a shell user types for a stop string (`--stop "\\n"`): \\n, \\t, \\r and \\\\."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
 def _sampling_from(args):
     from .generate import SamplingConfig
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          stop=[_unescape(s) for s in args.stop],
                           greedy=args.greedy, seed=args.seed)
 
 
@@ -313,15 +352,26 @@ def cmd_generate(sub):
 
     def run(args):
         from .generate import generate
+        from .model import require_decoder
         sampling = _sampling_from(args)
         model, tok = _load_run(args.run, args.device)
+        require_decoder(model, "generate text")  # before any output is streamed
         prompts = args.prompt or [""]
         rows = len(prompts) * args.num_samples
-        stream = None
+        stream = warn = None
         if rows == 1 and not args.no_stream:
             print(prompts[0], end="", flush=True)
-            stream = lambda _row, text: print(text, end="", flush=True)  # noqa: E731
-        results = generate(model, tok, prompts, sampling, args.num_samples, stream=stream)
+            mid_line = [bool(prompts[0]) and not prompts[0].endswith("\n")]
+
+            def stream(_row, text):
+                print(text, end="", flush=True)
+                if text:
+                    mid_line[0] = not text.endswith("\n")
+
+            def warn(message):  # a notice starts on a line of its own, not inside the streamed text
+                print(("\n" if mid_line[0] else "") + f"gptn: {message}", file=sys.stderr, flush=True)
+                mid_line[0] = False
+        results = generate(model, tok, prompts, sampling, args.num_samples, stream=stream, warn=warn)
         if stream is not None:
             print()
             return
@@ -405,6 +455,13 @@ def cmd_finetune(sub):
     sub.add_argument("--lr", type=float, default=d.lr)
     sub.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
     sub.add_argument("--lm-weight", type=float, default=d.lm_weight, help="λ of the auxiliary LM loss (0 disables)")
+    sub.add_argument("--pooling", choices=["extract", "mean"], default=d.pooling,
+                     help="what the linear head reads: h_n at the extract token (GPT-1, default) or h_n "
+                          "averaged over the input")
+    sub.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
+                     help="adamw (GPT-1's) or muon: Muon for the blocks' matrices (at --muon-lr), AdamW for "
+                          "embeddings, LayerNorm and the head")
+    sub.add_argument("--muon-lr", type=float, help=f"Muon's peak rate (default {MUON_LR / 10:g})")
     sub.add_argument("--dropout", type=float, default=d.dropout)
     sub.add_argument("--head-dropout", type=float, default=d.head_dropout)
     sub.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -421,7 +478,8 @@ def cmd_finetune(sub):
         cfg = FinetuneConfig(run=args.run, out=args.out, train=args.train, val=args.val, task=args.task,
                              columns=_columns_from(args), regression=args.regression, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup_fraction,
-                             lm_weight=args.lm_weight, dropout=args.dropout, head_dropout=args.head_dropout,
+                             lm_weight=args.lm_weight, pooling=args.pooling, optimizer=args.optimizer,
+                             muon_lr=args.muon_lr, dropout=args.dropout, head_dropout=args.head_dropout,
                              weight_decay=args.weight_decay, max_train_examples=args.max_train_examples,
                              evals_per_epoch=args.evals_per_epoch, from_scratch=args.from_scratch,
                              seed=args.seed, device=args.device, progress=not args.no_progress)
@@ -553,9 +611,13 @@ def cmd_serve(sub):
     sub.add_argument("run", help="run directory")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sub.add_argument("--port", type=int, default=8000)
-    sub.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/ requests")
+    sub.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but /health "
+                     "(the API docs included)")
     sub.add_argument("--model-name", help="the model id clients ask for (default: the run folder's name)")
-    sub.add_argument("--max-batch", type=int, default=32, help="most rows decoded together (default 32)")
+    sub.add_argument("--max-batch", type=int, default=32,
+                     help="most rows decoded together, and most completions (prompts x n) in one request (default 32)")
+    sub.add_argument("--max-body", type=int, help="largest request body in bytes, refused with 413 before "
+                     "parsing (default 1 KiB per context token, at least 1 MiB)")
     sub.add_argument("--device", default="cpu")
 
     def run(args):
@@ -564,7 +626,10 @@ def cmd_serve(sub):
             raise GptnError(f"--port must be in 1..65535, got {args.port}")
         if args.max_batch < 1:
             raise GptnError(f"--max-batch must be >= 1, got {args.max_batch}")
-        serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device)
+        if args.max_body is not None and args.max_body < 1:
+            raise GptnError(f"--max-body must be >= 1, got {args.max_body}")
+        serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device,
+              args.max_body)
     return run
 
 

@@ -40,6 +40,13 @@ def training_flops_per_token(config: GPTConfig, n_ctx: int | None = None) -> int
     return 6 * parameter_count(config) + attention_flops_per_token(config, n_ctx)
 
 
+def softmax_share(config: GPTConfig, n_ctx: int | None = None) -> tuple[float, float]:
+    """(share of the parameters in W_e, share of the training FLOPs in the tied softmax layer, the
+    6·V·d_model product per token): most of both for a small model with a large vocabulary."""
+    w_e = config.vocab_size * config.d_model
+    return w_e / parameter_count(config), 6 * w_e / training_flops_per_token(config, n_ctx)
+
+
 def training_flops(config: GPTConfig, tokens: float) -> dict:
     """Training compute for `tokens` tokens: the paper's 6 N D and the same with attention added."""
     n = parameter_count(config)
@@ -119,7 +126,8 @@ def preset_table(tokens: float = GPT3_TOKENS) -> list[dict]:
                "batch_tokens": preset.batch_tokens, "learning_rate": preset.learning_rate}
         row.update(training_flops(c, tokens))
         row.update(paper_params=preset.paper_params, paper_flops=preset.paper_flops,
-                   paper_pf_days=preset.paper_pf_days)
+                   paper_pf_days=preset.paper_pf_days, paper_batch=preset.paper_batch,
+                   paper_shape=preset.paper_shape, note=preset.note or None)
         rows.append(row)
     return rows
 

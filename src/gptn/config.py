@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 class GptnError(Exception):
     """A user mistake: the CLI prints its message on one line and exits with code 2."""
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool, not NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -48,8 +54,12 @@ class GPTConfig:
             raise GptnError(
                 f"config: d_model={self.d_model} is not divisible by n_head={self.n_head}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise GptnError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise GptnError(f"config: dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise GptnError(f"config: bias must be true or false, got {self.bias!r}")
+        if not is_number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+            raise GptnError(f"config: layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         if self.norm not in ("pre", "post"):
             raise GptnError(f"config: norm must be 'pre' (GPT-2/3) or 'post' (GPT-1), got {self.norm!r}")
         if self.attention not in ("dense", "sparse"):
@@ -89,8 +99,10 @@ class GPTConfig:
     def load(cls, path: str | Path) -> "GPTConfig":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise GptnError(f"config: cannot read {path}: {e}") from None
+        except TypeError:  # a JSON value that is not an object
+            raise GptnError(f"config: {path} does not hold a JSON object of GPTConfig fields") from None
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,8 @@ class Preset:
     paper_flops: float | None = None  # GPT-3 Table D.1 total train compute, FLOPs (300B tokens)
     paper_pf_days: float | None = None
     note: str = field(default="", compare=False)
+    paper_batch: str | None = None  # GPT-3 Table 2.1's batch column as printed ("0.5M")
+    paper_shape: dict = field(default_factory=dict, compare=False)  # Table 2.1 figures we corrected (see note)
 
 
 GPT3_TOKENS = 300e9  # every GPT-3 model was trained on 300B tokens (paper §2.2)
@@ -111,10 +125,14 @@ GPT3_TOKENS = 300e9  # every GPT-3 model was trained on 300B tokens (paper §2.2
 _SEQ = 2048
 
 
-def _gpt3(n_layer, d_model, n_head, batch_seqs, lr, params, flops, pf_days, note=""):
+_PAPER_BATCH = {256: "0.5M", 512: "1M", 1024: "2M", 1536: "3.2M"}  # Table 2.1 rounds 256 x 2048 = 524,288 to 0.5M
+
+
+def _gpt3(n_layer, d_model, n_head, batch_seqs, lr, params, flops, pf_days, note="", paper_shape=None):
     cfg = GPTConfig(vocab_size=50257, n_ctx=2048, n_layer=n_layer, n_head=n_head, d_model=d_model,
                     dropout=0.0, norm="pre")
-    return Preset(cfg, batch_seqs * _SEQ, lr, params, flops, pf_days, note)
+    return Preset(cfg, batch_seqs * _SEQ, lr, params, flops, pf_days, note, _PAPER_BATCH[batch_seqs],
+                  paper_shape or {})
 
 
 PRESETS: dict[str, Preset] = {
@@ -143,13 +161,14 @@ PRESETS: dict[str, Preset] = {
         24, 2048, 16, 512, 2.0e-4, 1320e6, 2.38e21, 27.5,
         note="Table 2.1 prints 24 heads of d_head 128 for d_model 2048 (24 x 128 = 3072). d_model "
              "2048 is what the 1.3B parameter count needs, and d_head 128 is shared by every larger "
-             "model, so we keep both and use 2048 / 128 = 16 heads."),
+             "model, so we keep both and use 2048 / 128 = 16 heads.", paper_shape={"n_head": 24}),
     "gpt3-2.7b": _gpt3(32, 2560, 32, 512, 1.6e-4, 2650e6, 4.77e21, 55.2),
     "gpt3-6.7b": _gpt3(32, 4096, 32, 1024, 1.2e-4, 6660e6, 1.20e22, 139),
     "gpt3-13b": _gpt3(
         40, 5120, 40, 1024, 1.0e-4, 12850e6, 2.31e22, 268,
         note="Table 2.1 prints d_model 5140 with 40 heads of 128; 5140 is not divisible by 40 and "
-             "40 x 128 = 5120, which also gives the 12.85B parameters of Table D.1, so d_model=5120."),
+             "40 x 128 = 5120, which also gives the 12.85B parameters of Table D.1, so d_model=5120.",
+        paper_shape={"d_model": 5140}),
     "gpt3-175b": _gpt3(96, 12288, 96, 1536, 0.6e-4, 174600e6, 3.14e23, 3640),
 }
 

@@ -130,8 +130,19 @@ def docs_from_records(records: list[dict], spec: dict, where: str) -> list[Doc]:
     return docs
 
 
-TASK_FIELDS = {"name", "type", "data", "pool", "template", "choices", "label", "answer", "description",
+TASK_FIELDS = {"name", "type", "data", "labels", "pool", "template", "choices", "label", "answer", "description",
                "separator", "target_delimiter", "stop", "normalization", "max_gen_tokens", "chance"}
+
+
+def join_labels(records: list[dict], labels_file: Path, field: str) -> list[dict]:
+    """Records with a label each from a separate file, one per line in the same order (PIQA's layout)."""
+    try:
+        lines = [ln.strip() for ln in labels_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptnError(f"cannot read the labels file {labels_file}: {e}") from None
+    if len(lines) != len(records):
+        raise GptnError(f"{labels_file} has {len(lines)} labels for {len(records)} examples; they must pair up line by line")
+    return [{**r, field: y} for r, y in zip(records, lines)]
 
 
 def load_task_file(path: str | Path) -> Task:
@@ -174,12 +185,18 @@ def load_task_file(path: str | Path) -> Task:
         raise GptnError(f"{path}: the template {spec['template']!r} has no {{field}} placeholder for the query")
     base = path.parent
 
-    def docs(key):
+    def resolve(key):
         f = Path(spec[key])
         f = f if f.is_absolute() else base / f
         if not f.is_file():
             raise GptnError(f"{path}: {key} file {f} does not exist")
-        return docs_from_records(read_records(f), spec, str(f))
+        return f
+
+    def docs(key):
+        records = read_records(resolve(key))
+        if key == "data" and "labels" in spec:
+            records = join_labels(records, resolve("labels"), spec.get("label", "label"))
+        return docs_from_records(records, spec, str(resolve(key)))
 
     stop = spec.get("stop", ["\n"])
     return Task(name=spec.get("name", path.stem), kind=kind, docs=docs("data"),
@@ -221,6 +238,16 @@ def _hellaswag(d: Path) -> Task:
     return Task("hellaswag", "multiple_choice", docs, normalization="per_char", chance=0.25)
 
 
+def _piqa(d: Path) -> Task:
+    """PIQA (Bisk et al. 2020): which of two solutions reaches a physical goal — the commonsense GPT-3
+    is weakest at. lm-evaluation-harness's prompt; labels come from the separate labels file."""
+    records = join_labels(read_records(d / "piqa" / "valid.jsonl"), d / "piqa" / "valid-labels.lst", "label")
+    spec = {"type": "multiple_choice", "template": "Question: {goal}\nAnswer:", "choices": "solutions", "label": "label"}
+    records = [{**r, "solutions": [r["sol1"], r["sol2"]]} for r in records]
+    return Task("piqa", "multiple_choice", docs_from_records(records, spec, "PIQA valid"), normalization="per_char",
+                chance=0.5)
+
+
 def _sst2(d: Path) -> Task:
     spec = {"type": "multiple_choice", "template": "{sentence}\nQuestion: Is this sentence positive or negative?\n"
             "Answer:", "choices": ["negative", "positive"], "label": "label"}
@@ -238,11 +265,11 @@ def _en_fr(d: Path) -> Task:
                 chance=0.0)
 
 
-BUILTIN_TASKS = {"lambada": _lambada, "hellaswag": _hellaswag, "sst2": _sst2, "en-fr": _en_fr}
+BUILTIN_TASKS = {"lambada": _lambada, "hellaswag": _hellaswag, "piqa": _piqa, "sst2": _sst2, "en-fr": _en_fr}
 
 
 def load_task(name_or_file: str, data_dir: str | Path | None = None) -> Task:
-    """A built-in task by name (lambada, hellaswag, sst2, en-fr) or a task file."""
+    """A built-in task by name (lambada, hellaswag, piqa, sst2, en-fr) or a task file."""
     if name_or_file in BUILTIN_TASKS:
         return BUILTIN_TASKS[name_or_file](find_data_dir(data_dir))
     if Path(name_or_file).suffix in (".json", ".yaml", ".yml") or Path(name_or_file).exists():

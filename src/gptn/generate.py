@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import GptnError
+from .config import GptnError, is_number
 from .model import GPT, KVCache, require_decoder
 
 
@@ -37,18 +37,24 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise GptnError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GptnError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GptnError(f"top_k must be >= 1, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise GptnError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 0:
-            raise GptnError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not is_number(self.temperature) or self.temperature < 0:
+            raise GptnError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise GptnError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and not (_is_whole(self.top_k) and self.top_k >= 1):
+            raise GptnError(f"top_k must be a whole number >= 1, got {self.top_k!r}")
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise GptnError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        if not _is_whole(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise GptnError(f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens!r}")
+        if self.seed is not None and not (_is_whole(self.seed) and 0 <= self.seed < 2**63):
+            raise GptnError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
         if self.temperature == 0:
             self.greedy = True
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _device_of(model: GPT) -> torch.device:
@@ -70,6 +76,23 @@ def next_token_probs(model: GPT, tokenizer, prompt: str, top: int = 5) -> list[d
     probs = F.softmax(model(x, last_only=True)[0, -1].float(), dim=-1)
     p, i = probs.topk(min(top, probs.numel()))
     return [{"token": tokenizer.decode([t]), "id": t, "prob": q} for t, q in zip(i.tolist(), p.tolist())]
+
+
+@torch.no_grad()
+def word_probs(model: GPT, tokenizer, prompt: str, words: list[str]) -> list[dict]:
+    """P(word | prompt) for named continuations ("tired", "hot", ...): a word of several tokens gets
+    the product of its tokens' probabilities, each given the prompt and the tokens before it. A
+    word follows the prompt after one space, unless the prompt already ends with whitespace."""
+    from .fewshot import loglikelihood_tokens
+    context = encode_prompt(tokenizer, prompt)
+    sep = "" if not prompt or prompt[-1].isspace() else " "
+    conts = [tokenizer.encode(sep + w) for w in words]
+    for w, c in zip(words, conts):
+        if not c:
+            raise GptnError(f"--words: {w!r} has no tokens")
+    scored = loglikelihood_tokens(model, [(context, c) for c in conts])
+    return [{"word": w, "tokens": n, "prob": math.exp(lp), "greedy": greedy}
+            for w, (lp, greedy, n) in zip(words, scored)]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -233,18 +256,20 @@ class _StopWatcher:
 
 
 def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig | None = None,
-             num_samples: int = 1, stream: Callable[[int, str], None] | None = None) -> list[list[str]]:
+             num_samples: int = 1, stream: Callable[[int, str], None] | None = None,
+             warn: Callable[[str], None] | None = None) -> list[list[str]]:
     """Continuations of each prompt: `num_samples` texts per prompt, all decoded in one batch.
 
     `stream(row, text)` receives text as it is produced (row = prompt_index * num_samples + sample).
     Generation of a row stops at end-of-text or at the first stop string (which is not included).
+    `warn(message)` receives notices (the prompt or output outgrew the context); default: stderr.
     """
     sampling = sampling or SamplingConfig()
     if num_samples < 1:
         raise GptnError(f"num_samples must be >= 1, got {num_samples}")
     ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
     watcher = _StopWatcher(tokenizer, len(ids), sampling.stop, stream)
-    generate_ids(model, ids, sampling, pad_id=tokenizer.eot_id, on_token=watcher)
+    generate_ids(model, ids, sampling, pad_id=tokenizer.eot_id, on_token=watcher, warn=warn)
     texts = watcher.finish()
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 

@@ -16,6 +16,7 @@ context, 422 wrong types.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import queue
@@ -53,6 +54,7 @@ class CompletionRequest(BaseModel):
     top_p: float = 1.0
     n: int = 1
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with usage and no choices
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: int | None = None
@@ -208,19 +210,82 @@ class _Call:
 # The HTTP application
 
 
+def default_max_body(n_ctx: int) -> int:
+    """Bytes a request body may have: 1 KiB per context token, at least 1 MiB — room for a batch of
+    prompts as text or token ids, not for a body that would take the server's memory to parse."""
+    return max(2**20, 1024 * n_ctx)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes is answered 413 before it is parsed, whether the
+    client declared its length (Content-Length) or streams it in chunks."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send)
+        seen, refused = 0, False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message):
+            # The app may answer a body cut short in its own way (FastAPI: 400); the answer is 413.
+            nonlocal refused
+            if seen > self.limit:
+                if not refused:
+                    refused = True
+                    await self._refuse(send)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not refused:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(error_body(f"the request body is larger than this server's limit of {self.limit:,} "
+                                     "bytes (--max-body)", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
 def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = 32,
-               max_tokens_limit: int | None = None) -> FastAPI:
+               max_tokens_limit: int | None = None, max_body: int | None = None) -> FastAPI:
     """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does)."""
     require_decoder(model, "serve completions")
     n_ctx = model.config.n_ctx
     max_tokens_limit = max_tokens_limit or n_ctx
     engine = Engine(model, tokenizer, max_batch)
     app = FastAPI(title="gptn", description="OpenAI-compatible completions for a gptn model")
+    app.add_middleware(BodyLimit, limit=max_body or default_max_body(n_ctx))
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
         return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(GptnError)
+    async def user_error(_request, e: GptnError):  # e.g. a character outside a character tokenizer's alphabet
+        return JSONResponse(error_body(str(e)), status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, e: RequestValidationError):
@@ -239,8 +304,9 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith(("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        # Everything but /health (a liveness probe) needs the key, the API docs included.
+        if api_key and request.url.path != "/health":
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
                                                "authentication_error", code="invalid_api_key"), status_code=401)
         return await call_next(request)
@@ -301,6 +367,11 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
             raise ApiError(400, f"max_tokens must be in 0..{max_tokens_limit}, got {max_tokens}", "max_tokens")
         if not 1 <= req.n <= MAX_N:
             raise ApiError(400, f"n must be in 1..{MAX_N}, got {req.n}", "n")
+        n_prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and \
+            not isinstance(req.prompt[0], int) else 1
+        if n_prompts * req.n > max_batch:  # one request must not hold the engine for everyone else
+            raise ApiError(400, f"{n_prompts} prompts x n={req.n} = {n_prompts * req.n} completions; this server "
+                           f"runs at most {max_batch} in one request (--max-batch)", "prompt")
         if req.temperature < 0 or req.temperature > 2:
             raise ApiError(400, f"temperature must be in [0, 2], got {req.temperature}", "temperature")
         if not 0 < req.top_p <= 1:
@@ -424,9 +495,10 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
                     rest = "".join(deltas[r])
                     if rest or finish[r] is None:
                         yield f"data: {json.dumps(chunk(r, rest, finish[r] or 'stop'))}\n\n"
-                final = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                         "choices": [], "usage": usage()}
-                yield f"data: {json.dumps(final)}\n\n"
+                if (req.stream_options or {}).get("include_usage"):  # as OpenAI: only when asked for
+                    final = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                             "choices": [], "usage": usage()}
+                    yield f"data: {json.dumps(final)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled = True  # a client that went away stops its rows at the next token
@@ -437,7 +509,7 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_batch: int = 32, device: str = "cpu") -> None:
+          model_name: str | None = None, max_batch: int = 32, device: str = "cpu", max_body: int | None = None) -> None:
     """Load a run and serve it until interrupted."""
     import uvicorn
 
@@ -448,7 +520,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         raise GptnError(f"{run} has no tokenizer saved beside the model")
     model.prepack_for_cpu_inference()
     name = model_name or Path(run).resolve().name
-    app = create_app(model, tokenizer, name, api_key, max_batch)
+    app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body)
     print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
           f"{'API key required' if api_key else 'no API key'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
