@@ -213,3 +213,16 @@ def test_generate_refuses_an_encoder_before_any_output(tmp_path, tok):
     out = subprocess.run([sys.executable, "-m", "gptn", "generate", str(tmp_path / "bert"), "--prompt", "hello"],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == "" and "BERT-style encoder" in out.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nothing can be created")
+def test_an_output_the_filesystem_refuses_is_one_line(corpus, run, tmp_path, capsys):
+    # Root ignores file modes, so "cannot create here" is /proc (on Linux), and a file where a folder goes.
+    (tmp_path / "a-file").write_text("x")
+    for argv in (["pretrain", str(corpus), "--out", "/proc/gptn-run", "--preset", "tiny", "--no-progress"],
+                 ["pretrain", str(corpus), "--out", str(tmp_path / "a-file"), "--preset", "tiny", "--no-progress"],
+                 ["prepare", str(tmp_path / "a-file"), "--tokenizer", "char", "--out", "/proc/gptn-corpus"],
+                 ["export-hf", str(run), str(tmp_path / "a-file")],
+                 ["export-hf", str(run), "/proc/gptn-hf"]):
+        err = _one_line_error(capsys, main(argv))
+        assert "/proc" in err or "a-file" in err, err  # the message names the path

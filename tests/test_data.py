@@ -137,6 +137,19 @@ def test_invalid_utf8_in_folder_is_skipped_with_offset(tmp_path, capsys):
     assert m["documents"]["train"] + m["documents"]["val"] == 30
 
 
+def test_files_without_text_in_a_folder_are_skipped_with_one_warning_each(tmp_path, capsys):
+    src = _corpus_files(tmp_path / "src")
+    (src / "image.bin").write_bytes(b"\x89PNG\x00\x00")
+    (src / "labels.jsonl").write_text('{"label": 1}\n{"label": 0}\n')  # no "text" field: not a corpus file
+    m = prepare([str(src)], "char", tmp_path / "c", progress=False)  # two passes: the tokenizer, then shards
+    err = capsys.readouterr().err
+    assert err.count("skipping binary file") == 1 and err.count("labels.jsonl:1: no field 'text'") == 1
+    assert m["documents"]["train"] + m["documents"]["val"] == 30
+    # Named explicitly, the same file is a mistake, not something to skip.
+    assert main(["prepare", str(src / "labels.jsonl"), "--tokenizer", "char", "--out", str(tmp_path / "o")]) == 2
+    assert "no field 'text'" in capsys.readouterr().err
+
+
 def test_vocabulary_too_large_for_uint16(tmp_path, shared_data):
     src = _corpus_files(tmp_path / "src")
     corpus_chars = set("".join(p.read_text() for p in src.iterdir()))

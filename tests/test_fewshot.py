@@ -89,6 +89,28 @@ def test_shared_context_scoring_equals_one_sequence_at_a_time(model):
         assert greedy == bool((lp.argmax(-1) == target).all()) and n == len(cont)
 
 
+def test_an_over_long_item_is_cut_like_lm_eval_and_counted_not_fatal(tmp_path, run, model, capsys):
+    # A continuation longer than the window keeps its last n_ctx tokens, scored after the one before them.
+    n = model.config.n_ctx
+    cont = [(7 * i) % model.config.vocab_size for i in range(n + 20)]
+    (ll, _, scored), = loglikelihood_tokens(model, [([1, 2, 3], cont)])
+    with torch.no_grad():
+        lp = F.log_softmax(model(torch.tensor(cont[-(n + 1):-1])[None])[0], -1)
+    assert scored == n and ll == pytest.approx(lp.gather(1, torch.tensor(cont[-n:])[:, None]).sum().item(), abs=1e-4)
+    # In a task: one item whose answer alone overflows the window; the run goes on and says so.
+    docs = [{"q": f"is it a {w}", "choices": ["yes", "no"], "label": 0} for w in ("cat", "dog", "cow")]
+    docs.append({"q": "what is it", "choices": ["a " * 60, "no"], "label": 1})
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (tmp_path / "pool.jsonl").write_text("\n".join(json.dumps(d) for d in docs[:3]))
+    (tmp_path / "t.json").write_text(json.dumps({"type": "multiple_choice", "data": "docs.jsonl", "pool": "pool.jsonl",
+                                                 "template": "{q}?", "choices": "choices", "label": "label"}))
+    assert main(["fewshot", run, "--task", str(tmp_path / "t.json"), "--shots", "0,2", "--json"]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert [r["truncated"] for r in rows] == [1, 1] and rows[0]["examples"] == 4
+    assert rows[1]["demos_used"] < 2 and "demonstrations fit the context window of 64 tokens" in out.err
+
+
 def test_encode_pair_moves_trailing_spaces_to_the_continuation(tok):
     ctx, cont = encode_pair(tok, "question: ", "answer")
     assert tok.decode(ctx) == "question:" and tok.decode(cont) == " answer"
@@ -121,6 +143,32 @@ def test_multiple_choice_accuracy_equals_lm_evaluation_harness(tmp_path, model, 
     from lm_eval.tasks import TaskManager
 
     from gptn.integrations.lm_eval import GptnLM
+    _lm_eval_task(tmp_path)
+    ours_task = load_task_file(tmp_path / "task.json")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    for k in (0, 1):
+        res = lm_eval.simple_evaluate(model=GptnLM(model=model, tokenizer=tok), tasks=["gptn_local_mc"],
+                                      num_fewshot=k, task_manager=manager, bootstrap_iters=0)["results"]["gptn_local_mc"]
+        ours = evaluate_fewshot(model, tok, ours_task, k)
+        assert ours.metrics["accuracy_sum"] == pytest.approx(res["acc,none"])
+        assert ours.metrics["accuracy_per_char"] == pytest.approx(res["acc_norm,none"])
+
+
+def test_gptn_lm_eval_runs_the_harness_command_line(tmp_path, run, model, tok, capsys):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the dev extra")
+    _lm_eval_task(tmp_path)
+    out = tmp_path / "results"
+    assert main(["lm-eval", run, "--tasks", "gptn_local_mc", "--include_path", str(tmp_path / "tasks"),
+                 "--num_fewshot", "1", "--output_path", str(out), "--batch_size", "4", "--model_args", "max_gen_toks=32"]) == 0
+    (written,) = out.rglob("results_*.json")
+    res = json.loads(written.read_text())["results"]["gptn_local_mc"]
+    ours = evaluate_fewshot(model, tok, load_task_file(tmp_path / "task.json"), 1)
+    assert res["acc,none"] == pytest.approx(ours.metrics["accuracy_sum"])
+    assert "gptn_local_mc" in capsys.readouterr().out  # the harness's own results table
+    assert main(["lm-eval", run, "--model", "hf", "--tasks", "x"]) == 2
+
+
+def _lm_eval_task(tmp_path):
     _mc_files(tmp_path)
     (tmp_path / "tasks").mkdir()
     # Absolute data_files: lm-eval resolves relative ones against the current directory.
@@ -145,14 +193,6 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    ours_task = load_task_file(tmp_path / "task.json")
-    manager = TaskManager(include_path=str(tmp_path / "tasks"))
-    for k in (0, 1):
-        res = lm_eval.simple_evaluate(model=GptnLM(model=model, tokenizer=tok), tasks=["gptn_local_mc"],
-                                      num_fewshot=k, task_manager=manager, bootstrap_iters=0)["results"]["gptn_local_mc"]
-        ours = evaluate_fewshot(model, tok, ours_task, k)
-        assert ours.metrics["accuracy_sum"] == pytest.approx(res["acc,none"])
-        assert ours.metrics["accuracy_per_char"] == pytest.approx(res["acc_norm,none"])
 
 
 def test_lm_eval_rolling_and_generation_follow_the_harness_contract(model, tok):

@@ -101,3 +101,37 @@ def test_import_pytorch_model_bin(tmp_path):
     idx = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+TEXT = "Hello, world!\n  The cat's hat -- 3.14 ümlaut 日本\n\nend. "
+
+
+def _tokenizer(kind):
+    from conftest import require_shared
+
+    from gptn.tokenizer import CharTokenizer, load_tokenizer, train_bpe
+    if kind == "char":
+        return CharTokenizer.from_text(TEXT + "xyz")
+    if kind == "bpe":
+        return train_bpe([TEXT * 3, "some more text here"], 300)
+    return load_tokenizer(require_shared() / "gpt2-bpe")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+def test_exported_tokenizer_gives_gptns_ids_and_specials(kind, tmp_path):
+    from conftest import tiny_gpt
+
+    from gptn.checkpoint import save_checkpoint
+    from gptn.tokenizer import load_tokenizer
+    tok = _tokenizer(kind).add_special_tokens()  # GPT-1's start / delimiter / extract too
+    model = tiny_gpt(tok.vocab_size, n_ctx=40)
+    save_checkpoint(tmp_path / "run", model.config, model.state_dict(), tokenizer=tok)
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf.encode(TEXT)
+    assert ids == tok.encode(TEXT) and hf.decode(ids) == TEXT
+    framed = "He<|start|>cat<|delim|>hat<|extract|>"
+    assert hf.encode(framed) == tok.encode(framed, allow_special=True)  # one id each, not split into bytes
+    assert {"<|start|>", "<|delim|>", "<|extract|>", "<|endoftext|>"} <= set(hf.all_special_tokens)
+    assert hf.model_max_length == 40 and hf.eos_token == "<|endoftext|>"
+    assert load_tokenizer(tmp_path / "hf").encode(TEXT) == tok.encode(TEXT)  # and back: import-hf reads it

@@ -119,6 +119,8 @@ def test_logprobs_and_echo_match_the_model(client, model, tok):
     (b"{not json", 400, None),
     ({"prompt": "a", "max_tokens": "many"}, 422, "max_tokens"),
     ({"prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": True}, 422, "max_tokens"),  # not 1
+    ({"prompt": "a", "stream": "yes"}, 422, "stream"),
     ({"prompt": "a" * 60}, 413, "prompt"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
@@ -143,6 +145,46 @@ def test_a_stream_ends_with_usage_only_when_asked_for(client):
                                             stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert "".join(c.choices[0].text for c in chunks[:-1]) == "".join(texts)
+
+
+def test_sampling_parameters_clients_send_are_honoured(client, model, tok):
+    def text(**kw):
+        return client.completions.create(model="tiny", prompt="the cat", max_tokens=12, **kw).choices[0].text
+
+    # logit_bias +100 on one token makes it the only one greedy decoding can pick (the openai client
+    # sends it as JSON, keys as strings).
+    z = tok.encode("z")[0]
+    assert text(temperature=0, logit_bias={str(z): 100}) == "z" * 12
+    # frequency_penalty 2: each use of a token costs it 2 logits, so greedy output stops repeating
+    # what it repeats without the penalty (the plain greedy answer repeats a character).
+    plain, penalised = text(temperature=0), text(temperature=0, frequency_penalty=2.0)
+    assert max(map(plain.count, set(plain))) > max(map(penalised.count, set(penalised)))
+    want = generate(model, tok, ["the cat"], SamplingConfig(max_new_tokens=12, greedy=True, presence_penalty=1.5))[0][0]
+    assert text(temperature=0, presence_penalty=1.5) == want
+    # top_k=1 sampling (vLLM's extra field) is greedy whatever the temperature and seed.
+    assert text(temperature=1.5, seed=3, extra_body={"top_k": 1}) == plain
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "max_tokens": 2, "top_n": 3}, "top_n"),  # a parameter the server does not know
+    ({"prompt": "a", "suffix": "b"}, "suffix"),
+    ({"prompt": "a", "logit_bias": {"99999": 5}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"3": 500}}, "logit_bias"),
+    ({"prompt": "a", "frequency_penalty": 3}, "frequency_penalty"),
+    ({"prompt": "a", "top_k": -5}, "top_k"),
+])
+def test_a_parameter_the_server_cannot_honour_is_a_400_naming_it(server, body, param):
+    code, err = raw(server[1], body)
+    assert code == 400 and err["error"]["param"] == param and param in err["error"]["message"]
+
+
+def test_chat_and_unknown_routes_get_openai_errors(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in e.value.body["message"]
+    code, err = raw(server[1], {"prompt": "a"}, path="/v1/embeddings")
+    assert code == 404 and err["error"]["type"] == "not_found_error"
+    assert raw(server[1], {"prompt": "ok", "max_tokens": 2})[0] == 200
 
 
 def test_a_huge_body_is_refused_before_it_is_parsed(model, tok):

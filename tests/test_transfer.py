@@ -119,7 +119,7 @@ def test_init_from_an_imported_hugging_face_model(tmp_path):
                                                               n_layer=2, n_head=2))
     hf.save_pretrained(tmp_path / "hf")
     from gptn.tokenizer import copy_hf_tokenizer_files
-    copy_hf_tokenizer_files(tok, tmp_path / "hf")
+    copy_hf_tokenizer_files(tok, tmp_path / "hf", n_ctx=32)
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
     assert main(["pretrain", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--init-from",
                  str(tmp_path / "imported"), "--steps", "3", "--batch-tokens", "64", "--no-progress"]) == 0

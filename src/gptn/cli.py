@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from .config import GptnError
 from .optim import MUON_LR
@@ -393,7 +394,6 @@ def cmd_score(sub):
     sub.add_argument("--device", default="cpu")
 
     def run(args):
-        from pathlib import Path
         from .generate import score
         if (args.file is None) == (args.text is None):
             raise GptnError("give either FILE or --text")
@@ -572,7 +572,6 @@ def cmd_fewshot(sub):
     sub.add_argument("--device", default="cpu")
 
     def run(args):
-        from pathlib import Path
         from .fewshot import evaluate_fewshot, load_task, plot_metric_vs_shots
         if args.limit is not None and args.limit < 1:
             raise GptnError(f"--limit must be >= 1, got {args.limit}")
@@ -581,17 +580,26 @@ def cmd_fewshot(sub):
         results = []
         if not args.json:
             print(f"{task.name} ({task.kind}); chance {task.chance if task.chance is not None else 'n/a'}")
-            print(f"{'K':>3}  {'metric':<28} {'value':>8}  {'± stderr':>9}  {'examples':>8}  {'demos used':>10}")
+            print(f"{'K':>3}  {'metric':<28} {'value':>8}  {'± stderr':>9}  {'examples':>8}  {'demos used':>10}  "
+                  f"{'truncated':>9}")
         for k in args.shots:
             r = evaluate_fewshot(model, tok, task, k, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                                  normalization=args.normalization)
             results.append(r)
             if args.json:
                 print(json.dumps({"k": k, "metric": r.metric, "value": r.value, "stderr": r.stderr,
-                                  "examples": r.examples, "demos_used": r.demos_used, "metrics": r.metrics,
-                                  "chance": task.chance}))
+                                  "examples": r.examples, "demos_used": r.demos_used, "truncated": r.truncated,
+                                  "metrics": r.metrics, "chance": task.chance}))
             else:
-                print(f"{k:>3}  {r.metric:<28} {r.value:>8.4f}  {r.stderr:>9.4f}  {r.examples:>8}  {r.demos_used:>10.2f}")
+                print(f"{k:>3}  {r.metric:<28} {r.value:>8.4f}  {r.stderr:>9.4f}  {r.examples:>8}  {r.demos_used:>10.2f}  "
+                      f"{r.truncated:>9}")
+        short = [r for r in results if r.demos_used < r.k]
+        for r in short:
+            print(f"gptn fewshot: K={r.k}: on average only {r.demos_used:.2f} of {r.k} demonstrations fit the context "
+                  f"window of {model.config.n_ctx} tokens; this row is not {r.k}-shot", file=sys.stderr)
+        if any(r.truncated for r in results):
+            print(f"gptn fewshot: 'truncated' counts examples whose prompt (or answer) lost its start to fit the "
+                  f"context window of {model.config.n_ctx} tokens, as lm-evaluation-harness does", file=sys.stderr)
         if args.records:
             with open(args.records, "w") as f:
                 for r in results:
@@ -601,6 +609,45 @@ def cmd_fewshot(sub):
             path = plot_metric_vs_shots(results, task, Path(args.plot))
             if not args.json:
                 print(f"plot: {path}")
+    return run
+
+
+@command("lm-eval", "run lm-evaluation-harness's own command line on a run (the `lm-eval` extra): "
+                    "gptn lm-eval RUN --tasks T --num_fewshot K [any other lm_eval flag]")
+def cmd_lm_eval(sub):
+    sub.add_argument("run", help="run directory")
+    sub.add_argument("harness_args", nargs=argparse.REMAINDER, metavar="...",
+                     help="passed to lm_eval as given (--tasks, --num_fewshot, --limit, --include_path, "
+                          "--output_path, --batch_size, --device, ...); --model_args are added to run=RUN")
+
+    def run(args):
+        try:
+            from lm_eval.__main__ import cli_evaluate
+
+            from .integrations import lm_eval as _  # noqa: F401  # registers the model "gptn"
+        except ImportError:
+            raise GptnError("this needs lm-evaluation-harness: pip install 'gptn[lm-eval]'") from None
+        rest = list(args.harness_args)
+        extra = ""
+        for flag in ("--model_args", "--model-args"):
+            while flag in rest:
+                i = rest.index(flag)
+                if i + 1 == len(rest):
+                    raise GptnError(f"{flag} needs a value, e.g. {flag} batch_size=16")
+                extra += "," + rest.pop(i + 1)
+                rest.pop(i)
+        if any(a == "--model" or a.startswith("--model=") for a in rest):
+            raise GptnError("gptn lm-eval always evaluates the gptn run it is given; drop --model")
+        if not Path(args.run).is_dir():
+            raise GptnError(f"run {args.run} does not exist")
+        if not any(a == "--device" or a.startswith("--device=") for a in rest):  # the harness assumes CUDA
+            import torch
+            rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+        argv, sys.argv = sys.argv, ["lm-eval", "--model", "gptn", "--model_args", f"run={args.run}{extra}", *rest]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = argv
     return run
 
 
@@ -654,7 +701,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"gptn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the filesystem or the network said no: unwritable, full, a file where a folder goes
+        print(f"gptn {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    import errno
+    import shutil
+    where = f"{e.filename}: " if e.filename else ""
+    text = f"{where}{e.strerror or e}"
+    if e.errno == errno.ENOSPC and e.filename:
+        folder = next((p for p in Path(os.path.abspath(e.filename)).parents if p.exists()), Path("/"))
+        text += f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free on that disk; the previous checkpoint, if any, is intact)"
+    return text
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Documents are separated by end-of-text. The train/validation split is by documen
 hash of the document's index and the seed, so it is the same on every machine and run. Input
 problems are handled as follows (and said on stderr): a path that does not exist, an empty corpus,
 a binary file named explicitly, or an output folder that already holds something are errors; a
-binary file or a file that is not valid UTF-8 found inside a folder or glob is skipped with a
-warning naming the file (and the byte offset of the first bad byte).
+binary file, a file that is not valid UTF-8 or a .jsonl without the text field found inside a folder
+or glob is skipped with one warning naming the file (and the byte offset or line of the problem).
 """
 
 from __future__ import annotations
@@ -202,32 +202,53 @@ def expand_sources(sources: list[str]) -> list[tuple[Path, bool]]:
     return files
 
 
-def iter_documents(sources: list[str] | list[tuple[Path, bool]], text_field: str = "text") -> Iterator[Document]:
-    """Documents from the sources (or from `expand_sources`' files): one per text file, one per JSONL line / Parquet row."""
+def iter_documents(sources: list[str] | list[tuple[Path, bool]], text_field: str = "text",
+                   skipped: set | None = None) -> Iterator[Document]:
+    """Documents from the sources (or from `expand_sources`' files): one per text file, one per JSONL line / Parquet row.
+
+    A file found inside a folder or glob that holds no text (binary, not UTF-8, a .jsonl without the
+    text field) is skipped with a warning; pass the same `skipped` set to a second pass over the
+    same files and it skips them without warning again."""
     files = sources if sources and isinstance(sources[0], tuple) else expand_sources(sources)
+    skipped = set() if skipped is None else skipped
     for path, explicit in files:
+        if path in skipped:
+            continue
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            yield from _jsonl_documents(path, text_field)
+            yield from _jsonl_documents(path, text_field, explicit, skipped)
         elif suffix == ".parquet":
             yield from _parquet_documents(path, text_field)
         else:
             text = _read_text(path, explicit)
-            if text:
+            if text is None:
+                skipped.add(path)
+            elif text:
                 yield Document(text, str(path))
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
+def _jsonl_documents(path: Path, field: str, explicit: bool = True, skipped: set | None = None) -> Iterator[Document]:
+    first = True
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
+            problem = None
             try:
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise GptnError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise GptnError(f"{path}:{lineno}: no field {field!r} (use --text-field to name the text field)")
+                problem = f"{path}:{lineno}: invalid JSON ({e})"
+            else:
+                if not isinstance(record, dict) or field not in record:
+                    problem = f"{path}:{lineno}: no field {field!r} (use --text-field to name the text field)"
+            if problem and first and not explicit:  # a .jsonl that is not a corpus file, found in a folder
+                warn(f"skipping {problem}")
+                if skipped is not None:
+                    skipped.add(path)
+                return
+            if problem:
+                raise GptnError(problem)
+            first = False
             if not isinstance(record[field], str):
                 raise GptnError(f"{path}:{lineno}: field {field!r} is not a string")
             if record[field]:
@@ -382,10 +403,11 @@ def _prepare(sources, tokenizer, out: Path, val_fraction, seed, text_field, dtyp
         raise GptnError(f"val_fraction must be in [0, 1), got {val_fraction}")
     files = expand_sources(sources)  # fails early on a missing path
     steps = parse_steps(normalize)
+    skipped: set = set()  # warned about in the first pass over the files (training the tokenizer)
 
     def documents():
         n = 0
-        for doc in iter_documents(files, text_field):
+        for doc in iter_documents(files, text_field, skipped):
             if max_docs is not None and n >= max_docs:
                 return
             if steps and not (doc := Document(normalize_text(doc.text, steps), doc.source)).text:

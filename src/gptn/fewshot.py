@@ -333,6 +333,17 @@ def fit_prompt(task: Task, doc: Doc, demos: list[Doc], tokenizer, n_ctx: int) ->
 # Scoring
 
 
+def fit_window(ctx: list[int], cont: list[int], n_ctx: int) -> tuple[list[int], list[int], bool]:
+    """(context, continuation, whether either was cut) that fit one window of n_ctx + 1 tokens (the
+    first token is only read). Like lm-evaluation-harness, the context loses its start; a
+    continuation longer than the window keeps its last n_ctx tokens, scored after the one before them."""
+    if len(cont) >= n_ctx + 1:
+        window = cont[-(n_ctx + 1):]
+        return window[:1], window[1:], True
+    keep = n_ctx + 1 - len(cont)
+    return ctx[-keep:], cont, len(ctx) > keep
+
+
 @torch.no_grad()
 def loglikelihood_tokens(model: GPT, requests: list[tuple[list[int], list[int]]], batch_size: int = 32
                          ) -> list[tuple[float, bool, int]]:
@@ -340,8 +351,8 @@ def loglikelihood_tokens(model: GPT, requests: list[tuple[list[int], list[int]]]
 
     Requests that share a context read it once: the contexts of a batch are run together (right-padded),
     their keys and values are copied to one row per continuation, and only the positions that predict
-    continuation tokens go through the vocabulary projection. Contexts longer than the window lose
-    their start.
+    continuation tokens go through the vocabulary projection. What does not fit the window is cut as
+    `fit_window` says (the token count is then that of the tokens scored).
     """
     require_decoder(model, "do zero-, one- or few-shot prompting")
     n_ctx = model.config.n_ctx
@@ -350,9 +361,8 @@ def loglikelihood_tokens(model: GPT, requests: list[tuple[list[int], list[int]]]
     for ctx, cont in requests:
         if not cont:
             raise GptnError("a continuation must have at least one token")
-        if len(cont) > n_ctx:
-            raise GptnError(f"a continuation of {len(cont)} tokens does not fit the context window of {n_ctx}")
-        prepared.append((tuple(ctx[-(n_ctx + 1 - len(cont)):]), list(cont)))
+        ctx, cont, _ = fit_window(list(ctx), list(cont), n_ctx)
+        prepared.append((tuple(ctx), cont))
     groups: dict[tuple, list[int]] = {}
     for i, (ctx, _) in enumerate(prepared):
         groups.setdefault(ctx, []).append(i)
@@ -454,6 +464,7 @@ class ShotResult:
     demos_used: float  # mean demonstrations that fit
     metrics: dict  # every metric computed, e.g. accuracy under each normalisation
     records: list[dict]
+    truncated: int = 0  # examples whose prompt (or answer) lost tokens to fit the context window
 
 
 def _mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -486,12 +497,13 @@ def evaluate_fewshot(model: GPT, tokenizer, task: Task, k: int, limit: int | Non
     docs = [task.docs[i] for i in indices]
     records = [{"index": i, "prompt": p, "demos_used": n} for i, p, n in zip(indices, prompts, used)]
     if task.kind == "multiple_choice":
-        metrics, per_example = _score_multiple_choice(model, tokenizer, task, docs, prompts, records, batch_size,
-                                                      normalization)
+        metrics, per_example, truncated = _score_multiple_choice(model, tokenizer, task, docs, prompts, records,
+                                                                 batch_size, normalization)
         metric = f"accuracy ({normalization})"
     elif task.kind == "cloze":
         reqs = [encode_pair(tokenizer, p, task.target_delimiter + d.answers[0]) for p, d in zip(prompts, docs)]
         scored = loglikelihood_tokens(model, reqs, batch_size)
+        truncated = sum(fit_window(c, a, n_ctx)[2] for c, a in reqs)
         per_example = [float(greedy) for _, greedy, _ in scored]
         lls = [ll for ll, _, _ in scored]
         for rec, d, (ll, greedy, n) in zip(records, docs, scored):
@@ -501,6 +513,7 @@ def evaluate_fewshot(model: GPT, tokenizer, task: Task, k: int, limit: int | Non
     else:
         from .generate import SamplingConfig, generate
         sampling = SamplingConfig(max_new_tokens=task.max_gen_tokens, greedy=True, stop=task.stop)
+        truncated = sum(len(tokenizer.encode(p)) > n_ctx - 1 for p in prompts)  # generate reads the last n_ctx - 1
         outputs = []
         for s in range(0, len(prompts), batch_size):
             outputs += [texts[0] for texts in generate(model, tokenizer, prompts[s:s + batch_size], sampling)]
@@ -514,7 +527,7 @@ def evaluate_fewshot(model: GPT, tokenizer, task: Task, k: int, limit: int | Non
         metrics = {"exact_match": sum(per_example) / len(per_example), "f1": sum(f1s) / len(f1s)}
         metric = "exact match"
     value, stderr = _mean_stderr(per_example)
-    return ShotResult(k, metric, value, stderr, len(docs), sum(used) / len(used), metrics, records)
+    return ShotResult(k, metric, value, stderr, len(docs), sum(used) / len(used), metrics, records, truncated)
 
 
 def _score_multiple_choice(model, tokenizer, task, docs, prompts, records, batch_size, normalization):
@@ -524,6 +537,8 @@ def _score_multiple_choice(model, tokenizer, task, docs, prompts, records, batch
             reqs.append(encode_pair(tokenizer, p, task.target_delimiter + c))
             owners.append(j)
     scored = loglikelihood_tokens(model, reqs, batch_size)
+    n_ctx = model.config.n_ctx
+    truncated = len({j for j, (c, a) in zip(owners, reqs) if fit_window(c, a, n_ctx)[2]})
     uncond = None
     if normalization == "unconditional":
         ureqs = [encode_pair(tokenizer, UNCONDITIONAL_CONTEXT, task.target_delimiter + c) for d in docs for c in d.choices]
@@ -543,7 +558,7 @@ def _score_multiple_choice(model, tokenizer, task, docs, prompts, records, batch
         chosen_main.append(float(pick == d.gold))
         rec.update(choices=d.choices, gold=d.gold, loglik=lls, chosen=pick, correct=pick == d.gold)
     metrics = {f"accuracy_{n}": sum(v) / len(v) for n, v in per_norm.items()}
-    return metrics, chosen_main
+    return metrics, chosen_main, truncated
 
 
 def plot_metric_vs_shots(results: list[ShotResult], task: Task, path: str | Path) -> Path:

@@ -483,15 +483,16 @@ def run_task_model(model: TaskModel, tokenizer: Tokenizer, examples: list[Exampl
     was_training = model.training
     model.eval()
     n_ctx = model.gpt.config.n_ctx
-    preds, probs = [], []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        batch = collate([input_sequences(model.spec.task, x, tokenizer, n_ctx, model.gpt.config.arch) for x in chunk],
-                        tokenizer.eot_id)
-        out, _ = model(batch, with_lm_loss=False)
-        p, q = _decode_outputs(model.spec, out)
-        preds += p
-        probs += q
+    seqs = [input_sequences(model.spec.task, x, tokenizer, n_ctx, model.gpt.config.arch) for x in examples]
+    # Batches of similar length: padding to the longest of a random batch wastes half the work on
+    # sentences, and no output depends on the padding (causal mask; BERT's attention mask).
+    order = sorted(range(len(seqs)), key=lambda i: max(map(len, seqs[i])))
+    preds, probs = [None] * len(seqs), [None] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        out, _ = model(collate([seqs[j] for j in idx], tokenizer.eot_id), with_lm_loss=False)
+        for j, p, q in zip(idx, *_decode_outputs(model.spec, out)):
+            preds[j], probs[j] = p, q
     model.train(was_training)
     return preds, probs
 

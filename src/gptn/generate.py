@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -32,6 +32,10 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    # OpenAI's penalties on the tokens generated so far: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     stop: list[str] = field(default_factory=list)
     greedy: bool = False
     seed: int | None = None
@@ -49,6 +53,14 @@ class SamplingConfig:
             raise GptnError(f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens!r}")
         if self.seed is not None and not (_is_whole(self.seed) and 0 <= self.seed < 2**63):
             raise GptnError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                raise GptnError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        for token, bias in self.logit_bias.items():
+            if not (_is_whole(token) and token >= 0):
+                raise GptnError(f"logit_bias: {token!r} is not a token id")
+            if not (is_number(bias) and -100 <= bias <= 100):
+                raise GptnError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}")
         if self.temperature == 0:
             self.greedy = True
 
@@ -161,6 +173,16 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(model.config, B, n_ctx, device=device, dtype=model.wte.weight.dtype)
+    V = model.config.vocab_size
+    bad = [t for t in sampling.logit_bias if t >= V]
+    if bad:
+        raise GptnError(f"logit_bias: token {bad[0]} is outside the vocabulary (0..{V - 1})")
+    bias = None
+    if sampling.logit_bias:
+        bias = torch.zeros(V, device=device)
+        bias[list(sampling.logit_bias)] = torch.tensor(list(sampling.logit_bias.values()), device=device)
+    penalised = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0
+    counts = torch.zeros((B, V), device=device) if penalised else None
 
     def prefill(tokens, mask):
         cache.length = 0
@@ -175,6 +197,10 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
         if logprobs is not None:
             model_lp = F.log_softmax(logits, dim=-1)
             top_lp, top_id = model_lp.topk(max(1, min(logprobs, model_lp.size(-1))), dim=-1)
+        if bias is not None:
+            logits = logits + bias
+        if penalised:
+            logits = logits - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
         if sampling.repetition_penalty != 1.0:
             logits = _apply_repetition_penalty(logits, tokens, sampling.repetition_penalty)
         if sampling.greedy:
@@ -197,6 +223,8 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
                 done[r] = True
         if bool(done.all()):
             break
+        if penalised:
+            counts[torch.arange(B, device=device), nxt] += 1
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
         if cache.length + 1 > n_ctx:  # the context is full: slide the window and recompute the cache
@@ -257,8 +285,9 @@ class _StopWatcher:
 
 def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig | None = None,
              num_samples: int = 1, stream: Callable[[int, str], None] | None = None,
-             warn: Callable[[str], None] | None = None) -> list[list[str]]:
-    """Continuations of each prompt: `num_samples` texts per prompt, all decoded in one batch.
+             warn: Callable[[str], None] | None = None, batch_size: int = 64) -> list[list[str]]:
+    """Continuations of each prompt: `num_samples` texts per prompt, decoded `batch_size` rows at a
+    time (memory stays bounded whatever the count).
 
     `stream(row, text)` receives text as it is produced (row = prompt_index * num_samples + sample).
     Generation of a row stops at end-of-text or at the first stop string (which is not included).
@@ -267,10 +296,17 @@ def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig
     sampling = sampling or SamplingConfig()
     if num_samples < 1:
         raise GptnError(f"num_samples must be >= 1, got {num_samples}")
-    ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
-    watcher = _StopWatcher(tokenizer, len(ids), sampling.stop, stream)
-    generate_ids(model, ids, sampling, pad_id=tokenizer.eot_id, on_token=watcher, warn=warn)
-    texts = watcher.finish()
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    rows = len(prompts) * num_samples
+    texts = []
+    for start in range(0, rows, batch_size):
+        ids = [encoded[r // num_samples] for r in range(start, min(rows, start + batch_size))]
+        chunk_stream = None if stream is None else (lambda row, text, start=start: stream(start + row, text))
+        watcher = _StopWatcher(tokenizer, len(ids), sampling.stop, chunk_stream)
+        chunk_sampling = sampling if sampling.seed is None or not start else \
+            replace(sampling, seed=(sampling.seed + start) % 2**63)  # later chunks must not repeat the first's draws
+        generate_ids(model, ids, chunk_sampling, pad_id=tokenizer.eot_id, on_token=watcher, warn=warn)
+        texts += watcher.finish()
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 

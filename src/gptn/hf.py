@@ -8,6 +8,7 @@ GPT-1 calls the embeddings `tokens_embed` / `positions_embed`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -163,8 +164,9 @@ def hf_config(config: GPTConfig, tokenizer=None) -> dict:
     return {"model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], **common, "afn": "gelu"}
 
 
-def export_hf(run: str | Path, out: str | Path) -> Path:
-    """`gptn export-hf RUN OUT`: write a folder that `AutoModelForCausalLM.from_pretrained` loads."""
+def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
+    """`gptn export-hf RUN OUT`: write a folder that `AutoModelForCausalLM.from_pretrained` (and, with
+    the run's tokenizer, `AutoTokenizer`) loads. `say` gets notes on what the export cannot carry."""
     model, tokenizer = load_model(run)
     config = model.config
     if config.arch != "gpt":
@@ -184,6 +186,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     save_file(state_dict_to_hf(state, hf_cfg["model_type"]), str(out / "model.safetensors"),
               metadata={"format": "pt"})
     if tokenizer is not None:
-        copy_hf_tokenizer_files(tokenizer, out)
+        for note in copy_hf_tokenizer_files(tokenizer, out, config.n_ctx):
+            (say or (lambda m: print(f"gptn export-hf: note: {m}", file=sys.stderr)))(note)
     return out
 

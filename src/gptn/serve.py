@@ -45,13 +45,17 @@ MAX_N = 16  # completions per prompt
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # A parameter this server does not know is a 400 naming it, never silently dropped.
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `max_tokens: true` is not 1
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = ""
     max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = -1  # vLLM's extension: -1 (or 0) for the whole vocabulary
+    repetition_penalty: float = 1.0  # vLLM's extension (CTRL's penalty)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with usage and no choices
@@ -116,7 +120,8 @@ class Engine:
     def submit(self, job: Job) -> None:
         s = job.sampling
         seeded_sampling = s.seed is not None and not s.greedy
-        job.batch_key = (s.greedy, s.temperature, s.top_p, s.top_k, job.logprobs is not None,
+        job.batch_key = (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
+                         s.frequency_penalty, tuple(sorted(s.logit_bias.items())), job.logprobs is not None,
                          next(self._unique) if seeded_sampling else None)
         self.jobs.put(job)
 
@@ -292,6 +297,10 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         errors = e.errors()
         if any(err.get("type") in ("json_invalid", "json_type") for err in errors):
             return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+        unknown = [str(err["loc"][-1]) for err in errors if err.get("type") == "extra_forbidden"]
+        if unknown:
+            return JSONResponse(error_body(f"unknown parameter {unknown[0]!r}: this server does not support it",
+                                           param=unknown[0]), status_code=400)
         first = errors[0] if errors else {}
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return JSONResponse(error_body(f"invalid value for {param}: {first.get('msg', 'invalid request')}",
@@ -379,12 +388,28 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise ApiError(400, f"logprobs must be in 0..20, got {req.logprobs}", "logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise ApiError(400, f"{name} is not supported by this server", name)
+            if not -2 <= getattr(req, name) <= 2:
+                raise ApiError(400, f"{name} must be in [-2, 2], got {getattr(req, name)}", name)
+        if req.top_k < -1:
+            raise ApiError(400, f"top_k must be -1 (off) or a whole number >= 1, got {req.top_k}", "top_k")
+        if not req.repetition_penalty > 0:
+            raise ApiError(400, f"repetition_penalty must be > 0, got {req.repetition_penalty}", "repetition_penalty")
+        for token, bias in (req.logit_bias or {}).items():
+            if not token.isdigit() or int(token) >= model.config.vocab_size:
+                raise ApiError(400, f"logit_bias: {token!r} is not a token id of this model "
+                               f"(0..{model.config.vocab_size - 1})", "logit_bias")
+            if not -100 <= bias <= 100:
+                raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}",
+                               "logit_bias")
         if req.best_of not in (None, 1, req.n):
             raise ApiError(400, "best_of is not supported by this server", "best_of")
         if req.stream and req.echo and req.logprobs is not None:
             raise ApiError(400, "echo with logprobs is not supported when streaming", "echo")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions():
+        raise ApiError(400, f"{model_name} is a base language model with no chat template: send a prompt to "
+                       "/v1/completions (client.completions.create) instead of messages", "messages")
 
     def logprobs_block(tokens, token_lp, tops, offset0):
         text_offset, pos = [], offset0
@@ -403,7 +428,10 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=req.temperature,
-                                  top_p=req.top_p if req.top_p < 1 else None, seed=req.seed)
+                                  top_p=req.top_p if req.top_p < 1 else None, top_k=req.top_k if req.top_k > 0 else None,
+                                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty,
+                                  logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()}, seed=req.seed)
         rows = [ids for ids in prompts for _ in range(req.n)]
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -351,11 +351,14 @@ def _load_tokenizer(folder: Path, meta: dict | None) -> Tokenizer:
     if (folder / "tokenizer.json").is_file():
         data = _read_json(folder / "tokenizer.json")
         model = data.get("model", {})
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+        if model.get("type") == "WordLevel" and all(len(t) == 1 for t in model["vocab"] if t not in added):
+            chars = sorted((i, t) for t, i in model["vocab"].items() if t not in added)  # what export-hf writes
+            return CharTokenizer([t for _, t in chars], {**added, **(specials or {})})
         if model.get("type") != "BPE":
             raise GptnError(f"{folder / 'tokenizer.json'}: only byte-level BPE tokenizers are supported, "
                             f"found {model.get('type')!r}")
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
         return BPETokenizer(model["vocab"], merges, {**added, **(specials or {})}, name=name)
     raise GptnError(f"{folder} holds no tokenizer (expected {META}, vocab.json + merges.txt, "
                     "encoder.json + vocab.bpe, or tokenizer.json)")
@@ -441,14 +444,39 @@ def resolve_tokenizer(spec: str, texts=None) -> Tokenizer:
     raise GptnError(f"--tokenizer {spec!r}: expected char, bpe:N, gpt2 or a tokenizer folder")
 
 
-def copy_hf_tokenizer_files(tokenizer: Tokenizer, out: Path) -> None:
-    """Write vocab.json + merges.txt (+ tokenizer_config) so Hugging Face loads the tokenizer."""
-    if not isinstance(tokenizer, BPETokenizer):
-        return
-    tokenizer._save_files(out)
+def copy_hf_tokenizer_files(tokenizer: Tokenizer, out: Path, n_ctx: int) -> list[str]:
+    """Write a tokenizer `AutoTokenizer.from_pretrained(out)` loads and that gives gptn's ids:
+    tokenizer.json (Hugging Face `tokenizers`: byte-level BPE, or one token per character), its special
+    tokens registered as special, `model_max_length` = n_ctx; BPE also as vocab.json + merges.txt for
+    the slow GPT2Tokenizer. Returns notes for the user (what the export cannot carry)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer._save_files(out)
+        hf = HFTokenizer(models.BPE(vocab={**tokenizer.vocab, **tokenizer.special_tokens}, merges=list(tokenizer.merges)))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        tokenizer_class = "GPT2TokenizerFast"
+    elif isinstance(tokenizer, CharTokenizer):
+        vocab = {**tokenizer.stoi, **tokenizer.special_tokens}
+        hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=EOT))  # gptn refuses an unknown character
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+        hf.decoder = decoders.Fuse()
+        tokenizer_class = "PreTrainedTokenizerFast"
+    else:  # pragma: no cover - every gptn tokenizer is one of the two
+        raise GptnError(f"no Hugging Face form for a {tokenizer.kind} tokenizer")
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
+    hf.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-        "model_max_length": 1024, "add_prefix_space": False}, indent=2) + "\n")
+        "tokenizer_class": tokenizer_class, "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+        "additional_special_tokens": [name for name, _ in specials if name != EOT],
+        "model_max_length": n_ctx, "add_prefix_space": False, "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    notes = []
+    if tokenizer.normalize:
+        notes.append(f"the run's tokenizer normalises text first ({','.join(tokenizer.normalize)}); the exported "
+                     "tokenizer does not: apply gptn.normalize.normalize(text, steps) before encoding")
+    return notes
 
 
 __all__ = ["Tokenizer", "BPETokenizer", "CharTokenizer", "load_tokenizer", "train_bpe", "gpt2_tokenizer",

@@ -31,7 +31,10 @@ class GptnLM(TemplateLM):
         if model is None:
             if run is None:
                 raise GptnError("GptnLM needs run=PATH or model= and tokenizer=")
-            model, tokenizer = load_model(run, device=device)
+            import torch
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                raise GptnError(f"device {device}: this machine has no CUDA device (use device=cpu)")
+            model, tokenizer = load_model(run, device=device or "cpu")  # the harness CLI may pass None
         if tokenizer is None:
             raise GptnError("GptnLM needs the model's tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
