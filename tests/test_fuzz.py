@@ -10,9 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
-from gptn.data import prepare
+from test_cli_input import corpus, run  # noqa: F401  # the same small corpus and run
 
 NUMBERS = st.one_of(
     st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
@@ -22,21 +21,6 @@ NUMBERS = st.one_of(
 
 def _arg(value) -> str:
     return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    (root / "t.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    prepare([str(root / "t.txt")], "char", root / "c", val_fraction=0.1, progress=False)
-    return root / "c"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tok, model):
-    path = tmp_path_factory.mktemp("fuzzrun") / "r"
-    save_checkpoint(path, model.config, model.state_dict(), tokenizer=tok)
-    return path
 
 
 def _exit_0_or_one_line(code, capsys):

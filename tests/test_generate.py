@@ -161,3 +161,12 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     prompts = [[1, 2, 3], [4], [5, 6]]
     cfg = SamplingConfig(max_new_tokens=20, greedy=True)
     assert generate_ids(packed, prompts, cfg) == generate_ids(plain, prompts, cfg)
+
+
+def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(model, tok):
+    # logits / 1e-247 overflows to inf; the sampler must still give a distribution (found by test_fuzz).
+    from gptn.generate import SamplingConfig, generate
+    greedy = generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, greedy=True))
+    assert generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, temperature=7e-247, seed=0)) == greedy
+    # And a top_p that rounds to 0 keeps the most likely token rather than none.
+    assert generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, top_p=1.9e-121, seed=0)) == greedy

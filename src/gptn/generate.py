@@ -116,6 +116,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        drop_sorted[..., 0] = False  # the most likely token always stays (a top_p near 0 rounds to 0 in float32)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -206,7 +207,11 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
         if sampling.greedy:
             nxt = logits.argmax(-1)
         else:
-            logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+            # Shifted so the largest is 0, and the temperature kept above float32's smallest normal (a
+            # smaller one rounds to 0): a tiny temperature then gives 0 and -inf, never nan.
+            temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
+            scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
+            logits = filter_logits(scaled, sampling.top_k, sampling.top_p)
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
         for r, t in enumerate(nxt.tolist()):
             if done[r]:
