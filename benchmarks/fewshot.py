@@ -32,6 +32,7 @@ from gptn.checkpoint import load_model, save_checkpoint  # noqa: E402
 from gptn.config import GPTConfig, get_preset  # noqa: E402
 from gptn.fewshot import evaluate_fewshot, load_task  # noqa: E402
 from gptn.hf import export_hf  # noqa: E402
+from gptn.inference import prepare_for_inference  # noqa: E402
 from gptn.model import GPT  # noqa: E402
 from gptn.tokenizer import load_tokenizer  # noqa: E402
 
@@ -72,7 +73,7 @@ def speed(work: Path, items: int, hf_batch: int) -> dict:
     save_checkpoint(work / "gpt2", model.config, model.state_dict(), tokenizer=tok)
     export_hf(work / "gpt2", work / "gpt2-hf")
     model, tok = load_model(work / "gpt2")
-    model.prepack_for_cpu_inference()
+    prepare_for_inference(model)
 
     evaluate_fewshot(model, tok, load_task("hellaswag", SHARED), 0, limit=2)  # warm-up
     t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def main():
             print(f"speed ratio vs harness: {s['speed_ratio_vs_harness']:.2f}x (target >= 1.5)\n", flush=True)
         run = Path(args.run) if args.run else pretrain_general(work, args.pretrain_seconds)
         model, tok = load_model(run)
-        model.prepack_for_cpu_inference()
+        prepare_for_inference(model)
         table_rows, shots = [], {}
         for name in ("lambada", "hellaswag"):
             task = load_task(name, SHARED)

@@ -1,12 +1,25 @@
-"""Decode speed of the `gpt2` (124M) config, fp32, CPU, greedy: gptn beside Hugging Face `generate`.
+"""Decode speed of the `gpt2` (124M) config on CPU, greedy: gptn at fp32 / bf16 / int8 beside Hugging Face
+`generate` (fp32) and CTranslate2 (fp32, int8: the CPU engine people pick), all in one run.
 
-Prompt 16 tokens, 256 new tokens, batch 1 and batch 8, the same random weights in both (exported with
-`gptn export-hf`); gptn's model is prepacked for CPU inference (oneDNN), as `gptn generate` does. The batch-1 memory-bandwidth limit is the copy bandwidth measured in this run over
-the weight bytes read per token. Also: a 1 x 1024 prefill computing logits for the last position only.
+Prompt 16 tokens, 256 new tokens, batch 1 and batch 8, the same random weights everywhere (exported with
+`gptn export-hf`, converted by CTranslate2's own converter); gptn as `gptn generate --dtype D` runs it
+(gptn.inference.prepare_for_inference). The batch-1 bandwidth limit of each dtype is the copy bandwidth
+measured in this run over the weight bytes read per token. Also: a 1 x 1024 prefill (last-position
+logits) at each dtype beside Hugging Face fp32.
 
-Targets (issue): batch 1 >= 1.25x Hugging Face; batch 8 >= 1.5x Hugging Face.
+Quality, on a model trained in this run (a 4 x 256 GPT, `bpe:8192`, --quality-minutes of pretraining on
+the first Gutenberg books; or --quality-run RUN --quality-corpus CORPUS): validation perplexity and
+greedy-token agreement of bf16 / int8 against fp32, and HellaSwag zero-shot accuracy on the same items.
+
+Targets (issue 22): int8 >= 1.0x CTranslate2 int8 and fp32 >= 1.1x CTranslate2 fp32 at batch 1 and 8;
+bf16 >= 1.7x fp32 at batch 1; fp32 >= 1.25x / 1.5x Hugging Face; prefill no slower than Hugging Face's.
+
+    python benchmarks/generate.py [--quality-minutes 6 | --quality-run RUN --quality-corpus CORPUS] [--dtypes fp32,bf16,int8]
 """
 
+import argparse
+import copy
+import math
 import sys
 import tempfile
 import time
@@ -15,13 +28,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, table, write_results  # noqa: E402
+from common import SHARED, machine, table, write_results  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
 from gptn.generate import SamplingConfig, generate_ids  # noqa: E402
 from gptn.hf import export_hf  # noqa: E402
+from gptn.inference import prepare_for_inference  # noqa: E402
 from gptn.model import GPT  # noqa: E402
+from gptn.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT, NEW, REPS = 16, 256, 2
 
@@ -48,55 +63,162 @@ def best_time(fn, reps=REPS) -> float:
     return min(times)
 
 
+def ct2_generator(hf_folder: Path, out: Path, compute_type: str):
+    """CTranslate2's converter on the exported folder, then its Generator on two threads."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    if not out.exists():
+        TransformersConverter(str(hf_folder)).convert(str(out), quantization=compute_type)
+    return ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type, intra_threads=2)
+
+
+def ct2_generate(generator, tokens: list[list[str]], vocab: dict[str, int]) -> list[list[int]]:
+    results = generator.generate_batch(tokens, max_length=NEW, min_length=NEW, sampling_topk=1,
+                                       include_prompt_in_result=False)
+    return [r.sequences_ids[0] for r in results]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of positions where two greedy outputs agree, up to the first difference of each row
+    (after one token differs the rows continue from different text)."""
+    same = total = 0
+    for x, y in zip(a, b):
+        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
+        same, total = same + n, total + len(x)
+    return same / total
+
+
+def train_quality_model(work: Path, minutes: float) -> tuple[str, str]:
+    """A small GPT pretrained here on the first Gutenberg books, so that bf16 / int8 are judged on
+    weights that mean something (random weights give flat distributions that hide rounding)."""
+    from gptn.data import prepare
+    from gptn.pretrain import PretrainConfig, pretrain
+    prepare([str(SHARED / "gutenberg" / "books-00.jsonl")], "bpe:8192", work / "books-corpus", max_docs=40,
+            progress=False)
+    pretrain(PretrainConfig(corpus=str(work / "books-corpus"), out=str(work / "books-run"), preset="mini",
+                            overrides={"n_layer": 4, "n_head": 4, "d_model": 256, "n_ctx": 128, "dropout": 0.0,
+                                       "bias": False},
+                            optimizer="muon", batch_tokens=2048, steps=100_000, max_seconds=60 * minutes,
+                            eval_interval=100_000, checkpoint_interval=100_000, progress=False))
+    return str(work / "books-run"), str(work / "books-corpus")
+
+
+def quality(run: str, corpus: str, dtypes: list[str]) -> dict:
+    """Perplexity, greedy agreement and HellaSwag zero-shot of each dtype against fp32, on a trained model."""
+    from gptn.checkpoint import load_model
+    from gptn.data import BatchLoader, Corpus
+    from gptn.fewshot import evaluate_fewshot, load_task
+    base, tok = load_model(run)
+    c = Corpus(corpus)
+    windows = list(BatchLoader(c, "val", base.config.n_ctx, 16).eval_batches(25, 16))
+    prompts = [x[i, :16].tolist() for x, _ in windows for i in (0, 1)]
+    task = load_task("hellaswag", SHARED)
+    out, ref = {}, None
+    for dtype in dtypes:
+        model = prepare_for_inference(copy.deepcopy(base), dtype)
+        with torch.no_grad():
+            nll = sum(torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item()
+                      for x, y in windows) / len(windows)
+        greedy = generate_ids(model, prompts, SamplingConfig(max_new_tokens=32, greedy=True))
+        hs = evaluate_fewshot(model, tok, task, 0, limit=1000)
+        out[dtype] = {"val_ppl": math.exp(nll), "hellaswag_acc": hs.value, "hellaswag_stderr": hs.stderr,
+                      "hellaswag_items": hs.examples}
+        if ref is None:
+            ref = out[dtype] | {"greedy": greedy}
+        out[dtype]["ppl_vs_fp32"] = out[dtype]["val_ppl"] / ref["val_ppl"] - 1
+        out[dtype]["greedy_agreement_vs_fp32"] = agreement(greedy, ref["greedy"])
+        print(f"quality {dtype}: " + ", ".join(f"{k} {v:.4f}" for k, v in out[dtype].items()), flush=True)
+    return {"run": run, "corpus": corpus, "val_windows": 25 * 16, "greedy_prompts": len(prompts), **out}
+
+
 def main():
     import transformers
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="fp32,bf16,int8")
+    ap.add_argument("--quality-minutes", type=float, default=6.0, help="pretraining of the quality model (0: none)")
+    ap.add_argument("--quality-run")
+    ap.add_argument("--quality-corpus")
+    args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     config = get_preset("gpt2").config.replace(dropout=0.0)
+    tok = load_tokenizer(SHARED / "gpt2-bpe")  # CTranslate2's converter needs a vocabulary
     torch.manual_seed(0)
-    model = GPT(config).eval()
+    base = GPT(config).eval()
     work = Path(tempfile.mkdtemp())
-    save_checkpoint(work / "run", config, model.state_dict())
-    export_hf(work / "run", work / "hf")
+    save_checkpoint(work / "run", config, base.state_dict(), tokenizer=tok)
+    export_hf(work / "run", work / "hf", say=lambda m: None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(work / "hf").eval()
+    ct2 = {ct: ct2_generator(work / "hf", work / f"ct2-{ct}", ct) for ct in ("float32", "int8")}
+    models = {d: prepare_for_inference(copy.deepcopy(base), d) for d in dtypes}
 
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "wpe.weight")
     bandwidth = copy_bandwidth()
-    limit = bandwidth / weight_bytes
-    model.prepack_for_cpu_inference()  # as `gptn generate` does on CPU
+    n_weights = sum(p.numel() for n, p in base.named_parameters() if n != "wpe.weight")
+    bytes_per_weight = {"fp32": 4, "bf16": 2, "int8": 1}
     g = torch.Generator().manual_seed(1)
+    id_to_token = {i: t for t, i in {**tok.vocab, **tok.special_tokens}.items()}
     rows, res = [], {}
     for batch in (1, 8):
         prompts = torch.randint(0, config.vocab_size, (batch, PROMPT), generator=g)
         sampling = SamplingConfig(max_new_tokens=NEW, greedy=True)
-        ours_out = []
-        ours = best_time(lambda: ours_out.append(generate_ids(model, prompts.tolist(), sampling)))
+        speed, outputs = {}, {}
+        for dtype, model in models.items():
+            outs = []
+            speed[f"gptn {dtype}"] = batch * NEW / best_time(lambda: outs.append(generate_ids(model, prompts.tolist(), sampling)))
+            outputs[f"gptn {dtype}"] = outs[-1]
         with torch.no_grad():
-            theirs_out = []
-            theirs = best_time(lambda: theirs_out.append(hf.generate(
+            outs = []
+            speed["HF fp32"] = batch * NEW / best_time(lambda: outs.append(hf.generate(
                 prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=NEW,
-                min_new_tokens=NEW, use_cache=True, pad_token_id=0)))
-        same = ours_out[-1] == theirs_out[-1][:, PROMPT:].tolist()
-        ours_tps, theirs_tps = batch * NEW / ours, batch * NEW / theirs
-        res[f"batch{batch}"] = {"gptn_tokens_per_s": ours_tps, "hf_tokens_per_s": theirs_tps,
-                                "ratio": ours_tps / theirs_tps, "identical_tokens": same}
-        rows.append((f"batch {batch}", f"{ours_tps:.1f}", f"{theirs_tps:.1f}", f"{ours_tps / theirs_tps:.2f}x",
-                     "yes" if same else "NO"))
+                min_new_tokens=NEW, use_cache=True, pad_token_id=0)[:, PROMPT:].tolist()))
+            outputs["HF fp32"] = outs[-1]
+        tokens = [[id_to_token[i] for i in row] for row in prompts.tolist()]
+        for ct, name in (("float32", "CTranslate2 fp32"), ("int8", "CTranslate2 int8")):
+            outs = []
+            speed[name] = batch * NEW / best_time(lambda: outs.append(ct2_generate(ct2[ct], tokens, tok.vocab)))
+            outputs[name] = outs[-1]
+        ref = outputs["gptn fp32"] if "gptn fp32" in outputs else outputs["HF fp32"]
+        res[f"batch{batch}"] = {name: {"tokens_per_s": tps, "agreement_vs_fp32": agreement(outputs[name], ref)}
+                                for name, tps in speed.items()}
+        for name, tps in speed.items():
+            rows.append((f"batch {batch}", name, f"{tps:.1f}", f"{agreement(outputs[name], ref):.3f}"))
+    ratios = {}
+    for b in (1, 8):
+        r = {k: v["tokens_per_s"] for k, v in res[f"batch{b}"].items()}
+        ratios.update({f"ratio_int8_vs_ct2_batch{b}": r.get("gptn int8", 0) / r["CTranslate2 int8"],
+                       f"ratio_fp32_vs_ct2_batch{b}": r.get("gptn fp32", 0) / r["CTranslate2 fp32"],
+                       f"ratio_batch{b}": r.get("gptn fp32", 0) / r["HF fp32"]})
+    r1 = {k: v["tokens_per_s"] for k, v in res["batch1"].items()}
+    if "gptn bf16" in r1 and "gptn fp32" in r1:
+        ratios["ratio_bf16_vs_fp32_batch1"] = r1["gptn bf16"] / r1["gptn fp32"]
+    limits = {d: bandwidth / (n_weights * bytes_per_weight[d]) for d in dtypes}
     with torch.no_grad():
         long = torch.randint(0, config.vocab_size, (1, 1024), generator=g)
-        prefill = best_time(lambda: model(long, last_only=True), reps=3)
+        prefill = {d: best_time(lambda: m(long, last_only=True), reps=3) for d, m in models.items()}
         hf_prefill = best_time(lambda: hf(long, logits_to_keep=1), reps=3)
+    res.update(ratios)
     res.update({
-        "ratio_batch1": res["batch1"]["ratio"], "ratio_batch8": res["batch8"]["ratio"],
-        "bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": weight_bytes,
-        "bandwidth_limit_tokens_per_s_batch1": limit,
-        "fraction_of_bandwidth_limit_batch1": res["batch1"]["gptn_tokens_per_s"] / limit,
+        "bandwidth_bytes_per_s": bandwidth, "weights_per_token": n_weights,
+        "bandwidth_limit_tokens_per_s_batch1": limits,
+        "fraction_of_bandwidth_limit_batch1": {d: r1[f"gptn {d}"] / limits[d] for d in dtypes},
         "prefill_1x1024_seconds": prefill, "hf_prefill_1x1024_seconds": hf_prefill,
-        "prompt_tokens": PROMPT, "new_tokens": NEW, "precision": "fp32",
-        "targets": {"ratio_batch1": 1.25, "ratio_batch8": 1.5}, "machine": machine()})
-    print(table(rows, ("greedy decode", "gptn tok/s", "HF tok/s", "ratio", "same tokens")))
-    print(f"batch-1 bandwidth limit: {limit:.1f} tok/s ({bandwidth / 1e9:.1f} GB/s copy, {weight_bytes / 1e6:.0f} MB "
-          f"of weights per token); gptn reaches {res['fraction_of_bandwidth_limit_batch1']:.0%} of it")
-    print(f"prefill 1x1024 (last-position logits): gptn {prefill * 1e3:.0f} ms, HF {hf_prefill * 1e3:.0f} ms")
+        "prompt_tokens": PROMPT, "new_tokens": NEW,
+        "targets": {"ratio_int8_vs_ct2_batch1": 1.0, "ratio_int8_vs_ct2_batch8": 1.0, "ratio_fp32_vs_ct2_batch1": 1.1,
+                    "ratio_fp32_vs_ct2_batch8": 1.1, "ratio_bf16_vs_fp32_batch1": 1.7, "ratio_batch1": 1.25,
+                    "ratio_batch8": 1.5},
+        "native_bf16": __import__("gptn.inference", fromlist=["native_bf16"]).native_bf16(), "machine": machine()})
+    import ctranslate2
+    res["machine"]["ctranslate2"] = ctranslate2.__version__
+    print(table(rows, ("greedy decode", "engine", "tok/s", "same tokens as gptn fp32 (share)")))
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print("batch-1 bandwidth limit: " + ", ".join(f"{d} {limits[d]:.1f} tok/s ({res['fraction_of_bandwidth_limit_batch1'][d]:.0%} reached)"
+                                                  for d in dtypes) + f" at {bandwidth / 1e9:.1f} GB/s copy")
+    print("prefill 1x1024 (last-position logits): " + ", ".join(f"gptn {d} {t * 1e3:.0f} ms" for d, t in prefill.items())
+          + f", HF fp32 {hf_prefill * 1e3:.0f} ms")
+    if not args.quality_run and args.quality_minutes > 0:
+        args.quality_run, args.quality_corpus = train_quality_model(work, args.quality_minutes)
+    if args.quality_run:
+        res["quality"] = quality(args.quality_run, args.quality_corpus, dtypes)
     print("wrote", write_results("generate", res))
 
 

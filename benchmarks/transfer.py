@@ -83,10 +83,12 @@ LM = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0, bias=False)
 LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
 
 
-def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, snapshots: int = 4) -> dict:
+def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, snapshots: int = 4,
+                   steps: int | None = None) -> dict:
     """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2, optionally pretrain
     on Gutenberg first and continue on IMDB through init_from; keeps `snapshots` weight snapshots for
-    the gain-vs-tokens curve. Skips whatever is already in `work`."""
+    the gain-vs-tokens curve. `steps` pins the IMDB stage's length (reproduces an earlier run whatever
+    else the machine is doing) instead of estimating it from `seconds`. Skips whatever is already in `work`."""
     corpus = work / "imdb-corpus"
     if not (corpus / "manifest.json").exists():
         t0 = time.time()
@@ -106,13 +108,15 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, snaps
         run = work / f"pretrained-{name}"
         if not (run / "checkpoint").is_dir():
             config = GPTConfig(vocab_size=Corpus(data).tokenizer.vocab_size, **LM)
-            steps = int(budget / _seconds_per_step(config, LM_BATCH, "muon"))
+            pinned = steps if name == "imdb" else None
+            n_steps = pinned or int(budget / _seconds_per_step(config, LM_BATCH, "muon"))
             pretrain(PretrainConfig(
                 corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
-                steps=steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",
-                muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=max(1, steps // 8), eval_batches=40,
-                checkpoint_interval=max(1, steps // 8), snapshot_interval=max(1, steps // snapshots) if name == "imdb" else None,
-                max_seconds=budget * 1.1, progress=False))
+                steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",
+                muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=max(1, n_steps // 8), eval_batches=40,
+                checkpoint_interval=max(1, n_steps // 8),
+                snapshot_interval=max(1, n_steps // snapshots) if name == "imdb" else None,
+                max_seconds=None if pinned else budget * 1.1, progress=False))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_loss" in r]
@@ -261,12 +265,42 @@ LAMBDAS = {"aux": 0.5, "no aux": 0.0}
 SECTIONS = ("sst2", "imdb", "curve", "tokens", "glue")
 
 
+def earlier_results(pre: dict, sections: list[str]) -> dict:
+    """results/transfer.json, for --merge. Measured on the same pretrained weights (same steps, tokens
+    and validation loss), every cell it holds is kept; on other weights (the same recipe rerun: BPE
+    training and CPU threads do not reproduce bit for bit), only whole sections this run does not redo,
+    recorded as carried over with that pretraining's figures."""
+    from common import RESULTS
+    path = RESULTS / "transfer.json"
+    if not path.exists():
+        sys.exit(f"--merge: {path} does not exist")
+    old = json.loads(path.read_text())
+    mine, theirs = pre["imdb"], old.get("pretraining", {}).get("imdb", {})
+    if any(mine[k] != theirs.get(k) for k in ("steps", "tokens", "val_loss")):
+        ran = [x for x in SECTIONS if x not in old.get("sections_not_run", [])]
+        keep = [x for x in old.get("sections_run", ran) if x not in sections]
+        print(f"--merge: {path} was measured on other pretrained weights (validation loss {theirs.get('val_loss')}, "
+              f"this run {mine['val_loss']}): keeping its sections {', '.join(keep) or 'none'} only", flush=True)
+        carried = {"sections": keep, "pretraining": old.get("pretraining"), "machine": old.get("machine")}
+        old = {k: v for k, v in old.items() if k in ("label_curve", "gain_vs_pretraining_tokens") and
+               {"label_curve": "curve", "gain_vs_pretraining_tokens": "tokens"}[k] in keep}
+        old["sections_run"], old["carried_from_other_pretraining"] = keep, carried
+        return old
+    old.setdefault("sections_run", [x for x in SECTIONS if x not in old.get("sections_not_run", [])])
+    return old
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/gptn-transfer")
     ap.add_argument("--pretrain-seconds", type=float, default=2700, help="IMDB pretraining budget (default 45 min)")
     ap.add_argument("--books-seconds", type=float, default=0,
                     help="pretrain on Gutenberg this long first, then on IMDB from it (--init-from)")
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="pin the IMDB pretraining's steps (reproduces an earlier run) instead of timing --pretrain-seconds")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep what results/transfer.json holds that this run does not redo (refused unless its "
+                         "pretraining has the same steps, tokens and validation loss as this run's)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the corpus, the pretrained runs and the fine-tuning results already in --work")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per cell of the SST-2 grid")
@@ -278,7 +312,7 @@ def main():
     args = ap.parse_args()
     sections = [x for x in args.sections.split(",") if x]
     unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown or (("curve" in sections or "tokens" in sections) and "sst2" not in sections):
+    if unknown or (("curve" in sections or "tokens" in sections) and "sst2" not in sections and not args.merge):
         ap.error(f"--sections: {', '.join(unknown) or 'curve and tokens need sst2'}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.work)
@@ -287,24 +321,25 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     reused = (work / "pretrained-imdb" / "checkpoint").is_dir()
-    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds)
+    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, steps=args.pretrain_steps)
     source = work / "pretrained-imdb"
     print("pretraining: " + json.dumps(pre), flush=True)
+    earlier = earlier_results(pre, sections) if args.merge else {}
     t_ft = time.time()
     sets = labeled_sets(work)
     steps = Corpus(work / "imdb-corpus").tokenizer.normalize
     seeds = {"SST-2": list(range(1, args.seeds + 1)), "IMDB": list(range(1, args.imdb_seeds + 1))}
     curve_seeds = list(range(1, args.curve_seeds + 1))
     tasks = [t for t, sec in (("SST-2", "sst2"), ("IMDB", "imdb")) if sec in sections]
-    bow = {task: cached(work, {"name": "tfidf", "source": source, "train": sets[task]["train"]},
-                        lambda: tfidf_baseline(sets[task]["train"], sets[task]["report"], steps)) for task in tasks}
+    bow = {**earlier.get("tfidf_logreg", {}), **{task: cached(work, {"name": "tfidf", "source": source, "train": sets[task]["train"]},
+                        lambda: tfidf_baseline(sets[task]["train"], sets[task]["report"], steps)) for task in tasks}}
     print("TF-IDF + logistic regression: " + json.dumps(bow), flush=True)
     probes = [(task, init) for task in tasks for init in ("pretrained", "random init")
               if init == "pretrained" or task == "SST-2"]
-    probe = {f"{task}: {init}": cached(work, {"name": f"probe {init}", "source": source, "train": sets[task]["train"]},
+    probe = {**earlier.get("frozen_probe", {}), **{f"{task}: {init}": cached(work, {"name": f"probe {init}", "source": source, "train": sets[task]["train"]},
                                        lambda: frozen_probe(source, sets[task]["train"], sets[task]["report"],
                                                             init == "random init"))
-             for task, init in probes}
+             for task, init in probes}}
     print("frozen features + logistic regression: " + json.dumps(probe), flush=True)
 
     def arm(init: str, task: str, lm_weight: float, tag: str, seeds: list[int], run: Path = source, **extra) -> dict:
@@ -323,13 +358,18 @@ def main():
                     continue
                 print(f"{task}, {init}, {aux}:", flush=True)
                 grid[(task, init, aux)] = arm(init, task, lm_weight, task.lower(), seeds[task])
+    for key, cell in earlier.get("ablation", {}).items():
+        task, init, aux = key.replace(", ", ": ").split(": ")
+        if task in ("SST-2", "IMDB"):
+            grid.setdefault((task, init, aux), cell)
+    tasks = [t for t in ("SST-2", "IMDB") if any((t, init, aux) in grid for init in RECIPES for aux in LAMBDAS)]
     best = {(task, init): max((a for a in LAMBDAS if (task, init, a) in grid), key=lambda a: grid[(task, init, a)]["mean"])
             for task in tasks for init in RECIPES}
     top = {(task, init): grid[(task, init, best[(task, init)])]["mean"] for task, init in best}
-    results = {}
+    results = {k: v for k, v in earlier.items() if k in ("label_curve", "gain_vs_pretraining_tokens")}
     pm = lambda r: f"{100 * r['mean']:.1f} ± {100 * r['se']:.1f}"  # noqa: E731
     if tasks:
-        print(f"\n{N_LABELED:,} labels, mean ± s.e. of " + ", ".join(f"{len(seeds[t])} seeds ({t})" for t in tasks))
+        print(f"\n{N_LABELED:,} labels, mean ± s.e. over seeds")
         print(table([(f"{init}, {aux}", *(pm(grid[(t, init, aux)]) if (t, init, aux) in grid else "not run" for t in tasks))
                      for init in RECIPES for aux in LAMBDAS],
                     ("model", *(f"{t} acc" for t in tasks))))
@@ -376,6 +416,10 @@ def main():
         results["gain_vs_pretraining_tokens"] = by_tokens
 
     glue = {}
+    for key, cell in earlier.get("ablation", {}).items():
+        task, init, aux = key.replace(", ", ": ").split(": ")
+        if task not in ("SST-2", "IMDB") and "glue" not in sections:
+            glue[(task, init, aux)] = cell
     if "glue" in sections:
         # GPT-1's Table 5, small: rows pretrained / scratch x aux / no aux (GLUE tasks: one seed, dev).
         for init in RECIPES:
@@ -385,12 +429,25 @@ def main():
                                                    GLUE / task / "train.tsv", GLUE / task / "dev.tsv", None,
                                                    from_scratch=init == "scratch", lm_weight=lm_weight,
                                                    max_train_examples=N_LABELED, **RECIPES[init])
+    if glue:
         print(f"\nGLUE, {N_LABELED:,} training examples, one seed, dev")
         print(table([(f"{init}, {aux}", f"{100 * glue[('RTE', init, aux)]['value']:.1f}",
                       f"{glue[('MRPC', init, aux)]['value']:.3f}", f"{glue[('STS-B', init, aux)]['value']:.3f}")
                      for init in RECIPES for aux in LAMBDAS], ("model", "RTE acc", "MRPC F1", "STS-B r")))
 
+    # GPT-1's Table 5 layout: one row per arm, one column per task (mean over seeds where there are several).
+    columns = [(t, m) for t, m in (("SST-2", "acc"), ("IMDB", "acc"), ("RTE", "acc"), ("MRPC", "F1"), ("STS-B", "r"))
+               if any((t, i, a) in {**grid, **glue} for i in RECIPES for a in LAMBDAS)]
+    cells = {**grid, **glue}
+    gpt1_table = {f"{init}, {aux}": {f"{t} {m}": round(cells[(t, init, aux)].get("mean", cells[(t, init, aux)].get("value")), 4)
+                                     for t, m in columns if (t, init, aux) in cells}
+                  for init in RECIPES for aux in LAMBDAS}
+    if columns:
+        print("\nGPT-1's Table 5, small")
+        print(table([(row, *(f"{v[f'{t} {m}']:.3f}" if f"{t} {m}" in v else "not run" for t, m in columns))
+                     for row, v in gpt1_table.items()], ("model", *(f"{t} {m}" for t, m in columns))))
     results.update({
+        "gpt1_table": gpt1_table,
         "ablation": {f"{task}: {init}, {aux}": v for (task, init, aux), v in {**grid, **glue}.items()},
         "best_lambda": {f"{task}: {init}": b for (task, init), b in best.items()},
         "tfidf_logreg": bow,
@@ -401,10 +458,15 @@ def main():
                         "tokenizer": "bpe:8192"},
         "protocol": (f"{N_LABELED:,} labels; the epoch kept is the best on a 500-example selection set held out of "
                      "the training data, and that checkpoint is reported on SST-2 dev (872) / 5,000 IMDB test "
-                     f"reviews; 3 epochs, batch 32, warm-up 0.2% then linear decay, dropout 0.1; seeds: SST-2 grid "
-                     f"{len(seeds['SST-2'])}, IMDB grid {len(seeds['IMDB'])} (λ {args.imdb_lambdas}), label and token curves "
-                     f"{len(curve_seeds)}"),
-        "sections_not_run": [x for x in SECTIONS if x not in sections],
+                     "reviews; 3 epochs, batch 32, warm-up 0.2% then linear decay, dropout 0.1; each cell's seeds are "
+                     "its `values`; GLUE tasks one seed, reported on dev"),
+        "sections_run": sorted(set(sections) | set(earlier.get("sections_run", [])), key=SECTIONS.index),
+        "sections_not_run": [x for x in SECTIONS if x not in sections and x not in earlier.get("sections_run", [])],
+        **({"carried_from_other_pretraining": earlier["carried_from_other_pretraining"]}
+           if "carried_from_other_pretraining" in earlier else {}),
+        **({"earlier_run": earlier.get("earlier_run") or {k: earlier[k] for k in ("sections_run", "finetune_seconds",
+                                                                                   "total_seconds", "machine")}}
+           if earlier and "carried_from_other_pretraining" not in earlier else {}),
         "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all),
         "pretraining_reused": reused, "machine": machine()})
     print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")

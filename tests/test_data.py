@@ -122,6 +122,9 @@ def test_bad_input_errors(tmp_path, capsys):
     (tmp_path / "empty" / "e.txt").write_text("")
     assert main(["prepare", str(tmp_path / "empty"), "--tokenizer", "char", "--out", str(tmp_path / "o")]) == 2
     assert "corpus is empty" in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
+    assert main(["prepare", str(tmp_path / "nothing"), "--tokenizer", "char", "--out", str(tmp_path / "o")]) == 2
+    assert "is a folder with no files in it" in capsys.readouterr().err
     (tmp_path / "bin.dat").write_bytes(b"\x00\x01\x02binary")
     assert main(["prepare", str(tmp_path / "bin.dat"), "--tokenizer", "char", "--out", str(tmp_path / "o")]) == 2
     assert "binary file" in capsys.readouterr().err

@@ -8,7 +8,8 @@ from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig
 from gptn.generate import SamplingConfig, filter_logits, generate, generate_ids, next_token_probs, score
-from gptn.model import GPT, _CpuInferenceLinear, _row_times_weight
+from gptn.inference import _CpuInferenceLinear, _row_times_weight, prepare_for_inference
+from gptn.model import GPT
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()
     packed = GPT(plain.config).eval()
     packed.load_state_dict(plain.state_dict())
-    packed.prepack_for_cpu_inference()
+    prepare_for_inference(packed)
     assert all(isinstance(m.forward, _CpuInferenceLinear) for m in packed.modules() if isinstance(m, torch.nn.Linear))
     x = torch.randint(0, tok.vocab_size, (4, 3))
     with torch.no_grad():
@@ -161,6 +162,38 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     prompts = [[1, 2, 3], [4], [5, 6]]
     cfg = SamplingConfig(max_new_tokens=20, greedy=True)
     assert generate_ids(packed, prompts, cfg) == generate_ids(plain, prompts, cfg)
+
+
+@pytest.mark.parametrize("dtype, tol", [("bf16", 0.02), ("int8", 0.05)])
+def test_bf16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
+    torch.manual_seed(1)
+    plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=64, dropout=0.0)).eval()
+    fast = GPT(plain.config)
+    fast.load_state_dict(plain.state_dict())
+    prepare_for_inference(fast, dtype)
+    x = torch.randint(0, tok.vocab_size, (4, 12))
+    with torch.no_grad():
+        for rows in (x, x[:1, :1], torch.randint(0, tok.vocab_size, (2, 40))):
+            want, got = plain(rows), fast(rows).float()
+            assert (got - want).abs().max() <= tol * want.abs().max()
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    out = generate_ids(fast, prompts, SamplingConfig(max_new_tokens=12, greedy=True))
+    assert [len(o) for o in out] == [12, 12, 12]
+    if dtype == "int8":  # the fp32 weights stay for training: with gradients, the exact fp32 function
+        torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_dtype_flag_on_the_command_line(run, capsys):
+    assert main(["generate", run, "--prompt", "the", "--max-new-tokens", "6", "--greedy", "--dtype", "int8"]) == 0
+    assert len(capsys.readouterr().out) > 0
+    assert main(["next", run, "the", "--dtype", "auto"]) == 0
+    assert "--dtype auto: " in capsys.readouterr().err  # says what it picked
+    assert main(["score", run, "--text", "the cat", "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fp32, bf16, int8, auto" in err
+    assert main(["generate", run, "--prompt", "a", "--device", "cuda", "--dtype", "int8"]) == 2
+    assert "CPU path" in capsys.readouterr().err
 
 
 def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(model, tok):

@@ -135,3 +135,59 @@ def test_exported_tokenizer_gives_gptns_ids_and_specials(kind, tmp_path):
     assert {"<|start|>", "<|delim|>", "<|extract|>", "<|endoftext|>"} <= set(hf.all_special_tokens)
     assert hf.model_max_length == 40 and hf.eos_token == "<|endoftext|>"
     assert load_tokenizer(tmp_path / "hf").encode(TEXT) == tok.encode(TEXT)  # and back: import-hf reads it
+
+
+@pytest.mark.parametrize("norm, task", [("pre", "classification"), ("post", "entailment")])
+def test_finetuned_run_exports_as_a_text_classification_pipeline(norm, task, tmp_path, capsys):
+    # GPT-2 (pre-LN) -> GPT2ForSequenceClassification, GPT-1 (post-LN) -> OpenAIGPTForSequenceClassification:
+    # the exported tokenizer frames the input like GPT-1 and the model reads the extract token, so the
+    # pipeline's labels and probabilities are gptn predict's.
+    from gptn.checkpoint import save_checkpoint
+    from gptn.config import GPTConfig
+    from gptn.finetune import FinetuneConfig, finetune, load_task_model, predict, read_task_file
+    from gptn.model import GPT
+    from gptn.tokenizer import CharTokenizer
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0, norm=norm))
+    save_checkpoint(tmp_path / "pre", gpt.config, gpt.state_dict(), tokenizer=tok)
+    words = ["good", "great", "nice", "bad", "awful", "poor"]
+    if task == "classification":
+        rows = ["sentence\tlabel"] + [f"the {w} movie\t{'pos' if i % 6 < 3 else 'neg'}" for i, w in enumerate(words * 4)]
+    else:
+        rows = ["sentence1\tsentence2\tlabel"] + [f"it was {w}\tit was {v}\t{'same' if w == v else 'other'}"
+                                                  for w in words for v in words]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    finetune(FinetuneConfig(run=str(tmp_path / "pre"), out=str(tmp_path / "ft"), train=str(tmp_path / "train.tsv"),
+                            epochs=3, batch_size=8, lr=3e-3, progress=False))
+    model, gtok = load_task_model(tmp_path / "ft")
+    assert model.head.bias.abs().max() > 1e-3  # trained: the folded bias matters
+    assert main(["export-hf", str(tmp_path / "ft"), str(tmp_path / "hf")]) == 0
+    assert "folded" in capsys.readouterr().err
+
+    clf = transformers.pipeline("text-classification", model=str(tmp_path / "hf"), top_k=None)
+    assert type(clf.model).__name__ == ("GPT2" if norm == "pre" else "OpenAIGPT") + "ForSequenceClassification"
+    examples = read_task_file(tmp_path / "train.tsv").examples[:6]
+    want = predict(model, gtok, examples)
+    inputs = [x.segments[0] if task == "classification" else {"text": x.segments[0], "text_pair": x.segments[1]}
+              for x in examples]
+    for got, ref in zip(clf(inputs), want):
+        assert max(got, key=lambda g: g["score"])["label"] == ref["prediction"]
+        assert {g["label"]: g["score"] for g in got} == pytest.approx(ref["probs"], abs=1e-5)
+
+
+def test_a_finetuned_run_hf_cannot_express_is_refused_in_one_line(tmp_path, capsys):
+    from gptn.checkpoint import save_checkpoint
+    from gptn.config import GPTConfig
+    from gptn.finetune import FinetuneConfig, finetune
+    from gptn.model import GPT
+    from gptn.tokenizer import CharTokenizer
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=32, n_layer=1, n_head=2, d_model=16, dropout=0.0))
+    save_checkpoint(tmp_path / "pre", gpt.config, gpt.state_dict(), tokenizer=tok)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nthe good\tpos\nthe bad\tneg\n")
+    finetune(FinetuneConfig(run=str(tmp_path / "pre"), out=str(tmp_path / "ft"), train=str(tmp_path / "train.tsv"),
+                            epochs=1, pooling="mean", progress=False))
+    assert main(["export-hf", str(tmp_path / "ft"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--pooling extract" in err and not (tmp_path / "hf").exists()

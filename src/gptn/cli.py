@@ -268,13 +268,19 @@ def cmd_quickstart(sub):
 
 # --- generation ---------------------------------------------------------------------------------
 
-def _load_run(run: str, device: str = "cpu"):
+DTYPE_HELP = ("weights for decoding: fp32 (default), bf16, int8 (CPU: int8 weights per output channel, "
+              "fbgemm), or auto (bf16 where the hardware has it natively, else fp32)")
+
+
+def _load_run(run: str, device: str = "cpu", dtype: str = "fp32"):
     from .checkpoint import load_model
+    from .inference import prepare_for_inference, resolve_dtype
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_dtype(dtype, device)  # a bad --dtype is refused before the weights are read
     model, tokenizer = load_model(run, device=device)
-    model.prepack_for_cpu_inference()  # these commands only read the model
+    prepare_for_inference(model, dtype, say=lambda m: print(m, file=sys.stderr))  # these commands only read the model
     if tokenizer is None:
         raise GptnError(f"{run} has no tokenizer saved beside the model")
     return model, tokenizer
@@ -290,6 +296,7 @@ def cmd_next(sub):
     sub.add_argument("--json", action="store_true", help="print [{token, id, prob}, ...] (with --words: "
                      "{\"top\": [...], \"words\": [{word, tokens, prob}, ...]})")
     sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
         from .generate import next_token_probs, word_probs
@@ -298,7 +305,7 @@ def cmd_next(sub):
         words = [w.strip() for w in (args.words or "").split(",") if w.strip()]
         if args.words is not None and not words:
             raise GptnError("--words: expected comma-separated words, e.g. --words tired,hot")
-        model, tok = _load_run(args.run, args.device)
+        model, tok = _load_run(args.run, args.device, args.dtype)
         rows = next_token_probs(model, tok, args.prompt, args.top)
         named = word_probs(model, tok, args.prompt, words) if words else []
         if args.json:
@@ -348,6 +355,7 @@ def cmd_generate(sub):
                      help="prompt (repeatable; empty = start of a document)")
     sub.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     sub.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     _sampling_args(sub)
 
@@ -355,7 +363,7 @@ def cmd_generate(sub):
         from .generate import generate
         from .model import require_decoder
         sampling = _sampling_from(args)
-        model, tok = _load_run(args.run, args.device)
+        model, tok = _load_run(args.run, args.device, args.dtype)
         require_decoder(model, "generate text")  # before any output is streamed
         prompts = args.prompt or [""]
         rows = len(prompts) * args.num_samples
@@ -392,6 +400,7 @@ def cmd_score(sub):
     sub.add_argument("--tokens", action="store_true", help="also print every token's log-probability")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
         from .generate import score
@@ -404,7 +413,7 @@ def cmd_score(sub):
                 raise GptnError(f"cannot read {args.file}: {e}") from None
         else:
             text = args.text
-        model, tok = _load_run(args.run, args.device)
+        model, tok = _load_run(args.run, args.device, args.dtype)
         s = score(model, tok, text, stride=args.stride)
         summary = {"tokens": len(s.tokens), "bytes": s.n_bytes, "log_likelihood": s.total_logprob,
                    "perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte}
@@ -570,13 +579,14 @@ def cmd_fewshot(sub):
     sub.add_argument("--plot", help="write a PNG of the metric against K here")
     sub.add_argument("--json", action="store_true", help="print one JSON object per K")
     sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
         from .fewshot import evaluate_fewshot, load_task, plot_metric_vs_shots
         if args.limit is not None and args.limit < 1:
             raise GptnError(f"--limit must be >= 1, got {args.limit}")
         task = load_task(args.task, args.data_dir)
-        model, tok = _load_run(args.run, args.device)
+        model, tok = _load_run(args.run, args.device, args.dtype)
         results = []
         if not args.json:
             print(f"{task.name} ({task.kind}); chance {task.chance if task.chance is not None else 'n/a'}")
@@ -666,6 +676,7 @@ def cmd_serve(sub):
     sub.add_argument("--max-body", type=int, help="largest request body in bytes, refused with 413 before "
                      "parsing (default 1 KiB per context token, at least 1 MiB)")
     sub.add_argument("--device", default="cpu")
+    sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
         from .serve import serve
@@ -675,7 +686,7 @@ def cmd_serve(sub):
             raise GptnError(f"--max-batch must be >= 1, got {args.max_batch}")
         if args.max_body is not None and args.max_body < 1:
             raise GptnError(f"--max-body must be >= 1, got {args.max_body}")
-        serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device,
+        serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device, args.dtype,
               args.max_body)
     return run
 

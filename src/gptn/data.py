@@ -191,6 +191,8 @@ def expand_sources(sources: list[str]) -> list[tuple[Path, bool]]:
             files.append((path, True))
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise GptnError(f"corpus source {src} is a folder with no files in it")
             files.extend((p, False) for p in found)
         elif any(ch in src for ch in "*?["):
             matches = sorted(Path(p) for p in globlib.glob(src, recursive=True) if Path(p).is_file())

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_model, load_weights, save_checkpoint
+from .checkpoint import checkpoint_dir, load_model, load_weights, save_checkpoint
 from .config import GPTConfig, GptnError
 from .model import GPT
-from .tokenizer import copy_hf_tokenizer_files, load_tokenizer
+from .tokenizer import DELIM, EOT, EXTRACT, START, copy_hf_tokenizer_files, load_tokenizer
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT1_NAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
@@ -166,13 +166,27 @@ def hf_config(config: GPTConfig, tokenizer=None) -> dict:
 
 def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
     """`gptn export-hf RUN OUT`: write a folder that `AutoModelForCausalLM.from_pretrained` (and, with
-    the run's tokenizer, `AutoTokenizer`) loads. `say` gets notes on what the export cannot carry."""
-    model, tokenizer = load_model(run)
+    the run's tokenizer, `AutoTokenizer`) loads; a fine-tuned run becomes a sequence-classification
+    model (`pipeline("text-classification")`). `say` gets notes on what the export cannot carry."""
+    from .finetune import TASK_FILE, load_task_model
+
+    say = say or (lambda m: print(f"gptn export-hf: note: {m}", file=sys.stderr))
+    finetuned = (checkpoint_dir(run) / TASK_FILE).is_file()
+    if finetuned:
+        task_model, tokenizer = load_task_model(run)
+        model = task_model.gpt
+    else:
+        model, tokenizer = load_model(run)
     config = model.config
     if config.arch != "gpt":
         raise GptnError(f"{run} is a BERT-style encoder; export-hf writes GPT-2 / GPT-1 checkpoints only")
     hf_cfg = hf_config(config, tokenizer)
     state = {k: v for k, v in model.state_dict().items()}
+    if finetuned:
+        hf_cfg.update(_classifier_config(run, task_model.spec, hf_cfg["model_type"], tokenizer))
+        state.update(_classifier_weights(task_model, state))
+        say("the head's bias is folded into the last LayerNorm's bias (Hugging Face's score layer has none), so "
+            "this folder is a classifier only: export the run it was fine-tuned from for the language model")
     if not config.bias:  # Hugging Face GPT-2 always has biases: zeros are the same function
         for name, p in model.named_parameters():
             if name.endswith("weight") and name.replace("weight", "bias") not in state and "wte" not in name \
@@ -183,10 +197,63 @@ def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
         raise GptnError(f"{out} already exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    save_file(state_dict_to_hf(state, hf_cfg["model_type"]), str(out / "model.safetensors"),
+    score = {"score.weight": state.pop("score.weight")} if finetuned else {}
+    save_file({**state_dict_to_hf(state, hf_cfg["model_type"]), **score}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     if tokenizer is not None:
         for note in copy_hf_tokenizer_files(tokenizer, out, config.n_ctx):
-            (say or (lambda m: print(f"gptn export-hf: note: {m}", file=sys.stderr)))(note)
+            say(note)
+        if finetuned:
+            _frame_like_gpt1(out, tokenizer, task_model.spec.task)
+            say("the exported tokenizer truncates the end of an over-long input; gptn cuts its start")
     return out
+
+
+def _classifier_config(run, spec, model_type: str, tokenizer) -> dict:
+    """config.json fields of GPT2ForSequenceClassification / OpenAIGPTForSequenceClassification: both
+    read the last token that is not padding, which is GPT-1's extract token when the tokenizer frames
+    the input (and pads with <|endoftext|>)."""
+    if spec.pooling != "extract":
+        raise GptnError(f"{run} pools h_n by its mean (--pooling {spec.pooling}); Hugging Face's sequence "
+                        "classifiers read the last token: fine-tune with --pooling extract to export it")
+    if spec.task not in ("classification", "entailment"):
+        raise GptnError(f"{run} is a {spec.task} run; Hugging Face's sequence classifiers take one text or one "
+                        "pair (GPT-1's similarity adds two orderings, multiple choice scores K): export "
+                        "classification and entailment runs only")
+    if tokenizer is None or any(t not in tokenizer.special_tokens for t in (START, DELIM, EXTRACT)):
+        raise GptnError(f"{run} has no tokenizer with GPT-1's start / delimiter / extract tokens")
+    labels = ["score"] if spec.regression else spec.labels
+    architecture = "GPT2ForSequenceClassification" if model_type == "gpt2" else "OpenAIGPTForSequenceClassification"
+    return {"architectures": [architecture], "num_labels": len(labels), "pad_token_id": tokenizer.eot_id,
+            "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
+            "problem_type": "regression" if spec.regression else "single_label_classification"}
+
+
+def _classifier_weights(task_model, state: dict) -> dict:
+    """score.weight = the head's weight, and the head's bias b folded into the last LayerNorm's bias
+    (+ pinv(W)·b, so that W·(h + Δ) = W·h + b exactly while W has full row rank)."""
+    weight, bias = (p.detach().float() for p in (task_model.head.weight, task_model.head.bias))
+    delta = torch.linalg.pinv(weight) @ bias
+    if (weight @ delta - bias).abs().max() > 1e-4 * (1 + bias.abs().max()):
+        raise GptnError("the head's bias cannot be folded into the last LayerNorm (its weight is rank-deficient)")
+    config = task_model.gpt.config
+    ln = "ln_f.bias" if config.norm == "pre" else f"h.{config.n_layer - 1}.ln_2.bias"
+    base = state.get(ln, torch.zeros(config.d_model))
+    return {ln: (base.float() + delta).to(base.dtype), "score.weight": weight.to(task_model.head.weight.dtype)}
+
+
+def _frame_like_gpt1(out: Path, tokenizer, task: str) -> None:
+    """The exported tokenizer adds GPT-1's framing itself: <|start|> A <|extract|>, or
+    <|start|> A <|delim|> B <|extract|> for a pair, and pads with <|endoftext|>."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+
+    hf = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    specials = [(t, tokenizer.special_tokens[t]) for t in (START, DELIM, EXTRACT)]
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{START} $A {EXTRACT}", pair=f"{START} $A {DELIM} $B {EXTRACT}", special_tokens=specials)
+    hf.save(str(out / "tokenizer.json"))
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pad_token"] = EOT
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 

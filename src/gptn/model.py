@@ -45,52 +45,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def _row_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b) for a single row x (1, in), with W's rows cut into one slice per thread.
-
-    MKL multiplies one row by a matrix on one thread, which reads the weights at about half the
-    memory bandwidth of two cores; bmm over the slices (views, no copy) runs them side by side,
-    1.5x faster here. Decoding one sequence is exactly this product, weight-bound.
-    """
-    parts = torch.get_num_threads()
-    out_features, in_features = weight.shape
-    n = out_features // parts * parts
-    if parts < 2 or n == 0:
-        return F.linear(x, weight, bias)
-    x = x.reshape(1, in_features)
-    slices = weight[:n].view(parts, n // parts, in_features).transpose(1, 2)  # (parts, in, out/parts)
-    y = torch.bmm(x.expand(parts, 1, in_features), slices).view(1, n)
-    if n < out_features:
-        y = torch.cat([y, F.linear(x, weight[n:])], dim=1)
-    return y if bias is None else y.add_(bias)
-
-
-class _CpuInferenceLinear:
-    """x W^T + b for CPU inference, installed by GPT.prepack_for_cpu_inference as a linear layer's forward.
-
-    One row (decoding one sequence) goes to _row_times_weight. 2-64 rows (batched decoding) use a
-    oneDNN-prepacked copy of W: MKL's GEMM is slow when a few rows meet a large weight, and the
-    packed kernel runs a batch of 8 about 1.4x faster (2.5x for the tied softmax layer) here. More
-    rows (prefill), gradients, or a weight changed since packing: F.linear.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        with torch.no_grad():
-            self.packed = weight.to_mkldnn()
-            self.packed_bias = (bias if bias is not None else weight.new_zeros(weight.shape[0])).to_mkldnn()
-        self.weight, self.bias, self.version = weight, bias, weight._version
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() or not 1 <= rows <= 64 or self.weight._version != self.version \
-                or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        if rows == 1:
-            return _row_times_weight(x, self.weight, self.bias).view(*x.shape[:-1], -1)
-        y = torch._C._nn.mkldnn_linear(x.reshape(rows, -1).contiguous().to_mkldnn(), self.packed, self.packed_bias)
-        return y.to_dense().view(*x.shape[:-1], -1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -209,7 +163,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias) \
             if config.norm == "pre" else None
-        self._inference_head = None  # see prepack_for_cpu_inference
+        self._inference_head = None  # a faster h W_e^T for inference: gptn.inference.prepare_for_inference
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block.
         for name, p in self.named_parameters():
@@ -267,24 +221,8 @@ class GPT(nn.Module):
             return logits
         return logits, next_token_loss(logits, targets)
 
-    def prepack_for_cpu_inference(self) -> "GPT":
-        """Make every linear layer and the tied softmax layer run through _CpuInferenceLinear, in place.
-
-        Costs a second copy of the weights; does nothing off CPU, outside fp32, or where this torch
-        build lacks oneDNN.
-        """
-        if self.wte.weight.device.type != "cpu" or self.wte.weight.dtype != torch.float32 \
-                or not torch.backends.mkldnn.is_available() or self._inference_head is not None:
-            return self
-        self.eval()
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.forward = _CpuInferenceLinear(module.weight, module.bias)
-        self._inference_head = _CpuInferenceLinear(self.wte.weight)
-        return self
-
     def _tied_logits(self, h):
-        """h W_e^T, through the prepacked copy of W_e when prepack_for_cpu_inference made one."""
+        """h W_e^T (through the inference copy of W_e when gptn.inference.prepare_for_inference made one)."""
         if self._inference_head is not None:
             return self._inference_head(h)
         w = self.wte.weight
