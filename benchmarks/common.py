@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: machine description, medians, and writing results/NAME.json."""
+"""Shared by the benchmark scripts: machine description, medians, writing results/NAME.json, and the
+server helpers of the serving benchmarks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import platform
 import statistics
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,3 +58,22 @@ def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*map(str, r)) for r in [header, *rows])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def wait_healthy(port: int) -> None:
+    """Wait for a `gptn serve` on this port to answer /health."""
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")

@@ -1,20 +1,20 @@
-"""Decode speed of the `gpt2` (124M) config on CPU, greedy: gptn at fp32 / bf16 / int8 beside Hugging Face
+"""Decode speed of the `gpt2` (124M) config on CPU, greedy: gptn at fp32 / bf16 / fp16 / int8 beside Hugging Face
 `generate` (fp32) and CTranslate2 (fp32, int8: the CPU engine people pick), all in one run.
 
 Prompt 16 tokens, 256 new tokens, batch 1 and batch 8, the same random weights everywhere (exported with
 `gptn export-hf`, converted by CTranslate2's own converter); gptn as `gptn generate --dtype D` runs it
 (gptn.inference.prepare_for_inference). The batch-1 bandwidth limit of each dtype is the copy bandwidth
 measured in this run over the weight bytes read per token. Also: a 1 x 1024 prefill (last-position
-logits) at each dtype beside Hugging Face fp32.
+logits) at each dtype beside Hugging Face fp32 and bf16.
 
 Quality, on a model trained in this run (a 4 x 256 GPT, `bpe:8192`, --quality-minutes of pretraining on
 the first Gutenberg books; or --quality-run RUN --quality-corpus CORPUS): validation perplexity and
-greedy-token agreement of bf16 / int8 against fp32, and HellaSwag zero-shot accuracy on the same items.
+greedy-token agreement of bf16 / fp16 / int8 against fp32, and HellaSwag zero-shot accuracy on the same items.
 
 Targets (issue 22): int8 >= 1.0x CTranslate2 int8 and fp32 >= 1.1x CTranslate2 fp32 at batch 1 and 8;
-bf16 >= 1.7x fp32 at batch 1; fp32 >= 1.25x / 1.5x Hugging Face; prefill no slower than Hugging Face's.
+bf16 >= 1.7x fp32 at batch 1 (fp16, the other 2-byte path, reported beside it); fp32 >= 1.25x / 1.5x Hugging Face; prefill no slower than Hugging Face's.
 
-    python benchmarks/generate.py [--quality-minutes 6 | --quality-run RUN --quality-corpus CORPUS] [--dtypes fp32,bf16,int8]
+    python benchmarks/generate.py [--quality-minutes 6 | --quality-run RUN --quality-corpus CORPUS] [--dtypes fp32,bf16,fp16,int8]
 """
 
 import argparse
@@ -34,7 +34,7 @@ from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
 from gptn.generate import SamplingConfig, generate_ids  # noqa: E402
 from gptn.hf import export_hf  # noqa: E402
-from gptn.inference import prepare_for_inference  # noqa: E402
+from gptn.inference import native_bf16, prepare_for_inference  # noqa: E402
 from gptn.model import GPT  # noqa: E402
 from gptn.tokenizer import load_tokenizer  # noqa: E402
 
@@ -94,7 +94,7 @@ def train_quality_model(work: Path, minutes: float) -> tuple[str, str]:
     from gptn.data import prepare
     from gptn.pretrain import PretrainConfig, pretrain
     prepare([str(SHARED / "gutenberg" / "books-00.jsonl")], "bpe:8192", work / "books-corpus", max_docs=40,
-            progress=False)
+            val_fraction=0.1, progress=False)
     pretrain(PretrainConfig(corpus=str(work / "books-corpus"), out=str(work / "books-run"), preset="mini",
                             overrides={"n_layer": 4, "n_head": 4, "d_model": 256, "n_ctx": 128, "dropout": 0.0,
                                        "bias": False},
@@ -117,16 +117,21 @@ def quality(run: str, corpus: str, dtypes: list[str]) -> dict:
     for dtype in dtypes:
         model = prepare_for_inference(copy.deepcopy(base), dtype)
         with torch.no_grad():
-            nll = sum(torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item()
-                      for x, y in windows) / len(windows)
+            logits = [model(x).float() for x, _ in windows]
+        nll = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), y.flatten()).item()
+                  for lg, (_, y) in zip(logits, windows)) / len(windows)
+        argmax = torch.cat([lg.argmax(-1).flatten() for lg in logits])
         greedy = generate_ids(model, prompts, SamplingConfig(max_new_tokens=32, greedy=True))
         hs = evaluate_fewshot(model, tok, task, 0, limit=1000)
         out[dtype] = {"val_ppl": math.exp(nll), "hellaswag_acc": hs.value, "hellaswag_stderr": hs.stderr,
                       "hellaswag_items": hs.examples}
         if ref is None:
-            ref = out[dtype] | {"greedy": greedy}
+            ref = out[dtype] | {"greedy": greedy, "argmax": argmax}
         out[dtype]["ppl_vs_fp32"] = out[dtype]["val_ppl"] / ref["val_ppl"] - 1
+        # Free-running: each row's share of tokens before its first difference (strict: one near-tie
+        # flipped ends the row). Teacher-forced: the most likely next token at every validation position.
         out[dtype]["greedy_agreement_vs_fp32"] = agreement(greedy, ref["greedy"])
+        out[dtype]["argmax_agreement_vs_fp32"] = (argmax == ref["argmax"]).float().mean().item()
         print(f"quality {dtype}: " + ", ".join(f"{k} {v:.4f}" for k, v in out[dtype].items()), flush=True)
     return {"run": run, "corpus": corpus, "val_windows": 25 * 16, "greedy_prompts": len(prompts), **out}
 
@@ -134,7 +139,7 @@ def quality(run: str, corpus: str, dtypes: list[str]) -> dict:
 def main():
     import transformers
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="fp32,bf16,int8")
+    ap.add_argument("--dtypes", default="fp32,bf16,fp16,int8")
     ap.add_argument("--quality-minutes", type=float, default=6.0, help="pretraining of the quality model (0: none)")
     ap.add_argument("--quality-run")
     ap.add_argument("--quality-corpus")
@@ -146,6 +151,11 @@ def main():
     torch.manual_seed(0)
     base = GPT(config).eval()
     work = Path(tempfile.mkdtemp())
+    quality_res = None
+    if not args.quality_run and args.quality_minutes > 0:
+        args.quality_run, args.quality_corpus = train_quality_model(work, args.quality_minutes)
+    if args.quality_run:
+        quality_res = quality(args.quality_run, args.quality_corpus, dtypes)
     save_checkpoint(work / "run", config, base.state_dict(), tokenizer=tok)
     export_hf(work / "run", work / "hf", say=lambda m: None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(work / "hf").eval()
@@ -154,7 +164,7 @@ def main():
 
     bandwidth = copy_bandwidth()
     n_weights = sum(p.numel() for n, p in base.named_parameters() if n != "wpe.weight")
-    bytes_per_weight = {"fp32": 4, "bf16": 2, "int8": 1}
+    bytes_per_weight = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
     g = torch.Generator().manual_seed(1)
     id_to_token = {i: t for t, i in {**tok.vocab, **tok.special_tokens}.items()}
     rows, res = [], {}
@@ -189,24 +199,28 @@ def main():
                        f"ratio_fp32_vs_ct2_batch{b}": r.get("gptn fp32", 0) / r["CTranslate2 fp32"],
                        f"ratio_batch{b}": r.get("gptn fp32", 0) / r["HF fp32"]})
     r1 = {k: v["tokens_per_s"] for k, v in res["batch1"].items()}
-    if "gptn bf16" in r1 and "gptn fp32" in r1:
-        ratios["ratio_bf16_vs_fp32_batch1"] = r1["gptn bf16"] / r1["gptn fp32"]
+    for half in ("bf16", "fp16"):
+        if f"gptn {half}" in r1 and "gptn fp32" in r1:
+            ratios[f"ratio_{half}_vs_fp32_batch1"] = r1[f"gptn {half}"] / r1["gptn fp32"]
     limits = {d: bandwidth / (n_weights * bytes_per_weight[d]) for d in dtypes}
     with torch.no_grad():
         long = torch.randint(0, config.vocab_size, (1, 1024), generator=g)
         prefill = {d: best_time(lambda: m(long, last_only=True), reps=3) for d, m in models.items()}
         hf_prefill = best_time(lambda: hf(long, logits_to_keep=1), reps=3)
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+        hf_prefill_bf16 = best_time(lambda: hf_bf16(long, logits_to_keep=1), reps=3)
     res.update(ratios)
     res.update({
         "bandwidth_bytes_per_s": bandwidth, "weights_per_token": n_weights,
         "bandwidth_limit_tokens_per_s_batch1": limits,
         "fraction_of_bandwidth_limit_batch1": {d: r1[f"gptn {d}"] / limits[d] for d in dtypes},
         "prefill_1x1024_seconds": prefill, "hf_prefill_1x1024_seconds": hf_prefill,
+        "hf_bf16_prefill_1x1024_seconds": hf_prefill_bf16,
         "prompt_tokens": PROMPT, "new_tokens": NEW,
         "targets": {"ratio_int8_vs_ct2_batch1": 1.0, "ratio_int8_vs_ct2_batch8": 1.0, "ratio_fp32_vs_ct2_batch1": 1.1,
-                    "ratio_fp32_vs_ct2_batch8": 1.1, "ratio_bf16_vs_fp32_batch1": 1.7, "ratio_batch1": 1.25,
+                    "ratio_fp32_vs_ct2_batch8": 1.1, "ratio_bf16_vs_fp32_batch1": 1.7, "ratio_fp16_vs_fp32_batch1": 1.7, "ratio_batch1": 1.25,
                     "ratio_batch8": 1.5},
-        "native_bf16": __import__("gptn.inference", fromlist=["native_bf16"]).native_bf16(), "machine": machine()})
+        "native_bf16": native_bf16(), "machine": machine()})
     import ctranslate2
     res["machine"]["ctranslate2"] = ctranslate2.__version__
     print(table(rows, ("greedy decode", "engine", "tok/s", "same tokens as gptn fp32 (share)")))
@@ -214,11 +228,9 @@ def main():
     print("batch-1 bandwidth limit: " + ", ".join(f"{d} {limits[d]:.1f} tok/s ({res['fraction_of_bandwidth_limit_batch1'][d]:.0%} reached)"
                                                   for d in dtypes) + f" at {bandwidth / 1e9:.1f} GB/s copy")
     print("prefill 1x1024 (last-position logits): " + ", ".join(f"gptn {d} {t * 1e3:.0f} ms" for d, t in prefill.items())
-          + f", HF fp32 {hf_prefill * 1e3:.0f} ms")
-    if not args.quality_run and args.quality_minutes > 0:
-        args.quality_run, args.quality_corpus = train_quality_model(work, args.quality_minutes)
-    if args.quality_run:
-        res["quality"] = quality(args.quality_run, args.quality_corpus, dtypes)
+          + f", HF fp32 {hf_prefill * 1e3:.0f} ms, HF bf16 {hf_prefill_bf16 * 1e3:.0f} ms")
+    if quality_res:
+        res["quality"] = quality_res
     print("wrote", write_results("generate", res))
 
 

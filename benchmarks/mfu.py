@@ -24,7 +24,7 @@ from gptn.compute import training_flops_per_token  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
 from gptn.model import GPT  # noqa: E402
 from gptn.optim import make_optimizer  # noqa: E402
-from gptn.pretrain import GPU_BF16_PEAK, measure_matmul_peak  # noqa: E402
+from gptn.runtime import GPU_BF16_PEAK, measure_matmul_peak  # noqa: E402
 
 
 def train_steps(config, device, batch, seq, steps, amp_dtype=None, compile=False, warmup=2, accumulation=1):

@@ -28,7 +28,8 @@ from gptn.checkpoint import load_model  # noqa: E402
 from gptn.data import BatchLoader, Corpus, prepare  # noqa: E402
 from gptn.generate import score  # noqa: E402
 from gptn.optim import make_optimizer  # noqa: E402
-from gptn.pretrain import PretrainConfig, lr_at, measure_matmul_peak, pretrain  # noqa: E402
+from gptn.pretrain import PretrainConfig, lr_at, pretrain  # noqa: E402
+from gptn.runtime import measure_matmul_peak  # noqa: E402
 
 N_CTX, BATCH, STEPS, LR, MIN_LR, WARMUP, BETA2 = 64, 12, 2000, 1e-3, 1e-4, 100, 0.99
 MODEL = dict(n_layer=4, n_head=4, d_model=128, n_ctx=N_CTX, dropout=0.0)

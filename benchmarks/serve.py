@@ -1,11 +1,21 @@
-"""Load test of `gptn serve`: 32 concurrent clients for 60 s against a small model on loopback,
-then the same requests one at a time; requests/s, p50/p99 latency and errors of each.
+"""Load test of `gptn serve`: the continuous-batching engine against the static one it replaced
+(`--scheduler static`), in one run, with the same mixed traffic.
 
     python benchmarks/serve.py [--clients 32] [--seconds 60]
 
+Each of `--clients` clients streams one completion after another for `--seconds`: max_tokens drawn
+from 8..256, half greedy and half sampled (temperature 0.7 / 1.0 / 1.3, top_p 0.9), and one request in
+16 with a long prompt (300-400 tokens). Reported per scheduler: requests/s, output tokens/s, p50/p99
+time to first token (TTFT, request sent -> first streamed text) and time per output token (TPOT,
+(last - first) / (tokens - 1), as vLLM's benchmark defines it), errors, and the server's RSS after
+warm-up and after the run.
+
 The server runs as its own process (`gptn serve`), as a user would start it. The model is a small
-GPT-2-style network (4 layers, d_model 256, context 128) with random weights and a character
+GPT-2-style network (4 layers, d_model 256, context 512) with random weights and a character
 tokenizer: throughput does not depend on what the weights have learned.
+
+Targets (issue 20): continuous output tokens/s >= 2x static; p99 TTFT <= 1/3 of static's; 0 errors;
+RSS after the run within 10% of RSS after warm-up.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, table, write_results  # noqa: E402
+from common import machine, median, rss_mb, table, wait_healthy, write_results  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import GPTConfig  # noqa: E402
@@ -35,45 +45,77 @@ from gptn.model import GPT  # noqa: E402
 from gptn.tokenizer import CharTokenizer  # noqa: E402
 
 WORDS = "the a of to and in that it was he for on are as with his they at be this from".split()
-MAX_TOKENS = 32
+N_CTX = 512
 
 
 def make_run(folder: Path) -> Path:
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ,.\n")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=128, n_layer=4, n_head=4, d_model=256, dropout=0.0))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=N_CTX, n_layer=4, n_head=4, d_model=256, dropout=0.0))
     save_checkpoint(folder / "run", model.config, model.state_dict(), tokenizer=tok)
     return folder / "run"
 
 
-def prompt(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+def text(rng: random.Random, chars: int) -> str:
+    words = []
+    while sum(len(w) + 1 for w in words) < chars:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:chars]
 
 
-def request(port: int, text: str) -> float:
-    body = json.dumps({"model": "bench", "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+def body(rng: random.Random) -> dict:
+    """One request of the mix."""
+    long_prompt = rng.random() < 1 / 16
+    b = {"model": "bench", "prompt": text(rng, rng.randint(300, 400) if long_prompt else rng.randint(10, 60)),
+         "max_tokens": rng.choice([8, 16, 32, 64, 128, 256]), "stream": True,
+         "stream_options": {"include_usage": True}}
+    if rng.random() < 0.5:
+        b["temperature"] = 0
+    else:
+        b.update(temperature=rng.choice([0.7, 1.0, 1.3]), top_p=0.9)
+    return b
+
+
+def request(port: int, b: dict) -> dict:
+    """Stream one completion: TTFT, TPOT and the output tokens (from the usage chunk)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(b).encode(),
                                  headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as r:
-        out = json.loads(r.read())
-    if r.status != 200 or len(out["choices"]) != 1:
-        raise RuntimeError(f"bad response {r.status}")
-    return time.perf_counter() - t0
+    first = last = None
+    tokens = 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"]:  # text, or only a finish_reason when the first token ends the text
+                last = time.perf_counter()
+                first = first or last
+    if first is None or tokens < 1:
+        raise RuntimeError("a stream without choices or usage")
+    return {"ttft": first - t0, "tpot": (last - first) / (tokens - 1) if tokens > 1 else None, "tokens": tokens}
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
 def load(port: int, clients: int, seconds: float) -> dict:
-    latencies, errors, lock = [], [], threading.Lock()
+    results, errors, lock = [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
 
     def client(i):
         rng = random.Random(i)
         while time.perf_counter() < deadline:
             try:
-                dt = request(port, prompt(rng))
+                out = request(port, body(rng))
                 with lock:
-                    latencies.append(dt)
-            except (urllib.error.URLError, RuntimeError, OSError) as e:
+                    results.append(out)
+            except (urllib.error.URLError, RuntimeError, OSError, ValueError) as e:
                 with lock:
                     errors.append(repr(e))
 
@@ -84,12 +126,31 @@ def load(port: int, clients: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    lat = sorted(latencies)
-    return {"clients": clients, "seconds": round(wall, 1), "requests": len(lat), "errors": len(errors),
-            "requests_per_s": len(lat) / wall, "tokens_per_s": len(lat) * MAX_TOKENS / wall,
-            "p50_latency_s": median(lat) if lat else None,
-            "p99_latency_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
-            "first_errors": errors[:3]}
+    ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results]
+    return {"clients": clients, "seconds": round(wall, 1), "requests": len(results), "errors": len(errors),
+            "requests_per_s": len(results) / wall, "output_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50_s": median(ttft) if ttft else None, "ttft_p99_s": percentile(ttft, 0.99),
+            "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99), "first_errors": errors[:3]}
+
+
+def run_scheduler(run: Path, scheduler: str, clients: int, seconds: float) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "gptn", "serve", str(run), "--port", str(port),
+                               "--model-name", "bench", "--scheduler", scheduler, "--max-batch", "32"],
+                              env={**os.environ, "OMP_NUM_THREADS": "2"})
+    try:
+        wait_healthy(port)
+        load(port, clients, 5)  # warm-up: every code path, the cache grown to its working size
+        rss_warm = rss_mb(server.pid)
+        result = load(port, clients, seconds)
+        result.update(rss_after_warmup_mb=rss_warm, rss_after_run_mb=rss_mb(server.pid))
+        result["rss_growth"] = result["rss_after_run_mb"] / rss_warm - 1
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main():
@@ -99,34 +160,27 @@ def main():
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "gptn", "serve", str(run), "--port", str(port),
-                                   "--model-name", "bench"], env={**os.environ, "OMP_NUM_THREADS": "2"})
-        try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            request(port, "warm up")
-            concurrent = load(port, args.clients, args.seconds)
-            sequential = load(port, 1, args.seconds)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    ratio = concurrent["requests_per_s"] / sequential["requests_per_s"]
-    rows = [(name, r["clients"], r["requests"], r["errors"], f"{r['requests_per_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-             f"{r['p50_latency_s']:.3f}", f"{r['p99_latency_s']:.3f}")
-            for name, r in (("concurrent", concurrent), ("one at a time", sequential))]
-    print(table(rows, ("mode", "clients", "requests", "errors", "req/s", "tokens/s", "p50 s", "p99 s")))
-    print(f"batching speed-up: {ratio:.2f}x requests/s")
-    results = {"concurrent": concurrent, "sequential": sequential, "batching_speedup": ratio,
-               "errors": concurrent["errors"] + sequential["errors"],
-               "setup": {"model": "4 layers, d_model 256, 4 heads, context 128, random weights, character tokenizer",
-                         "request": f"prompt of 3-10 words, max_tokens {MAX_TOKENS}, temperature 0"},
+        res = {name: run_scheduler(run, name, args.clients, args.seconds) for name in ("static", "continuous")}
+    static, cont = res["static"], res["continuous"]
+    ratio = cont["output_tokens_per_s"] / static["output_tokens_per_s"]
+    ttft_ratio = cont["ttft_p99_s"] / static["ttft_p99_s"]
+    rows = [(name, r["requests"], r["errors"], f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.0f}",
+             f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}", f"{r['tpot_p50_s'] * 1e3:.1f}",
+             f"{r['tpot_p99_s'] * 1e3:.1f}", f"{r['rss_after_warmup_mb']:.0f} -> {r['rss_after_run_mb']:.0f}")
+            for name, r in res.items()]
+    print(table(rows, ("scheduler", "requests", "errors", "req/s", "out tok/s", "TTFT p50 s", "TTFT p99 s",
+                       "TPOT p50 ms", "TPOT p99 ms", "RSS MB")))
+    print(f"continuous vs static: {ratio:.2f}x output tokens/s, p99 TTFT ratio {ttft_ratio:.2f}")
+    results = {**res, "continuous_vs_static_tokens_per_s": ratio, "ttft_p99_ratio": ttft_ratio,
+               "errors": static["errors"] + cont["errors"],
+               "targets": {"continuous_vs_static_tokens_per_s": 2.0, "ttft_p99_ratio": 1 / 3, "errors": 0,
+                           "rss_growth": 0.10},
+               "targets_met": ratio >= 2 and ttft_ratio <= 1 / 3 and static["errors"] + cont["errors"] == 0
+               and abs(cont["rss_growth"]) <= 0.10,
+               "setup": {"model": f"4 layers, d_model 256, 4 heads, context {N_CTX}, random weights, character tokenizer",
+                         "clients": args.clients, "seconds": args.seconds,
+                         "requests": "streamed; max_tokens 8-256; half greedy, half temperature 0.7/1.0/1.3 with "
+                                     "top_p 0.9; 1 in 16 with a 300-400 token prompt, the rest 10-60"},
                "machine": machine()}
     print(f"wrote {write_results('serve', results)}")
 

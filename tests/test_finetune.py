@@ -143,6 +143,19 @@ def test_tiny_model_fits_a_separable_task_and_predicts(tmp_path, pretrained_run,
     assert "accuracy 1.0000" in capsys.readouterr().out
 
 
+def test_activation_checkpointing_fine_tunes_the_same_model(tmp_path, pretrained_run, capsys):
+    train = tmp_path / "train.tsv"
+    _write_separable(train, n=16)
+    results = []
+    for flag in ([], ["--activation-checkpointing"]):
+        out = tmp_path / f"ft{len(results)}"
+        assert main(["finetune", str(pretrained_run), "--train", str(train), "--out", str(out), "--epochs", "1",
+                     "--batch-size", "8", "--lr", "3e-3", "--seed", "3", "--no-progress", *flag]) == 0
+        results.append(load_task_model(out)[0].state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], atol=1e-6, rtol=1e-5)
+
+
 def test_cli_finetunes_multiple_choice_from_jsonl(tmp_path, pretrained_run, capsys):
     rows = [{"context": "pick the vowel", "endings": ["b", "a", "c"], "label": 1},
             {"context": "pick the vowel", "endings": ["e", "d", "f"], "label": 0},

@@ -164,8 +164,8 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     assert generate_ids(packed, prompts, cfg) == generate_ids(plain, prompts, cfg)
 
 
-@pytest.mark.parametrize("dtype, tol", [("bf16", 0.02), ("int8", 0.05)])
-def test_bf16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
+@pytest.mark.parametrize("dtype, tol", [("bf16", 0.02), ("fp16", 0.002), ("int8", 0.05)])
+def test_bf16_fp16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
     torch.manual_seed(1)
     plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=64, dropout=0.0)).eval()
     fast = GPT(plain.config)
@@ -180,8 +180,8 @@ def test_bf16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
     prompts = [[1, 2, 3], [4], [5, 6]]
     out = generate_ids(fast, prompts, SamplingConfig(max_new_tokens=12, greedy=True))
     assert [len(o) for o in out] == [12, 12, 12]
-    if dtype == "int8":  # the fp32 weights stay for training: with gradients, the exact fp32 function
-        torch.testing.assert_close(fast(x), plain(x))
+    # The fp32 weights stay for training: with gradients, the exact fp32 function.
+    torch.testing.assert_close(fast(x), plain(x))
 
 
 def test_dtype_flag_on_the_command_line(run, capsys):
@@ -189,9 +189,9 @@ def test_dtype_flag_on_the_command_line(run, capsys):
     assert len(capsys.readouterr().out) > 0
     assert main(["next", run, "the", "--dtype", "auto"]) == 0
     assert "--dtype auto: " in capsys.readouterr().err  # says what it picked
-    assert main(["score", run, "--text", "the cat", "--dtype", "fp16"]) == 2
+    assert main(["score", run, "--text", "the cat", "--dtype", "fp8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "fp32, bf16, int8, auto" in err
+    assert len(err.splitlines()) == 1 and "fp32, bf16, fp16, int8, auto" in err
     assert main(["generate", run, "--prompt", "a", "--device", "cuda", "--dtype", "int8"]) == 2
     assert "CPU path" in capsys.readouterr().err
 

@@ -62,6 +62,31 @@ def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
         assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
+def test_activation_checkpointing_trains_the_same_weights(corpus, tmp_path):
+    """Recomputing each block in backward (dropout included: its random state is replayed) changes
+    memory, not the result; the command-line flag reaches the model."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, n_ctx=16, n_layer=2, n_head=2, d_model=32, dropout=0.1)).train()
+    x = torch.randint(0, 40, (4, 16))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        torch.manual_seed(1)
+        model(x, x)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    runs = []
+    for flag in ([], ["--activation-checkpointing"]):
+        runs.append(tmp_path / f"run{len(runs)}")
+        assert main(["pretrain", str(corpus), "--out", str(runs[-1]), *TINY, "--steps", "3", "--batch-tokens", "128",
+                     "--no-progress", *flag]) == 0
+    plain, recomputed = _weights(runs[0]), _weights(runs[1])
+    for name in plain:
+        torch.testing.assert_close(plain[name], recomputed[name], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_after_sigkill_is_exact(corpus, tmp_path, optimizer):
     common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "40", "--batch-tokens", "256",

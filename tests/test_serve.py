@@ -90,6 +90,7 @@ def test_n_seed_and_several_prompts(client):
     again = client.completions.create(model="tiny", prompt=["ab", "a longer prompt"], max_tokens=8, n=3, seed=5,
                                       temperature=1.0)
     assert [c.text for c in r.choices] == [c.text for c in again.choices]  # a seed reproduces
+    assert len({c.text for c in r.choices[:3]}) > 1  # and the n samples of a prompt still differ
 
 
 def test_stop_strings_are_cut_and_reported(client, model, tok):
@@ -275,12 +276,11 @@ def test_concurrent_requests_are_batched_and_equal_single_requests(model, tok):
     try:
         prompts = [f"prompt {'x' * i}" for i in range(8)]
         single = [generate(model, tok, [p], SamplingConfig(max_new_tokens=16, greedy=True))[0][0] for p in prompts]
-        before = app.state.engine.batches
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda p: raw(port, {"prompt": p, "max_tokens": 16, "temperature": 0}, key=None),
                                  prompts))
         assert [o[1]["choices"][0]["text"] for o in outs] == single
-        assert app.state.engine.batches - before < len(prompts)  # several requests shared a pass
+        assert app.state.engine.largest_batch > 1  # several requests shared a step
     finally:
         srv.should_exit = True
 
@@ -329,3 +329,87 @@ metric_list:
     g = sorted(local["samples"]["gptn_http_mc"], key=lambda s: s["doc_id"])
     for a, b in zip(h, g):
         assert [x[0] for x in a["filtered_resps"]] == pytest.approx([x[0] for x in b["filtered_resps"]], abs=1e-3)
+
+
+def _hold(engine):
+    """Block the engine thread until the returned event is set (requests then wait in its queue)."""
+    from gptn.engine import _Call
+    release = threading.Event()
+    engine.inbox.put(_Call(lambda: release.wait(30), threading.Event()))
+    return release
+
+
+def _metric(port, name, key=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_a_full_queue_answers_429_and_the_server_keeps_serving(model, tok):
+    app = create_app(model, tok, model_name="tiny", max_queue=2)
+    srv, port = _start(app)
+    engine = app.state.engine
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        release = _hold(engine)
+        with ThreadPoolExecutor(2) as pool:
+            queued = [pool.submit(raw, port, {"prompt": p, "max_tokens": 4}, None) for p in ("a", "b")]
+            while engine.waiting < 2:
+                time.sleep(0.01)
+            code, body = raw(port, {"prompt": "c", "max_tokens": 4}, key=None)
+            assert code == 429 and body["error"]["type"] == "rate_limit_error" and "--max-queue 2" in body["error"]["message"]
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model="tiny", prompt="d", max_tokens=2)
+            release.set()
+            assert [f.result()[0] for f in queued] == [200, 200]
+        assert client.completions.create(model="tiny", prompt="e", max_tokens=2).choices[0].text is not None
+        assert _metric(port, "gptn_requests_rejected_total") == 2
+        assert _metric(port, "gptn_requests_waiting") == 0
+    finally:
+        srv.should_exit = True
+
+
+def test_clients_that_go_away_free_their_slots(model, tok):
+    """A stream closed mid-way and a plain request whose client hung up while queued are cancelled:
+    the engine generates nothing more for them."""
+    app = create_app(model, tok, model_name="tiny")
+    srv, port = _start(app)
+    engine = app.state.engine
+    try:
+        release = _hold(engine)
+        for stream in (True, False):
+            body = json.dumps({"prompt": "a", "max_tokens": 48, "stream": stream}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                time.sleep(0.2)
+        time.sleep(1.0)  # the server notices within 0.5 s
+        before = engine.counters["generation_tokens"]
+        release.set()
+        code, r = raw(port, {"prompt": "still here", "max_tokens": 3}, key=None)
+        assert code == 200 and len(r["choices"]) == 1
+        assert engine.counters["generation_tokens"] - before <= 3  # only the last request's tokens
+        assert engine.running_rows == 0 and not engine.jobs
+    finally:
+        srv.should_exit = True
+
+
+def test_metrics_are_prometheus_text_behind_the_key(server, client):
+    app, port = server
+    client.completions.create(model="tiny", prompt="count me", max_tokens=5, temperature=0)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert e.value.code == 401
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["content-type"].startswith("text/plain")
+        text = r.read().decode()
+    assert "# TYPE gptn_time_to_first_token_seconds histogram" in text
+    assert _metric(port, "gptn_requests_total", KEY) >= 1
+    assert _metric(port, "gptn_generation_tokens_total", KEY) >= 5
+    buckets = [line for line in text.splitlines() if line.startswith("gptn_time_to_first_token_seconds_bucket")]
+    counts = [float(line.split()[-1]) for line in buckets]
+    assert counts == sorted(counts) and buckets[-1].startswith('gptn_time_to_first_token_seconds_bucket{le="+Inf"}')
+    assert counts[-1] == _metric(port, "gptn_time_to_first_token_seconds_count", KEY) >= 1

@@ -222,6 +222,9 @@ def cmd_pretrain(sub):
     sub.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
     sub.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     sub.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sub.add_argument("--activation-checkpointing", action="store_true",
+                     help="keep only each block's input and recompute the block in backward: less activation "
+                     "memory for about a third more compute (gptn compute shows both)")
     sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sub.add_argument("--max-seconds", type=float, help="stop and save after this much training time")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -238,7 +241,8 @@ def cmd_pretrain(sub):
             eval_interval=args.eval_interval, eval_batches=args.eval_batches,
             checkpoint_interval=args.checkpoint_interval, seed=args.seed,
             strategy=args.strategy, precision=args.precision, compile=args.compile, device=args.device,
-            max_seconds=args.max_seconds, progress=not args.no_progress)
+            activation_checkpointing=args.activation_checkpointing, max_seconds=args.max_seconds,
+            progress=not args.no_progress)
         s = pretrain(cfg)
         if int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"]:
             print(f"{s['run']}: nothing to train, already at step {s['steps']}")
@@ -268,22 +272,13 @@ def cmd_quickstart(sub):
 
 # --- generation ---------------------------------------------------------------------------------
 
-DTYPE_HELP = ("weights for decoding: fp32 (default), bf16, int8 (CPU: int8 weights per output channel, "
-              "fbgemm), or auto (bf16 where the hardware has it natively, else fp32)")
+DTYPE_HELP = ("weights for decoding: fp32 (default), bf16, fp16 (CPU: fp16 weights, fp32 arithmetic, fbgemm), "
+              "int8 (CPU: int8 weights per output channel, fbgemm), or auto (CPU: fp16; CUDA: bf16)")
 
 
 def _load_run(run: str, device: str = "cpu", dtype: str = "fp32"):
-    from .checkpoint import load_model
-    from .inference import prepare_for_inference, resolve_dtype
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolve_dtype(dtype, device)  # a bad --dtype is refused before the weights are read
-    model, tokenizer = load_model(run, device=device)
-    prepare_for_inference(model, dtype, say=lambda m: print(m, file=sys.stderr))  # these commands only read the model
-    if tokenizer is None:
-        raise GptnError(f"{run} has no tokenizer saved beside the model")
-    return model, tokenizer
+    from .inference import load_for_inference
+    return load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
 
 
 @command("next", "the most likely next tokens after a prompt, with their probabilities")
@@ -478,6 +473,8 @@ def cmd_finetune(sub):
     sub.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
     sub.add_argument("--from-scratch", action="store_true",
                      help="random initial weights of the same shape: the no-pretraining baseline")
+    sub.add_argument("--activation-checkpointing", action="store_true",
+                     help="recompute each block in backward: less activation memory for about a third more compute")
     sub.add_argument("--seed", type=int, default=d.seed)
     sub.add_argument("--device", default="auto")
     sub.add_argument("--no-progress", action="store_true")
@@ -491,7 +488,8 @@ def cmd_finetune(sub):
                              muon_lr=args.muon_lr, dropout=args.dropout, head_dropout=args.head_dropout,
                              weight_decay=args.weight_decay, max_train_examples=args.max_train_examples,
                              evals_per_epoch=args.evals_per_epoch, from_scratch=args.from_scratch,
-                             seed=args.seed, device=args.device, progress=not args.no_progress)
+                             activation_checkpointing=args.activation_checkpointing, seed=args.seed,
+                             device=args.device, progress=not args.no_progress)
         result = finetune(cfg)
         best = result["best"]
         print(f"{result['task']}: {result['train_examples']} examples, {result['steps']} steps, "
@@ -675,6 +673,14 @@ def cmd_serve(sub):
                      help="most rows decoded together, and most completions (prompts x n) in one request (default 32)")
     sub.add_argument("--max-body", type=int, help="largest request body in bytes, refused with 413 before "
                      "parsing (default 1 KiB per context token, at least 1 MiB)")
+    sub.add_argument("--max-queue", type=int, default=128,
+                     help="most requests waiting to start; more get 429 (default 128)")
+    sub.add_argument("--scheduler", default="continuous", choices=("continuous", "static"),
+                     help="continuous: rows join and leave the batch at every step (default); static: a batch "
+                     "runs until its longest request ends (for comparison)")
+    sub.add_argument("--prefill-chunk", type=int, default=256,
+                     help="most prompt tokens prefilled per step, so a long prompt does not stall running "
+                     "streams (default 256)")
     sub.add_argument("--device", default="cpu")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
@@ -682,12 +688,10 @@ def cmd_serve(sub):
         from .serve import serve
         if not 0 < args.port < 65536:
             raise GptnError(f"--port must be in 1..65535, got {args.port}")
-        if args.max_batch < 1:
-            raise GptnError(f"--max-batch must be >= 1, got {args.max_batch}")
         if args.max_body is not None and args.max_body < 1:
             raise GptnError(f"--max-body must be >= 1, got {args.max_body}")
         serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device, args.dtype,
-              args.max_body)
+              args.max_body, args.scheduler, args.max_queue, args.prefill_chunk)
     return run
 
 

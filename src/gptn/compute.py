@@ -89,7 +89,9 @@ def training_memory(config: GPTConfig, micro_batch: int, precision: str = "bf16"
     (2 + 2 + 12 bytes per parameter); "fp32": 4 + 4 + 8. Activations per layer are
     s b h (34 + 5 a s / h) bytes in 16-bit (the 5 a s / h attention-matrix term vanishes with a fused
     attention kernel), doubled in fp32; with full activation checkpointing only each layer's input
-    (2 s b h bytes) is kept, plus one layer being recomputed. The fp32 logits add 4 s b V bytes.
+    (2 s b h bytes) is kept, plus one layer being recomputed. The softmax layer adds 16 s b V bytes at
+    the backward's peak: the fp32 logits, the log-softmax cross-entropy keeps, and both their gradients
+    (measured within 7% on CPU, benchmarks/memory.py).
     """
     if precision not in ("bf16", "fp32"):
         raise GptnError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
@@ -97,7 +99,7 @@ def training_memory(config: GPTConfig, micro_batch: int, precision: str = "bf16"
     s, b, h, a, L = config.n_ctx, micro_batch, config.d_model, config.n_head, config.n_layer
     scale = 1 if precision == "bf16" else 2
     per_layer = s * b * h * (34 + (0 if fused_attention else 5 * a * s / h)) * scale
-    logits = 4 * s * b * config.vocab_size
+    logits = 16 * s * b * config.vocab_size
     if precision == "bf16":
         weights, grads, opt = 2 * n, 2 * n, 12 * n
     else:

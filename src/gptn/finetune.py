@@ -35,6 +35,7 @@ from .checkpoint import checkpoint_dir, load_model, load_weights, read_weights, 
 from .config import GptnError, is_number
 from .data import read_records
 from .model import GPT, next_token_loss
+from .runtime import resolve_device
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
@@ -398,6 +399,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     max_train_examples: int | None = None
     from_scratch: bool = False  # the same architecture, randomly initialised: the no-pretraining baseline
+    activation_checkpointing: bool = False  # recompute each block in backward: memory for ~1/3 more compute
     evals_per_epoch: int = 1
     seed: int = 1337
     device: str = "auto"
@@ -448,14 +450,6 @@ def _reconfigure_dropout(gpt: GPT, dropout: float) -> GPT:
     fresh = GPT(gpt.config.replace(dropout=dropout))
     fresh.load_state_dict(gpt.state_dict())
     return fresh
-
-
-def _device(pref: str) -> torch.device:
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if pref not in ("cpu", "cuda"):
-        raise GptnError(f"--device {pref}: expected auto, cpu or cuda")
-    return torch.device(pref)
 
 
 def _targets(spec: TaskSpec, examples: list[Example]) -> torch.Tensor:
@@ -536,7 +530,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     spec = TaskSpec(task, labels, train_data.regression, cfg.pooling)
 
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     gpt, tokenizer = load_model(cfg.run)
     if tokenizer is None:
         raise GptnError(f"{cfg.run} has no tokenizer folder; fine-tuning needs the model's tokenizer")
@@ -548,6 +542,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         print("gptn finetune: a BERT-style encoder has no next-token objective; training on the task loss alone "
               "(λ = 0)", file=sys.stderr)
     lm_weight = cfg.lm_weight if arch == "gpt" else 0.0
+    gpt.activation_checkpointing = cfg.activation_checkpointing
     model = TaskModel(gpt, spec, cfg.head_dropout, tokenizer.special_tokens.get(SEP)).to(device)
     n_ctx = gpt.config.n_ctx
 

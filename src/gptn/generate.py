@@ -129,6 +129,51 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
     return logits.scatter(-1, seen, scores)
 
 
+def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None,
+                  counts: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, logprobs: int | None = None):
+    """The next token of each row from its logits (B, V) under `sampling`: logit bias, OpenAI's
+    penalties (`counts` (B, V) of the tokens generated so far), the repetition penalty (`seen` (B, L),
+    the tokens so far), then greedy or temperature / top-k / top-p sampling with `generator`.
+
+    Returns (tokens (B,), (log-probabilities (B, V), top log-probabilities, their ids)), the last three
+    from the model's distribution before any of that, and only with `logprobs=N` (else None).
+    """
+    logits = logits.float()
+    model_lp = top_lp = top_id = None
+    if logprobs is not None:
+        model_lp = F.log_softmax(logits, dim=-1)
+        top_lp, top_id = model_lp.topk(max(1, min(logprobs, model_lp.size(-1))), dim=-1)
+    if bias is not None:
+        logits = logits + bias
+    if counts is not None:
+        logits = logits - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
+    if sampling.repetition_penalty != 1.0:
+        logits = _apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        nxt = logits.argmax(-1)
+    else:
+        # Shifted so the largest is 0, and the temperature kept above float32's smallest normal (a
+        # smaller one rounds to 0): a tiny temperature then gives 0 and -inf, never nan.
+        temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
+        scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
+        logits = filter_logits(scaled, sampling.top_k, sampling.top_p)
+        nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return nxt, (model_lp, top_lp, top_id)
+
+
+def logit_bias_tensor(sampling: SamplingConfig, vocab_size: int, device=None) -> torch.Tensor | None:
+    """`sampling.logit_bias` as a (V,) tensor to add to the logits (None without one)."""
+    bad = [t for t in sampling.logit_bias if t >= vocab_size]
+    if bad:
+        raise GptnError(f"logit_bias: token {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    if not sampling.logit_bias:
+        return None
+    bias = torch.zeros(vocab_size, device=device)
+    bias[list(sampling.logit_bias)] = torch.tensor(list(sampling.logit_bias.values()), dtype=bias.dtype, device=device)
+    return bias
+
+
 @torch.no_grad()
 def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int = 0,
                  on_token: Callable[..., bool | None] | None = None,
@@ -175,13 +220,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(model.config, B, n_ctx, device=device, dtype=model.wte.weight.dtype)
     V = model.config.vocab_size
-    bad = [t for t in sampling.logit_bias if t >= V]
-    if bad:
-        raise GptnError(f"logit_bias: token {bad[0]} is outside the vocabulary (0..{V - 1})")
-    bias = None
-    if sampling.logit_bias:
-        bias = torch.zeros(V, device=device)
-        bias[list(sampling.logit_bias)] = torch.tensor(list(sampling.logit_bias.values()), device=device)
+    bias = logit_bias_tensor(sampling, V, device)
     penalised = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0
     counts = torch.zeros((B, V), device=device) if penalised else None
 
@@ -194,25 +233,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
     logits = prefill(tokens, mask)
     next_pos = mask.sum(-1, keepdim=True)  # position id of the next token, per row
     for _ in range(sampling.max_new_tokens):
-        logits = logits.float()
-        if logprobs is not None:
-            model_lp = F.log_softmax(logits, dim=-1)
-            top_lp, top_id = model_lp.topk(max(1, min(logprobs, model_lp.size(-1))), dim=-1)
-        if bias is not None:
-            logits = logits + bias
-        if penalised:
-            logits = logits - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
-        if sampling.repetition_penalty != 1.0:
-            logits = _apply_repetition_penalty(logits, tokens, sampling.repetition_penalty)
-        if sampling.greedy:
-            nxt = logits.argmax(-1)
-        else:
-            # Shifted so the largest is 0, and the temperature kept above float32's smallest normal (a
-            # smaller one rounds to 0): a tiny temperature then gives 0 and -inf, never nan.
-            temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
-            scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
-            logits = filter_logits(scaled, sampling.top_k, sampling.top_p)
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+        nxt, (model_lp, top_lp, top_id) = choose_tokens(logits, sampling, tokens, counts, bias, generator, logprobs)
         for r, t in enumerate(nxt.tolist()):
             if done[r]:
                 continue

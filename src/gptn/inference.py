@@ -2,7 +2,13 @@
 fewer bytes, or reads them faster, without changing the model's definition (model.py).
 
 - fp32 on CPU: one-row products split across the threads, oneDNN-prepacked weights for small batches.
-- bf16: weights and activations in bfloat16 (logits are sampled in fp32).
+- bf16: weights rounded to bfloat16; on an x86 CPU decoded with fp32 activations and sums by
+  fbgemm's half-precision GEMM (measured faster than bf16 activations through oneDNN, even with
+  AVX512-BF16), a long prefill in bf16 where the CPU has it natively; elsewhere (CUDA, or no fbgemm)
+  weights and activations in bfloat16.
+- fp16 (CPU): every linear layer and the tied softmax layer as fp16 weights through fbgemm, with fp32
+  activations and sums: half of fp32's bytes, closer to fp32 than bf16. On CUDA: weights and
+  activations in float16.
 - int8 (CPU): every linear layer and the tied softmax layer as int8 weights, one scale per output
   channel, through PyTorch's fbgemm dynamic-quantised linear (activations quantised per row batch on
   the fly, int32 accumulation): a quarter of fp32's weight bytes, the CTranslate2 recipe.
@@ -18,7 +24,8 @@ import torch.nn.functional as F
 
 from .config import GptnError
 
-DTYPES = ("fp32", "bf16", "int8", "auto")
+DTYPES = ("fp32", "bf16", "fp16", "int8", "auto")
+FP16_MAX = 65504.0
 
 
 def _row_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,29 +74,73 @@ class _CpuInferenceLinear:
         return y.to_dense().view(*x.shape[:-1], -1)
 
 
-class _Int8Linear:
-    """x W^T + b with W as int8, one scale per output channel (max |w| / 127), by fbgemm's dynamic
-    quantised linear; with gradients enabled (training), the fp32 weights."""
+class _FbgemmLinear:
+    """x W^T + b through one of fbgemm's packed-weight kernels (fp32 activations in and out); with
+    gradients enabled (training) or a weight changed since packing, the fp32 weights."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's quantised tensors warn that their type is deprecated
-            w = weight.detach().float()
-            scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
-            q = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+            self.packed = self.pack(weight.detach().float(), None if bias is None else bias.detach().float())
         self.weight, self.bias, self.version = weight, bias, weight._version
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight._version != self.version:
             return F.linear(x, self.weight, self.bias)
-        # reduce_range: 7-bit activations, so that fbgemm's 16-bit pairwise sums cannot saturate (torch.ao's choice on x86)
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, True)
+        y = self.run(x.reshape(-1, x.shape[-1]).float().contiguous())
         return y.view(*x.shape[:-1], -1)
 
 
+class _Int8Linear(_FbgemmLinear):
+    """W as int8, one scale per output channel (max |w| / 127); activations quantised per call."""
+
+    @staticmethod
+    def pack(w, b):
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
+        q = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, b)
+
+    def run(self, x):
+        # reduce_range: 7-bit activations, so that fbgemm's 16-bit pairwise sums cannot saturate (torch.ao's choice on x86)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+
+class _Fp16Linear(_FbgemmLinear):
+    """W as fp16 (half of fp32's bytes, 10 mantissa bits against bf16's 7), fp32 activations and sums:
+    fbgemm's FP16 GEMM, which reads the weights near the memory bandwidth from one row on."""
+
+    @staticmethod
+    def pack(w, b):
+        return torch.ops.quantized.linear_prepack_fp16(w, b)
+
+    def run(self, x):
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+class _Bf16Linear(_Fp16Linear):
+    """W rounded to bfloat16 and held as fp16, which keeps bf16's 8 significant bits exactly within
+    fp16's range: bf16 weights with fp32 activations and sums, through the same fbgemm kernel. On a
+    CPU with native bf16, more than 64 rows (prefill, compute-bound) run in bf16 on a bf16 copy."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
+        self.wide = None
+        if native_bf16():
+            with torch.no_grad():
+                self.wide = (weight.detach().bfloat16(), None if bias is None else bias.detach().bfloat16())
+
+    @staticmethod
+    def pack(w, b):
+        return torch.ops.quantized.linear_prepack_fp16(w.bfloat16().float(), b)
+
+    def run(self, x):
+        if self.wide is not None and x.shape[0] > 64:
+            return F.linear(x.bfloat16(), *self.wide).float()
+        return super().run(x)
+
+
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); most AMD EPYC here do not."""
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
     try:
         flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
     except OSError:
@@ -97,29 +148,39 @@ def native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def _fbgemm() -> bool:
+    return bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
+
+
 def resolve_dtype(dtype: str, device: str | torch.device) -> tuple[str, str]:
-    """(fp32 | bf16 | int8, why) for a requested dtype on a device; `auto` picks bf16 where the hardware
-    runs it natively (CUDA with bf16, a CPU with AMX / AVX512-BF16) and fp32 elsewhere; int8 changes
-    results slightly (activations quantised too), so it is chosen only by name."""
+    """(fp32 | bf16 | fp16 | int8, why) for a requested dtype on a device. `auto` picks bf16 on CUDA
+    (fp32 without it) and fp16 weights on an x86 CPU (fbgemm): half the bytes of fp32 and, measured in
+    benchmarks/generate.py, faster and closer to fp32 than bf16 on both kinds of CPU here. int8
+    changes results slightly (activations quantised too), so it is chosen only by name."""
     if dtype not in DTYPES:
         raise GptnError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     cuda = torch.device(device).type == "cuda"
     if dtype == "int8" and cuda:
         raise GptnError("--dtype int8 is a CPU path (fbgemm); on CUDA use --dtype bf16")
-    if dtype == "int8" and not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines):
-        raise GptnError("--dtype int8 needs PyTorch's fbgemm kernels, which this torch build lacks (x86 only)")
+    if dtype in ("int8", "fp16") and not cuda and not _fbgemm():
+        raise GptnError(f"--dtype {dtype} on CPU needs PyTorch's fbgemm kernels, which this torch build lacks (x86 only)")
     if dtype != "auto":
         return dtype, "as asked"
     if cuda:
         return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp32", "no bf16 on this GPU")
-    if native_bf16():
-        return "bf16", "this CPU multiplies bf16 natively (AMX / AVX512-BF16)"
-    return "fp32", "no native bf16 on this CPU; --dtype int8 reads a quarter of the bytes"
+    if _fbgemm():
+        return "fp16", "fp16 weights, fp32 arithmetic: half of fp32's bytes"
+    return "fp32", "no fbgemm kernels in this torch build"
+
+
+def _fits_fp16(model: nn.Module) -> bool:
+    return all(p.detach().abs().max() <= FP16_MAX for n, p in model.named_parameters() if p.dim() == 2)
 
 
 def prepare_for_inference(model: nn.Module, dtype: str = "fp32", say=None) -> nn.Module:
-    """Set up a loaded GPT for decoding at `dtype` (fp32 | bf16 | int8 | auto), in place; `say` hears
-    what auto picked. Training still works on the fp32 weights of an fp32 or int8 model."""
+    """Set up a loaded GPT for decoding at `dtype` (fp32 | bf16 | fp16 | int8 | auto), in place; `say`
+    hears what auto picked. Training still works on the fp32 weights of a CPU model (any dtype but
+    bf16 without fbgemm)."""
     device = model.wte.weight.device
     chosen, why = resolve_dtype(dtype, device)
     if dtype == "auto" and say is not None:
@@ -127,21 +188,46 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32", say=None) -> nn
     if model._inference_head is not None:
         return model  # prepared already
     model.eval()
-    if chosen == "bf16":
+    cpu = device.type == "cpu"
+    if chosen == "fp16" and not cpu:
+        return model.to(torch.float16)
+    if chosen == "bf16" and not (cpu and _fbgemm() and _fits_fp16(model)):
         return model.to(torch.bfloat16)
-    if device.type != "cpu" or model.wte.weight.dtype != torch.float32:
+    if not cpu or model.wte.weight.dtype != torch.float32:
         return model
-    if chosen == "int8":
-        kind = _Int8Linear
-    elif torch.backends.mkldnn.is_available():
-        kind = _CpuInferenceLinear
-    else:
-        return model
+    fallback = _CpuInferenceLinear if torch.backends.mkldnn.is_available() else None
+
+    def kind_for(weight):
+        if chosen == "int8":
+            return _Int8Linear
+        if chosen == "bf16":
+            return _Bf16Linear
+        if chosen == "fp16" and weight.detach().abs().max() <= FP16_MAX:
+            return _Fp16Linear
+        return fallback  # fp32, or a weight fp16 cannot hold
+
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and (kind := kind_for(module.weight)) is not None:
             module.forward = kind(module.weight, module.bias)
-    model._inference_head = kind(model.wte.weight)
+    if (kind := kind_for(model.wte.weight)) is not None:
+        model._inference_head = kind(model.wte.weight)
     return model
 
 
-__all__ = ["DTYPES", "native_bf16", "resolve_dtype", "prepare_for_inference"]
+def load_for_inference(run: str, device: str = "cpu", dtype: str = "fp32", say=None):
+    """(model, tokenizer) of a run, set up for decoding at `dtype` on `device` (auto | cpu | cuda[:N]):
+    what `next`, `generate`, `score`, `fewshot` and `serve` load. Bad options are refused before the
+    weights are read."""
+    from .checkpoint import load_model
+    from .runtime import resolve_device
+    if device != "auto":  # a dtype the device kind cannot run is named first
+        resolve_dtype(dtype, "cpu" if device == "cpu" else "cuda")
+    device = resolve_device(device)
+    resolve_dtype(dtype, device)
+    model, tokenizer = load_model(run, device=device)
+    if tokenizer is None:
+        raise GptnError(f"{run} has no tokenizer saved beside the model")
+    return prepare_for_inference(model, dtype, say=say), tokenizer
+
+
+__all__ = ["DTYPES", "resolve_dtype", "prepare_for_inference", "load_for_inference"]

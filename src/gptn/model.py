@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import GPTConfig, GptnError
 
@@ -164,6 +165,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias) \
             if config.norm == "pre" else None
         self._inference_head = None  # a faster h W_e^T for inference: gptn.inference.prepare_for_inference
+        # Training only: keep each block's input and recompute its inside during backward (less memory).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block.
         for name, p in self.named_parameters():
@@ -188,7 +191,8 @@ class GPT(nn.Module):
         """h_n for token ids `idx` (B, T): the transformer's output before the softmax layer.
 
         attention_mask (B, T_total) marks real tokens (1) and padding (0), for left-padded batches;
-        T_total counts the cached positions too. segment_ids (B, T) are 0/1 (sentence A/B), BERT only.
+        T_total counts the cached positions too. A boolean (B, 1, T, T_total) mask (a dict of them,
+        "dense" and "banded", for sparse models) is used as given: the serving engine's per-row masks. segment_ids (B, T) are 0/1 (sentence A/B), BERT only.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -201,8 +205,12 @@ class GPT(nn.Module):
             h = h + (self.wse(segment_ids) if segment_ids is not None else self.wse.weight[0])
         h = self.drop(h)
         mask = self._attention_mask(T, past, attention_mask, idx.device)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
-            h = block(h, mask, cache)  # h_l = block(h_{l-1})
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(block, h, mask, cache, use_reentrant=False)
+            else:
+                h = block(h, mask, cache)  # h_l = block(h_{l-1})
         if cache is not None:
             cache.length += T
         return self.ln_f(h) if self.ln_f is not None else h
@@ -238,6 +246,8 @@ class GPT(nn.Module):
 
     def _attention_mask(self, T: int, past: int, attention_mask, device):
         """Boolean mask (B|1, 1, T, past+T), or None when the fused causal kernel can be used."""
+        if isinstance(attention_mask, dict) or attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
         dense_only = self.config.attention == "dense"
         if attention_mask is None and dense_only and (past == 0 or T == 1):
             return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, make_optimizer
+from .runtime import Dist, autocast_dtype, peak_flops, setup_distributed
 from .tokenizer import load_tokenizer
 
 
@@ -67,6 +67,7 @@ class PretrainConfig:
     strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp"
     precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPU
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward: memory for ~1/3 more compute
     device: str = "auto"
     peak_flops: float | None = None  # for MFU; default: measured (CPU) or the card's table value
     progress: bool = True
@@ -112,84 +113,6 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices, precision and peak FLOP/s
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if want_cuda:
-            torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-        d = Dist(dist.get_rank(), dist.get_world_size(), local)
-    else:
-        d = Dist()
-    if want_cuda:
-        return d, torch.device("cuda", d.local_rank)
-    if device_pref not in ("auto", "cpu"):
-        raise GptnError(f"--device {device_pref}: expected auto, cpu or cuda")
-    return d, torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise GptnError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-    if device.type != "cuda":
-        return torch.bfloat16 if precision == "bf16" else None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                 "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "4090": 165e12, "3090": 71e12}
-
-
-def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of the fastest of repeated large square matmuls on this device: the practical peak MFU
-    is measured against. The fastest, not the mean: on a shared machine a slow moment while measuring
-    would otherwise understate the peak and show MFU above 100%."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_BF16_PEAK.items():
-            if key in name:
-                return value if dtype in (torch.bfloat16, torch.float16) else value / 2
-        return measure_matmul_peak(device, dtype or torch.float32, n=8192)
-    return measure_matmul_peak(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +439,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         step = train_state["step"]
         _say_schedule(run, step, saved_cfg.get("steps"), cfg, d)
     model.to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
     wrapped = _wrap(model, cfg.strategy, d, device)
     optimizer = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
                                cfg.optimizer, cfg.muon_lr)

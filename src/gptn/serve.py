@@ -6,37 +6,34 @@
     GET  /health           liveness
     /tokenize, /detokenize, /tokenizer_info   vLLM-style, for lm-evaluation-harness's local-completions
 
-Requests that arrive while the model is busy are queued, and the next pass takes every queued
-request with compatible sampling settings into one batch (greedy requests always batch together;
-a seeded sampled request runs alone, so that its seed reproduces it). Errors are OpenAI-style
-objects: 400 bad values, 401 missing/wrong key, 404 unknown model or path, 413 prompt longer than the
-context, 422 wrong types.
+    GET  /metrics          Prometheus text: requests, tokens, queue, batch size, latency histograms
+    GET  /                 the playground: next-token probabilities as bars, streamed continuations
+
+Requests are scheduled by gptn.engine (continuous batching: rows join and leave the batch at every
+step, each with its own sampling settings). Errors are OpenAI-style objects: 400 bad values, 401
+missing/wrong key, 404 unknown model or path, 413 prompt longer than the context, 422 wrong types,
+429 queue full (--max-queue).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from importlib import resources
 from typing import Annotated, Any
 
-import torch
-import torch.nn.functional as F
-
 from .config import GptnError
-from .generate import SamplingConfig, _StopWatcher, encode_prompt, generate_ids
+from .engine import SCHEDULERS, Job, QueueFull, make_engine
+from .generate import SamplingConfig, _StopWatcher, encode_prompt
 from .model import require_decoder
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -107,128 +104,6 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 # ----------------------------------------------------------------------------------------------
-# The batching engine: one thread owns the model
-
-
-@dataclass
-class Job:
-    """One request's rows (prompts x n) and where their tokens go."""
-
-    rows: list[list[int]]
-    sampling: SamplingConfig
-    max_tokens: int
-    logprobs: int | None
-    emit: callable  # emit(event) from the engine thread, event = dict
-    watcher: _StopWatcher = None
-    produced: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    batch_key: tuple = ()
-
-
-class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 32):
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.jobs: queue.Queue = queue.Queue()
-        self.batches = 0  # passes through the model, for tests and stats
-        self._unique = itertools.count()
-        self.thread = threading.Thread(target=self._loop, name="gptn-engine", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        s = job.sampling
-        seeded_sampling = s.seed is not None and not s.greedy
-        job.batch_key = (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
-                         s.frequency_penalty, tuple(sorted(s.logit_bias.items())), job.logprobs is not None,
-                         next(self._unique) if seeded_sampling else None)
-        self.jobs.put(job)
-
-    def _loop(self) -> None:
-        pending: list[Job] = []
-        while True:
-            if not pending:
-                pending.append(self.jobs.get())
-            while True:  # everything queued meanwhile
-                try:
-                    pending.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            first = pending[0]
-            if isinstance(first, _Call):
-                pending.pop(0)
-                first.fn()
-                continue
-            batch, rest, rows = [], [], 0
-            for job in pending:
-                if isinstance(job, Job) and job.batch_key == first.batch_key and \
-                        (not batch or rows + len(job.rows) <= self.max_batch):
-                    batch.append(job)
-                    rows += len(job.rows)
-                else:
-                    rest.append(job)
-            pending = rest
-            try:
-                self._run(batch)
-            except Exception as e:  # a failure must reach the waiting requests, not kill the engine
-                for job in batch:
-                    job.emit({"error": f"{type(e).__name__}: {e}"})
-
-    @torch.no_grad()
-    def _run(self, batch: list[Job]) -> None:
-        owners = [(job, r) for job in batch for r in range(len(job.rows))]
-        counts = [0] * len(owners)
-        max_new = max(job.max_tokens for job in batch)
-        self.batches += 1
-
-        def on_token(row, token, info=None):
-            job, r = owners[row]
-            if job.cancelled:
-                return True
-            counts[row] += 1
-            stopped = job.watcher(r, token)
-            job.emit({"row": r, "token": token, "info": info, "stopped": stopped,
-                      "length": not stopped and counts[row] >= job.max_tokens})
-            return stopped or counts[row] >= job.max_tokens
-
-        if max_new > 0:
-            prompts = [job.rows[r] for job, r in owners]
-            generate_ids(self.model, prompts, SamplingConfig(**{**batch[0].sampling.__dict__, "max_new_tokens": max_new}),
-                         pad_id=self.tokenizer.eot_id, on_token=on_token, warn=lambda _m: None,
-                         logprobs=batch[0].logprobs)
-        for job in batch:
-            job.emit({"done": True})
-
-    def prompt_logprobs(self, ids: list[int], top: int | None):
-        """For echo: each prompt token's log-probability (None for the first) and its top alternatives."""
-        done = threading.Event()
-        out = {}
-
-        def work():
-            n_ctx = self.model.config.n_ctx
-            x = torch.tensor([ids[-n_ctx:]])
-            lp = F.log_softmax(self.model(x)[0].float(), -1)
-            lost = max(0, len(ids) - n_ctx)
-            token_lp = [None] * (1 + lost) + lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist()
-            tops = [None] * (1 + lost)
-            if top:
-                v, i = lp[:-1].topk(top, -1)
-                tops += [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
-            out["value"] = (token_lp, tops)
-            done.set()
-
-        self.jobs.put(_Call(work, done))
-        done.wait()
-        return out["value"]
-
-
-@dataclass
-class _Call:
-    """A plain function run on the engine thread (which owns the model)."""
-
-    fn: callable
-    done: threading.Event
-
-
-# ----------------------------------------------------------------------------------------------
 # The HTTP application
 
 
@@ -286,19 +161,60 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class ApiKey:
+    """ASGI middleware: every path but /health (a liveness probe) and the playground's page needs
+    `Authorization: Bearer KEY`, the API docs included; the page asks for the key and sends it itself.
+    (A plain ASGI middleware, not Starlette's BaseHTTPMiddleware, so that requests still see their
+    client disconnect.)"""
+
+    OPEN = ("/health", "/")
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = json.dumps(error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                             "authentication_error", code="invalid_api_key")).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+class _ClientGone(Exception):
+    """The client of a request disconnected before its answer was complete."""
+
+
 class _BodyTooLarge(Exception):
     pass
 
 
+def check_options(scheduler: str, max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+    """The engine's settings, refused in one line when out of range."""
+    if scheduler not in SCHEDULERS:
+        raise GptnError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GptnError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
+
+
 def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = 32,
-               max_tokens_limit: int | None = None, max_body: int | None = None) -> FastAPI:
+               max_tokens_limit: int | None = None, max_body: int | None = None, scheduler: str = "continuous",
+               max_queue: int = 128, prefill_chunk: int = 256) -> FastAPI:
     """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does)."""
     require_decoder(model, "serve completions")
+    check_options(scheduler, max_batch, max_queue, prefill_chunk)
     n_ctx = model.config.n_ctx
     max_tokens_limit = max_tokens_limit or n_ctx
-    engine = Engine(model, tokenizer, max_batch)
+    engine = make_engine(scheduler, model, tokenizer, max_batch, max_queue, prefill_chunk)
     app = FastAPI(title="gptn", description="OpenAI-compatible completions for a gptn model")
     app.add_middleware(BodyLimit, limit=max_body or default_max_body(n_ctx))
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
@@ -329,18 +245,17 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        # Everything but /health (a liveness probe) needs the key, the API docs included.
-        if api_key and request.url.path != "/health":
-            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "batches": engine.batches}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return HTMLResponse(PLAYGROUND)
 
     @app.get("/v1/models")
     async def models():
@@ -454,19 +369,31 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
+        # Text the stop watcher releases, per row. The engine thread writes it and moves it into the
+        # token's event (emit runs there too), so the event loop never reads a list being written.
         deltas: list[list[str]] = [[] for _ in rows]
 
         def stream_text(r, text):
             deltas[r].append(text)
 
+        def emit(ev):
+            if "row" in ev:
+                ev["text"] = "".join(deltas[ev["row"]])
+                deltas[ev["row"]].clear()
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
         job = Job(rows, sampling, max_tokens, req.logprobs,
-                  emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  emit=emit,
                   watcher=_StopWatcher(tokenizer, len(rows), stop, stream_text))
         echo_lp = {}
         if req.echo and req.logprobs is not None:
             for i, ids in enumerate(prompts):
                 echo_lp[i] = await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs)
-        engine.submit(job)
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error",
+                           code="queue_full") from None
         tokens: list[list[int]] = [[] for _ in rows]
         token_info: list[list] = [[] for _ in rows]
         finish = [None] * len(rows)
@@ -506,12 +433,29 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
             prompt = sum(len(p) for p in prompts)
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-        if not req.stream:
+        async def next_event():
+            """The engine's next event. A client that went away (seen between events, or when a write
+            fails) cancels the job: the engine drops its rows at the next step."""
             while True:
-                ev = await events.get()
-                if ev.get("done"):
-                    break
-                apply(ev)
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled = True
+                        raise _ClientGone from None
+
+        if not req.stream:
+            try:
+                while True:
+                    ev = await next_event()
+                    if ev.get("done"):
+                        break
+                    apply(ev)
+            except _ClientGone:
+                return JSONResponse(error_body("the client went away", "server_error"), 499)
+            except asyncio.CancelledError:
+                job.cancelled = True
+                raise
             texts = job.watcher.finish()
             choices = [{"text": prompt_text(r) + texts[r], "index": r, "logprobs": choice_logprobs(r),
                         "finish_reason": finish[r] or ("length" if max_tokens == 0 else "stop")}
@@ -525,12 +469,11 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
                     for r in range(len(rows)):
                         yield f"data: {json.dumps(chunk(r, prompt_text(r)))}\n\n"
                 while True:
-                    ev = await events.get()
+                    ev = await next_event()
                     if ev.get("done"):
                         break
                     r = apply(ev)
-                    text = "".join(deltas[r])
-                    deltas[r].clear()
+                    text = ev["text"]
                     lp = None
                     if req.logprobs is not None and token_info[r]:
                         lp = logprobs_block([tokens[r][-1]], [token_info[r][-1][0]], [token_info[r][-1][1]], 0)
@@ -546,6 +489,8 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
                              "choices": [], "usage": usage()}
                     yield f"data: {json.dumps(final)}\n\n"
                 yield "data: [DONE]\n\n"
+            except _ClientGone:
+                return
             finally:
                 job.cancelled = True  # a client that went away stops its rows at the next token
 
@@ -556,25 +501,25 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 32, device: str = "cpu", dtype: str = "fp32",
-          max_body: int | None = None) -> None:
+          max_body: int | None = None, scheduler: str = "continuous", max_queue: int = 128,
+          prefill_chunk: int = 256) -> None:
     """Load a run and serve it until interrupted; `dtype` as in gptn.inference.prepare_for_inference."""
     import sys
     from pathlib import Path
 
     import uvicorn
 
-    from .checkpoint import load_model
-    from .inference import prepare_for_inference, resolve_dtype
-    resolve_dtype(dtype, device)
-    model, tokenizer = load_model(run, device=device)
-    if tokenizer is None:
-        raise GptnError(f"{run} has no tokenizer saved beside the model")
-    prepare_for_inference(model, dtype, say=lambda m: print(m, file=sys.stderr))
+    from .inference import load_for_inference
+    check_options(scheduler, max_batch, max_queue, prefill_chunk)
+    model, tokenizer = load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
     name = model_name or Path(run).resolve().name
-    app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body)
+    app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body, scheduler=scheduler,
+                     max_queue=max_queue, prefill_chunk=prefill_chunk)
     print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
           f"{'API key required' if api_key else 'no API key'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-__all__ = ["create_app", "serve", "Engine", "CompletionRequest"]
+PLAYGROUND = resources.files("gptn").joinpath("playground.html").read_text(encoding="utf-8")
+
+__all__ = ["create_app", "serve", "CompletionRequest"]

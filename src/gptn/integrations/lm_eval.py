@@ -15,7 +15,7 @@ import lm_eval.models  # noqa: F401  # the harness fills its registry lazily onl
 from lm_eval.api.model import TemplateLM  # registering first would hide its own models ("hf", ...)
 from lm_eval.api.registry import register_model
 
-from ..checkpoint import load_model
+from ..inference import load_for_inference
 from ..config import GptnError
 from ..fewshot import loglikelihood_tokens
 from ..generate import SamplingConfig, generate, score
@@ -26,15 +26,12 @@ class GptnLM(TemplateLM):
     """A gptn model for lm_eval.simple_evaluate: give `run` (a run directory) or `model` and `tokenizer`."""
 
     def __init__(self, run: str | None = None, model=None, tokenizer=None, batch_size: int | str = 32,
-                 device: str = "cpu", max_gen_toks: int = 256, **_ignored):
+                 device: str = "cpu", max_gen_toks: int = 256, dtype: str = "fp32", **_ignored):
         super().__init__()
         if model is None:
             if run is None:
                 raise GptnError("GptnLM needs run=PATH or model= and tokenizer=")
-            import torch
-            if str(device).startswith("cuda") and not torch.cuda.is_available():
-                raise GptnError(f"device {device}: this machine has no CUDA device (use device=cpu)")
-            model, tokenizer = load_model(run, device=device or "cpu")  # the harness CLI may pass None
+            model, tokenizer = load_for_inference(run, str(device or "cpu"), dtype)  # the harness CLI may pass None
         if tokenizer is None:
             raise GptnError("GptnLM needs the model's tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer

@@ -1,0 +1,531 @@
+"""The engines behind `gptn serve`: one thread owns the model and runs the requests' rows through it.
+
+ContinuousEngine (the default) schedules every step, as vLLM does (iteration-level scheduling, Orca,
+OSDI'22): finished rows leave and waiting rows join at each decode step, and every row samples with
+its own settings (a seeded row with its own generator, so its output does not depend on what else
+runs). A joining prompt is prefilled in chunks, at most `prefill_chunk` prompt tokens per step, so a
+long prompt delays the running streams by one chunk per step rather than by its whole prefill.
+Keys and values live in preallocated slots (SlotCache): the decoding rows hold the first slots, so a
+step reads a view of the cache, and a row that leaves is replaced by one row copy (the last one).
+
+StaticEngine (`gptn serve --scheduler static`) is the engine before it, kept for comparison
+(benchmarks/serve.py): a batch of requests with identical sampling settings runs until its longest
+row ends, and requests that arrive meanwhile wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .generate import SamplingConfig, _StopWatcher, choose_tokens, generate_ids, logit_bias_tensor
+from .metrics import Histogram, prometheus_text
+
+SCHEDULERS = ("continuous", "static")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine's max_queue."""
+
+
+@dataclass
+class Job:
+    """One request's rows (prompts x n) and where their tokens go: emit(event) is called on the engine
+    thread with {"row", "token", "info", "stopped", "length"} per token, {"done": True} at the end,
+    or {"error": message}."""
+
+    rows: list[list[int]]
+    sampling: SamplingConfig
+    max_tokens: int
+    logprobs: int | None
+    emit: callable
+    watcher: _StopWatcher = None
+    cancelled: bool = False
+    submitted: float = 0.0
+    first_token: float | None = None
+    remaining: int = 0  # rows not finished yet
+
+
+@dataclass
+class _Call:
+    """A plain function run on the engine thread (which owns the model)."""
+
+    fn: callable
+    done: threading.Event
+    error: Exception | None = None
+
+
+class _Engine:
+    """What both schedulers share: the submission queue with its bound, prompt log-probabilities,
+    per-token bookkeeping (stop strings, max_tokens, metrics) and the /metrics text."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 128):
+        self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
+        self.device = model.wte.weight.device
+        self.inbox: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.waiting = 0  # requests submitted and not started
+        self.running_rows = 0
+        self.batches = 0  # passes through the model (steps), for tests and stats
+        self.largest_batch = 0  # most rows in one decode step so far
+        self.counters = {"requests": 0, "requests_rejected": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.token_latency = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.batch_size = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
+        self.thread = threading.Thread(target=self._loop, name="gptn-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a request; QueueFull when max_queue requests are already waiting."""
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                self.counters["requests_rejected"] += 1
+                raise QueueFull(f"{self.waiting} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting += 1
+            self.counters["requests"] += 1
+            self.counters["prompt_tokens"] += sum(len(r) for r in job.rows)
+        job.submitted = time.perf_counter()
+        job.remaining = len(job.rows)
+        self.inbox.put(job)
+
+    def _started(self, job: Job) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+    def _token(self, job: Job, r: int, token: int, info, produced: int, last_time: list) -> bool:
+        """Book a row's new token and send it; True when the row is finished."""
+        now = time.perf_counter()
+        if job.first_token is None:
+            job.first_token = now
+            self.ttft.observe(now - job.submitted)
+        elif last_time[0] is not None:
+            self.token_latency.observe(now - last_time[0])
+        last_time[0] = now
+        self.counters["generation_tokens"] += 1
+        stopped = job.watcher(r, token)
+        length = not stopped and produced >= job.max_tokens
+        job.emit({"row": r, "token": token, "info": info, "stopped": stopped, "length": length})
+        return stopped or length
+
+    def _stepped(self, rows: int) -> None:
+        self.batches += 1
+        self.batch_size.observe(rows)
+        self.largest_batch = max(self.largest_batch, rows)
+
+    def _row_done(self, job: Job) -> None:
+        job.remaining -= 1
+        if job.remaining == 0:
+            job.emit({"done": True})
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, ids: list[int], top: int | None):
+        n_ctx = self.model.config.n_ctx
+        x = torch.tensor([ids[-n_ctx:]], device=self.device)
+        lp = F.log_softmax(self.model(x)[0].float(), -1)
+        lost = max(0, len(ids) - n_ctx)
+        token_lp = [None] * (1 + lost) + lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist()
+        tops = [None] * (1 + lost)
+        if top:
+            v, i = lp[:-1].topk(top, -1)
+            tops += [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+        return token_lp, tops
+
+    def prompt_logprobs(self, ids: list[int], top: int | None):
+        """For echo: each prompt token's log-probability (None for the first) and its top alternatives."""
+        out = {}
+        call = _Call(lambda: out.update(value=self._prompt_logprobs(ids, top)), threading.Event())
+        self.inbox.put(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return out["value"]
+
+    def _call(self, call: _Call) -> None:
+        try:
+            call.fn()
+        except Exception as e:  # handed to the caller; the engine goes on
+            call.error = e
+        finally:
+            call.done.set()
+
+    def metrics(self) -> str:
+        """The engine's counters, gauges and histograms in Prometheus' text format."""
+        with self.lock:
+            counters, waiting = dict(self.counters), self.waiting
+        return prometheus_text("gptn", [
+            ("requests_total", "counter", "completion requests accepted", counters["requests"]),
+            ("requests_rejected_total", "counter", "requests refused with 429 (queue full)", counters["requests_rejected"]),
+            ("prompt_tokens_total", "counter", "prompt tokens of accepted requests", counters["prompt_tokens"]),
+            ("generation_tokens_total", "counter", "tokens generated", counters["generation_tokens"]),
+            ("steps_total", "counter", "passes through the model", self.batches),
+            ("requests_waiting", "gauge", "requests queued and not started", waiting),
+            ("rows_running", "gauge", "rows (completions) being decoded", self.running_rows),
+            ("time_to_first_token_seconds", "histogram", "submission to first token, per request", self.ttft),
+            ("time_per_output_token_seconds", "histogram", "time between a row's successive tokens", self.token_latency),
+            ("batch_size", "histogram", "rows per decode step", self.batch_size),
+        ])
+
+
+class StaticEngine(_Engine):
+    """A batch of requests with identical sampling settings runs until its longest row ends."""
+
+    def __init__(self, *args, **kwargs):
+        self._unique = itertools.count()
+        super().__init__(*args, **kwargs)
+
+    def _batch_key(self, job: Job) -> tuple:
+        s = job.sampling
+        seeded_sampling = s.seed is not None and not s.greedy
+        return (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
+                s.frequency_penalty, tuple(sorted(s.logit_bias.items())), job.logprobs is not None,
+                next(self._unique) if seeded_sampling else None)
+
+    def _loop(self) -> None:
+        pending: list = []
+        while True:
+            if not pending:
+                pending.append(self.inbox.get())
+            while True:  # everything queued meanwhile
+                try:
+                    pending.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            first = pending[0]
+            if isinstance(first, _Call):
+                self._call(pending.pop(0))
+                continue
+            key = self._batch_key(first)
+            batch, rest, rows = [], [], 0
+            for job in pending:
+                if isinstance(job, Job) and self._batch_key(job) == key and \
+                        (not batch or rows + len(job.rows) <= self.max_batch):
+                    batch.append(job)
+                    rows += len(job.rows)
+                else:
+                    rest.append(job)
+            pending = rest
+            try:
+                self._run(batch)
+            except Exception as e:  # a failure must reach the waiting requests, not kill the engine
+                for job in batch:
+                    job.emit({"error": f"{type(e).__name__}: {e}"})
+            self.running_rows = 0
+
+    @torch.no_grad()
+    def _run(self, batch: list[Job]) -> None:
+        owners = [(job, r) for job in batch for r in range(len(job.rows))]
+        counts = [0] * len(owners)
+        last = [[None] for _ in owners]
+        for job in batch:
+            self._started(job)
+        self.running_rows = len(owners)
+        max_new = max(job.max_tokens for job in batch)
+
+        def on_token(row, token, info=None):
+            job, r = owners[row]
+            if job.cancelled:
+                return True
+            counts[row] += 1
+            return self._token(job, r, token, info, counts[row], last[row])
+
+        if max_new > 0:
+            self._stepped(len(owners))
+            prompts = [job.rows[r] for job, r in owners]
+            generate_ids(self.model, prompts, SamplingConfig(**{**batch[0].sampling.__dict__, "max_new_tokens": max_new}),
+                         pad_id=self.tokenizer.eot_id, on_token=on_token, warn=lambda _m: None,
+                         logprobs=batch[0].logprobs)
+        for job in batch:
+            job.emit({"done": True})
+
+
+class SlotCache:
+    """Keys and values of up to `slots` rows, n_ctx positions each; row position p sits at index p.
+    Capacity grows by doubling (a copy, amortised) up to `slots`, so an idle server holds little."""
+
+    def __init__(self, config, slots: int, device, dtype):
+        self.config, self.slots, self.device, self.dtype = config, slots, device, dtype
+        self.capacity = 0
+        self.k = self.v = None
+        self.reserve(min(slots, 4))
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        cap = min(self.slots, max(rows, 2 * self.capacity))
+        c = self.config
+        shape = (c.n_layer, cap, c.n_head, c.n_ctx, c.d_head)
+        k, v = torch.zeros(shape, device=self.device, dtype=self.dtype), torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.capacity:
+            k[:, :self.capacity], v[:, :self.capacity] = self.k, self.v
+        self.k, self.v, self.capacity = k, v, cap
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` positions into row dst."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class _DecodeView:
+    """The cache as GPT.hidden_states sees it for one decode step of rows 0..B-1, row i writing its
+    new key at its own position pos[i]."""
+
+    def __init__(self, cache: SlotCache, pos: torch.Tensor, span: int):
+        self.cache, self.pos, self.span, self.length = cache, pos, span, 0
+        self.rows = torch.arange(len(pos), device=pos.device)
+
+    def update(self, layer, k, v):
+        B = len(self.pos)
+        self.cache.k[layer][self.rows, :, self.pos] = k[:, :, 0]
+        self.cache.v[layer][self.rows, :, self.pos] = v[:, :, 0]
+        return self.cache.k[layer, :B, :, :self.span], self.cache.v[layer, :B, :, :self.span]
+
+
+class _PrefillView:
+    """The cache for prefilling T tokens of the row in `slot` from position `start`."""
+
+    def __init__(self, cache: SlotCache, slot: int, start: int):
+        self.cache, self.slot, self.start, self.length = cache, slot, start, 0
+
+    def update(self, layer, k, v):
+        end = self.start + k.size(2)
+        s = slice(self.slot, self.slot + 1)
+        self.cache.k[layer, s, :, self.start:end] = k
+        self.cache.v[layer, s, :, self.start:end] = v
+        return self.cache.k[layer, s, :, :end], self.cache.v[layer, s, :, :end]
+
+
+@dataclass
+class _Row:
+    """One completion being served: its sequence so far and its own sampling state."""
+
+    job: Job
+    r: int  # index among the job's rows
+    tokens: list[int]  # the sequence so far; the cache holds tokens[:length]
+    length: int = 0
+    produced: int = 0
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # OpenAI penalties: how often each token was generated
+    bias: torch.Tensor | None = None
+    last: list = field(default_factory=lambda: [None])  # time of the row's last token
+
+    def group(self) -> tuple:
+        """Rows with equal groups sample as one batch: same settings, no state of their own."""
+        s = self.job.sampling
+        alone = self.generator is not None or s.repetition_penalty != 1.0 or self.bias is not None
+        return (s.greedy, s.temperature, s.top_p, s.top_k, s.presence_penalty, s.frequency_penalty,
+                self.job.logprobs, id(self) if alone else None)
+
+
+class ContinuousEngine(_Engine):
+    """Iteration-level scheduling over a slot cache (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 128, prefill_chunk: int = 256):
+        self.prefill_chunk = prefill_chunk
+        self.config = model.config
+        self.cache = SlotCache(model.config, max_batch, model.wte.weight.device, model.wte.weight.dtype)
+        self.running: list[_Row] = []  # decoding; row i holds slot i
+        self.filling: _Row | None = None  # the row being prefilled, in slot len(running)
+        self.queued: deque[_Row] = deque()  # admitted rows waiting for a slot
+        self.jobs: deque[Job] = deque()  # requests not started
+        super().__init__(model, tokenizer, max_batch, max_queue)
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        while True:
+            busy = self.running or self.filling or self.queued or self.jobs
+            self._take(block=not busy)
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._prefill()
+                if self.running:
+                    self._decode()
+            except Exception as e:  # a failure must reach the waiting requests, not kill the engine
+                self._fail_all(f"{type(e).__name__}: {e}")
+            self.running_rows = len(self.running)
+
+    def _take(self, block: bool) -> None:
+        while True:
+            try:
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(item, _Call):
+                self._call(item)
+            else:
+                self.jobs.append(item)
+
+    def _admit(self) -> None:
+        """Start waiting requests while their rows fit beside the running ones (max_batch)."""
+        while self.jobs:
+            job = self.jobs[0]
+            in_flight = len(self.running) + (self.filling is not None) + len(self.queued)
+            if in_flight and in_flight + len(job.rows) > self.max_batch:
+                return
+            self.jobs.popleft()
+            self._started(job)
+            if job.cancelled:
+                job.emit({"done": True})
+                continue
+            if job.max_tokens == 0:
+                job.emit({"done": True})
+                continue
+            try:
+                self.queued.extend(self._rows_of(job))
+            except Exception as e:  # e.g. a logit bias outside the vocabulary: this request fails, not the engine
+                job.emit({"error": f"{type(e).__name__}: {e}"})
+
+    def _rows_of(self, job: Job) -> list[_Row]:
+        rows, s, n_ctx = [], job.sampling, self.config.n_ctx
+        for r, prompt in enumerate(job.rows):
+            row = _Row(job, r, list(prompt[-(n_ctx - 1):]))
+            if s.seed is not None and not s.greedy:  # the request's rows (n > 1) differ, each reproducibly
+                row.generator = torch.Generator(device=self.device).manual_seed((s.seed + r) % 2**63)
+            if s.presence_penalty or s.frequency_penalty:
+                row.counts = torch.zeros(self.config.vocab_size, device=self.device)
+            row.bias = logit_bias_tensor(s, self.config.vocab_size, self.device)
+            rows.append(row)
+        return rows
+
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self.running))):
+            if self.running[i].job.cancelled:
+                self._release(i)
+        if self.filling is not None and self.filling.job.cancelled:
+            self._row_done(self.filling.job)
+            self.filling = None
+        for row in [row for row in self.queued if row.job.cancelled]:
+            self.queued.remove(row)
+            self._row_done(row.job)
+        for job in [job for job in self.jobs if job.cancelled]:
+            self.jobs.remove(job)
+            self._started(job)
+            job.emit({"done": True})
+
+    def _release(self, i: int, finished: bool = True) -> None:
+        """Row i leaves its slot: the last running row moves into it, the row being prefilled after it."""
+        row = self.running[i]
+        last = len(self.running) - 1
+        if i != last:
+            moved = self.running[last]
+            self.cache.move(last, i, moved.length)
+            self.running[i] = moved
+        self.running.pop()
+        if self.filling is not None and self.filling.length:
+            self.cache.move(last + 1, last, self.filling.length)
+        if finished:
+            self._row_done(row.job)
+
+    def _fail_all(self, message: str) -> None:
+        jobs = {id(r.job): r.job for r in [*self.running, *self.queued, *([self.filling] if self.filling else [])]}
+        self.running, self.filling = [], None
+        self.queued.clear()
+        for job in jobs.values():
+            job.emit({"error": message})
+
+    # -- model passes
+
+    def _mask(self, q_pos: torch.Tensor, span: int):
+        """Per-row causal mask (B, 1, T, span) for queries at positions q_pos (B, T); slot index = position."""
+        k_pos = torch.arange(span, device=self.device)
+        dense = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+        if self.config.attention == "dense":
+            return dense
+        band = (q_pos[:, :, None] - k_pos[None, None, :] < self.config.sparse_band)[:, None]
+        return {"dense": dense, "banded": dense & band}
+
+    def _prefill(self) -> None:
+        """Feed up to prefill_chunk prompt tokens of joining rows; a row whose prompt is in gets its first token."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self.filling is None:
+                if not self.queued:
+                    return
+                self.filling = self.queued.popleft()
+                self.cache.reserve(len(self.running) + 1)
+            row, slot = self.filling, len(self.running)
+            chunk = row.tokens[row.length:row.length + budget]
+            start = row.length
+            x = torch.tensor([chunk], device=self.device)
+            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+            with torch.no_grad():
+                logits = self.model(x, position_ids=pos, attention_mask=self._mask(pos, start + len(chunk)),
+                                    cache=_PrefillView(self.cache, slot, start), last_only=True)[:, -1]
+            self.batches += 1
+            row.length += len(chunk)
+            budget -= len(chunk)
+            if row.length < len(row.tokens):
+                return  # the rest of this prompt in the next steps
+            self.filling = None
+            self.running.append(row)
+            self._sample([row], logits)
+
+    @torch.no_grad()
+    def _decode(self) -> None:
+        rows = self.running
+        x = torch.tensor([[row.tokens[row.length]] for row in rows], device=self.device)
+        pos = torch.tensor([row.length for row in rows], device=self.device)
+        span = int(pos.max()) + 1
+        logits = self.model(x, position_ids=pos[:, None], attention_mask=self._mask(pos[:, None], span),
+                            cache=_DecodeView(self.cache, pos, span))[:, -1]
+        self._stepped(len(rows))
+        for row in rows:
+            row.length += 1
+        self._sample(list(rows), logits)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token under its own settings; rows with the same settings and no state of
+        their own in one call. Then stop / length / a full context are handled."""
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.group(), []).append(i)
+        chosen: dict[int, tuple] = {}
+        for members in groups.values():
+            first = rows[members[0]]
+            seen = torch.tensor([first.tokens], device=self.device) if len(members) == 1 else None
+            counts = None
+            if first.counts is not None:
+                counts = torch.stack([rows[i].counts for i in members])
+            nxt, (model_lp, top_lp, top_id) = choose_tokens(
+                logits[members], first.job.sampling, seen, counts, first.bias, first.generator, first.job.logprobs)
+            for j, (i, t) in enumerate(zip(members, nxt.tolist())):
+                info = None
+                if model_lp is not None:
+                    n = first.job.logprobs
+                    info = (model_lp[j, t].item(), list(zip(top_id[j].tolist(), top_lp[j].tolist()))[:n])
+                chosen[i] = (t, info)
+        finished = []
+        for i, row in enumerate(rows):
+            t, info = chosen[i]
+            row.tokens.append(t)
+            row.produced += 1
+            if row.counts is not None:
+                row.counts[t] += 1
+            if row.job.cancelled or self._token(row.job, row.r, t, info, row.produced, row.last):
+                finished.append(row)
+        for row in finished:
+            self._release(self.running.index(row))
+        n_ctx = self.config.n_ctx
+        keep = max(1, n_ctx - max(1, n_ctx // 4))
+        for row in [row for row in self.running if row.length >= n_ctx]:
+            # The context is full: as gptn generate does, the row goes on from its last 3/4, re-prefilled.
+            self._release(self.running.index(row), finished=False)
+            row.tokens, row.length = row.tokens[-keep:], 0
+            self.queued.appendleft(row)
+
+
+def make_engine(scheduler: str, model, tokenizer, max_batch: int = 32, max_queue: int = 128,
+                prefill_chunk: int = 256) -> _Engine:
+    """The engine `gptn serve --scheduler` names."""
+    if scheduler == "static":
+        return StaticEngine(model, tokenizer, max_batch, max_queue)
+    return ContinuousEngine(model, tokenizer, max_batch, max_queue, prefill_chunk)

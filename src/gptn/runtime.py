@@ -1,0 +1,99 @@
+"""Where a command runs, resolved once for all of them (pretraining, fine-tuning, generation,
+serving, evaluation, benchmarks): the device, torch.distributed under torchrun, autocast precision,
+and the peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import GptnError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(pref: str) -> torch.device:
+    """`auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`, checked once for every command."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref != "cpu" and not (pref == "cuda" or pref.startswith("cuda:") and pref[5:].isdigit()):
+        raise GptnError(f"--device {pref}: expected auto, cpu, cuda or cuda:N")
+    if pref != "cpu" and not torch.cuda.is_available():
+        raise GptnError(f"--device {pref}: this machine has no CUDA device (torch {torch.__version__})")
+    return torch.device(pref)
+
+
+def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if want_cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        d = Dist(dist.get_rank(), dist.get_world_size(), local)
+    else:
+        d = Dist()
+    if want_cuda:
+        return d, torch.device("cuda", d.local_rank)
+    if device_pref not in ("auto", "cpu"):
+        raise GptnError(f"--device {device_pref}: expected auto, cpu or cuda")
+    return d, torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise GptnError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if device.type != "cuda":
+        return torch.bfloat16 if precision == "bf16" else None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of the fastest of repeated large square matmuls on this device: the practical peak MFU
+    is measured against. The fastest, not the mean: on a shared machine a slow moment while measuring
+    would otherwise understate the peak and show MFU above 100%."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_BF16_PEAK.items():
+            if key in name:
+                return value if dtype in (torch.bfloat16, torch.float16) else value / 2
+        return measure_matmul_peak(device, dtype or torch.float32, n=8192)
+    return measure_matmul_peak(device)
