@@ -25,6 +25,27 @@ def shared_data() -> Path:
     return require_shared()
 
 
+def lm_eval_mc_task(name: str, train, test, metrics=("acc",)) -> str:
+    """An lm-evaluation-harness task YAML: multiple choice over JSON lines of {question, choices, label}.
+    Data files are absolute: lm-eval resolves relative ones against the current directory."""
+    metric_list = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics)
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+output_type: multiple_choice
+training_split: train
+test_split: test
+fewshot_split: train
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+{metric_list}"""
+
+
 def tiny_gpt(vocab_size: int, n_ctx: int = 48, sharpen: bool = False):
     """A 2-layer, d_model 32 GPT with seeded random weights, in eval mode. `sharpen` scales W_e by 3
     for peakier distributions than at initialisation, so that greedy decoding is well defined."""

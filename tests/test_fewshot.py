@@ -3,7 +3,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_gpt
+from conftest import lm_eval_mc_task, tiny_gpt
 import torch.nn.functional as F
 
 from gptn.checkpoint import save_checkpoint
@@ -171,28 +171,9 @@ def test_gptn_lm_eval_runs_the_harness_command_line(tmp_path, run, model, tok, c
 def _lm_eval_task(tmp_path):
     _mc_files(tmp_path)
     (tmp_path / "tasks").mkdir()
-    # Absolute data_files: lm-eval resolves relative ones against the current directory.
-    (tmp_path / "tasks" / "local.yaml").write_text(f"""task: gptn_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {tmp_path / 'train.jsonl'}
-    test: {tmp_path / 'test.jsonl'}
-output_type: multiple_choice
-training_split: train
-test_split: test
-fewshot_split: train
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+    (tmp_path / "tasks" / "local.yaml").write_text(
+        lm_eval_mc_task("gptn_local_mc", tmp_path / "train.jsonl", tmp_path / "test.jsonl", ("acc", "acc_norm")))
+
 
 
 def test_lm_eval_rolling_and_generation_follow_the_harness_contract(model, tok):

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import lm_eval_mc_task
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,22 +75,9 @@ def _walkthrough_inputs(work, shared):
     (work / "my_tasks").mkdir()
     rows = [{"question": f"which is {w}?", "choices": ["cat", "dog", w], "label": 2} for w in ("sun", "moon", "tree")]
     (work / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (work / "my_tasks" / "task.yaml").write_text(f"""task: my_local_task
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {work / 'items.jsonl'}
-    test: {work / 'items.jsonl'}
-output_type: multiple_choice
-training_split: train
-test_split: test
-fewshot_split: train
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-""")
+    (work / "my_tasks" / "task.yaml").write_text(
+        lm_eval_mc_task("my_local_task", work / "items.jsonl", work / "items.jsonl"))
+
 
 
 def test_every_readme_example_runs_on_a_tiny_budget(tmp_path):

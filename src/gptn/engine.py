@@ -72,7 +72,7 @@ class _Engine:
         self.inbox: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.waiting = 0  # requests submitted and not started
-        self.running_rows = 0
+        self._running_rows = 0
         self.batches = 0  # passes through the model (steps), for tests and stats
         self.largest_batch = 0  # most rows in one decode step so far
         self.counters = {"requests": 0, "requests_rejected": 0, "prompt_tokens": 0, "generation_tokens": 0}
@@ -81,6 +81,11 @@ class _Engine:
         self.batch_size = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
         self.thread = threading.Thread(target=self._loop, name="gptn-engine", daemon=True)
         self.thread.start()
+
+    @property
+    def running_rows(self) -> int:
+        """Rows (completions) being decoded now."""
+        return self._running_rows
 
     def submit(self, job: Job) -> None:
         """Queue a request; QueueFull when max_queue requests are already waiting."""
@@ -216,7 +221,7 @@ class StaticEngine(_Engine):
             except Exception as e:  # a failure must reach the waiting requests, not kill the engine
                 for job in batch:
                     job.emit({"error": f"{type(e).__name__}: {e}"})
-            self.running_rows = 0
+            self._running_rows = 0
 
     @torch.no_grad()
     def _run(self, batch: list[Job]) -> None:
@@ -225,7 +230,7 @@ class StaticEngine(_Engine):
         last = [[None] for _ in owners]
         for job in batch:
             self._started(job)
-        self.running_rows = len(owners)
+        self._running_rows = len(owners)
         max_new = max(job.max_tokens for job in batch)
 
         def on_token(row, token, info=None):
@@ -336,6 +341,10 @@ class ContinuousEngine(_Engine):
         self.jobs: deque[Job] = deque()  # requests not started
         super().__init__(model, tokenizer, max_batch, max_queue)
 
+    @property
+    def running_rows(self) -> int:
+        return len(self.running)
+
     # -- the loop
 
     def _loop(self) -> None:
@@ -350,7 +359,6 @@ class ContinuousEngine(_Engine):
                     self._decode()
             except Exception as e:  # a failure must reach the waiting requests, not kill the engine
                 self._fail_all(f"{type(e).__name__}: {e}")
-            self.running_rows = len(self.running)
 
     def _take(self, block: bool) -> None:
         while True:

@@ -16,6 +16,7 @@ fewer bytes, or reads them faster, without changing the model's definition (mode
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -139,6 +140,7 @@ class _Bf16Linear(_Fp16Linear):
         return super().run(x)
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
     try:
