@@ -191,6 +191,8 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 @command("pretrain", "pretrain a GPT on a prepared corpus (resumes when --out holds a run); works under torchrun")
 def cmd_pretrain(sub):
+    from .pretrain import PretrainConfig
+    d = PretrainConfig("", "")  # the defaults, stated once in the dataclass
     sub.add_argument("corpus", help="a folder written by `gptn prepare`")
     sub.add_argument("--out", required=True, help="run directory (an existing run is resumed)")
     sub.add_argument("--init-from", metavar="SRC",
@@ -203,29 +205,29 @@ def cmd_pretrain(sub):
                      help="override a model field, e.g. --set dropout=0 --set n_ctx=128 (repeatable)")
     sub.add_argument("--arch", choices=["gpt", "bert"], help="gpt: decoder, next-token objective (default); "
                      "bert: bidirectional encoder, masked-LM objective (for the GPT-vs-BERT contrast)")
-    sub.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    sub.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps in total (default {d.steps})")
     sub.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, all ranks (default: the preset's)")
     sub.add_argument("--micro-batch", type=int, help="sequences per rank per forward pass (gradient accumulation)")
     sub.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     sub.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
     sub.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 2%% of steps)")
-    sub.add_argument("--weight-decay", type=float, default=0.1)
+    sub.add_argument("--weight-decay", type=float, default=d.weight_decay)
     sub.add_argument("--optimizer", choices=["adamw", "muon"],
                      help="adamw (default; GPT-1/2/3's) or muon: Muon for the linear layers' weights, AdamW for "
                      "embeddings, biases and LayerNorm; reaches a given loss in fewer tokens (default: the run's)")
     sub.add_argument("--muon-lr", type=float, help=f"Muon's peak learning rate (default {MUON_LR:g})")
-    sub.add_argument("--grad-clip", type=float, default=1.0)
-    sub.add_argument("--eval-interval", type=int, default=250)
-    sub.add_argument("--eval-batches", type=int, default=20)
-    sub.add_argument("--checkpoint-interval", type=int, default=500)
-    sub.add_argument("--seed", type=int, default=1337)
-    sub.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
-    sub.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    sub.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    sub.add_argument("--eval-interval", type=int, default=d.eval_interval)
+    sub.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    sub.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval)
+    sub.add_argument("--seed", type=int, default=d.seed)
+    sub.add_argument("--strategy", default=d.strategy, choices=["ddp", "fsdp"], help="under torchrun")
+    sub.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     sub.add_argument("--compile", action="store_true", help="torch.compile the model")
     sub.add_argument("--activation-checkpointing", action="store_true",
                      help="keep only each block's input and recompute the block in backward: less activation "
                      "memory for about a third more compute (gptn compute shows both)")
-    sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     sub.add_argument("--max-seconds", type=float, help="stop and save after this much training time")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
