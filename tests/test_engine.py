@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptn.config import GPTConfig
-from gptn.engine import ContinuousEngine, Job, _Call
+from gptn.engine import ContinuousEngine, Job, StaticEngine, _Call
 from gptn.generate import SamplingConfig, _StopWatcher, generate_ids
 from gptn.model import GPT
 
@@ -221,3 +221,16 @@ def test_logprobs_per_row_are_the_models(engine, model, tok):
     assert ev["token"] == int(lp.argmax()) and ev["length"]
     assert ev["info"][0] == pytest.approx(lp.max().item(), abs=1e-4)
     assert [i for i, _ in ev["info"][1]] == lp.topk(2).indices.tolist()
+
+
+def test_the_static_engine_kept_for_comparison_serves_seeded_and_greedy_requests(model, tok):
+    eng = StaticEngine(model, tok, max_batch=8)
+    seeded = SamplingConfig(temperature=0.9, seed=7)
+    release = hold(eng)
+    runs = [submit(eng, tok, [p], s, 12)[1] for p, s in
+            [("the cat", seeded), ("a dog", no_eot(tok)), ("zz", no_eot(tok)), ("the cat", seeded)]]
+    release.set()
+    (a,), (b,), (c,), (d,) = wait(*runs)
+    assert a == d == alone(model, tok, "the cat", seeded, 12)  # a seeded request runs alone, reproducibly
+    assert b == alone(model, tok, "a dog", no_eot(tok), 12) and c == alone(model, tok, "zz", no_eot(tok), 12)
+    assert eng.largest_batch == 2  # the two greedy requests shared a batch

@@ -48,6 +48,7 @@ class Job:
     emit: callable
     watcher: _StopWatcher = None
     cancelled: bool = False
+    batch_key: tuple = ()  # StaticEngine: jobs with equal keys share a batch
     submitted: float = 0.0
     first_token: float | None = None
     remaining: int = 0  # rows not finished yet
@@ -185,12 +186,13 @@ class StaticEngine(_Engine):
         self._unique = itertools.count()
         super().__init__(*args, **kwargs)
 
-    def _batch_key(self, job: Job) -> tuple:
+    def submit(self, job: Job) -> None:
         s = job.sampling
-        seeded_sampling = s.seed is not None and not s.greedy
-        return (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
-                s.frequency_penalty, tuple(sorted(s.logit_bias.items())), job.logprobs is not None,
-                next(self._unique) if seeded_sampling else None)
+        seeded_sampling = s.seed is not None and not s.greedy  # alone, so that its seed reproduces it
+        job.batch_key = (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
+                         s.frequency_penalty, tuple(sorted(s.logit_bias.items())), job.logprobs is not None,
+                         next(self._unique) if seeded_sampling else None)
+        super().submit(job)
 
     def _loop(self) -> None:
         pending: list = []
@@ -206,10 +208,9 @@ class StaticEngine(_Engine):
             if isinstance(first, _Call):
                 self._call(pending.pop(0))
                 continue
-            key = self._batch_key(first)
             batch, rest, rows = [], [], 0
             for job in pending:
-                if isinstance(job, Job) and self._batch_key(job) == key and \
+                if isinstance(job, Job) and job.batch_key == first.batch_key and \
                         (not batch or rows + len(job.rows) <= self.max_batch):
                     batch.append(job)
                     rows += len(job.rows)
@@ -499,7 +500,9 @@ class ContinuousEngine(_Engine):
         chosen: dict[int, tuple] = {}
         for members in groups.values():
             first = rows[members[0]]
-            seen = torch.tensor([first.tokens], device=self.device) if len(members) == 1 else None
+            seen = None
+            if first.job.sampling.repetition_penalty != 1.0:  # such rows sample alone (see _Row.group)
+                seen = torch.tensor([first.tokens], device=self.device)
             counts = None
             if first.counts is not None:
                 counts = torch.stack([rows[i].counts for i in members])

@@ -192,7 +192,8 @@ class GPT(nn.Module):
 
         attention_mask (B, T_total) marks real tokens (1) and padding (0), for left-padded batches;
         T_total counts the cached positions too. A boolean (B, 1, T, T_total) mask (a dict of them,
-        "dense" and "banded", for sparse models) is used as given: the serving engine's per-row masks. segment_ids (B, T) are 0/1 (sentence A/B), BERT only.
+        "dense" and "banded", for sparse models) is used as given: the serving engine's per-row masks.
+        segment_ids (B, T) are 0/1 (sentence A/B), BERT only.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0

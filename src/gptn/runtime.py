@@ -37,23 +37,19 @@ def resolve_device(pref: str) -> torch.device:
 
 
 def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if want_cuda:
-            torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-        d = Dist(dist.get_rank(), dist.get_world_size(), local)
-    else:
-        d = Dist()
-    if want_cuda:
-        return d, torch.device("cuda", d.local_rank)
-    if device_pref not in ("auto", "cpu"):
-        raise GptnError(f"--device {device_pref}: expected auto, cpu or cuda")
-    return d, torch.device("cpu")
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): one GPU per process,
+    the local rank's, or gloo on CPU."""
+    device = resolve_device(device_pref)
+    cuda = device.type == "cuda"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(), torch.device("cuda", torch.cuda.current_device()) if cuda and device.index is None else device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local), device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
