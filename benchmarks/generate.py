@@ -34,7 +34,8 @@ from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
 from gptn.generate import SamplingConfig, generate_ids  # noqa: E402
 from gptn.hf import export_hf  # noqa: E402
-from gptn.inference import native_bf16, prepare_for_inference  # noqa: E402
+from gptn.inference import prepare_for_inference  # noqa: E402
+from gptn.runtime import native_bf16  # noqa: E402
 from gptn.model import GPT  # noqa: E402
 from gptn.tokenizer import load_tokenizer  # noqa: E402
 

@@ -28,7 +28,8 @@ from gptn.checkpoint import load_model  # noqa: E402
 from gptn.data import BatchLoader, Corpus, prepare  # noqa: E402
 from gptn.generate import score  # noqa: E402
 from gptn.optim import make_optimizer  # noqa: E402
-from gptn.pretrain import PretrainConfig, lr_at, pretrain  # noqa: E402
+from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
+from gptn.train import lr_at  # noqa: E402
 from gptn.runtime import measure_matmul_peak  # noqa: E402
 
 N_CTX, BATCH, STEPS, LR, MIN_LR, WARMUP, BETA2 = 64, 12, 2000, 1e-3, 1e-4, 100, 0.99

@@ -52,7 +52,7 @@ def test_masking_proportions_are_bert_s():
 def test_encoder_inputs_start_with_cls_and_separate_segments():
     tok = CharTokenizer.from_text(ALPHABET).add_special_tokens(BERT_SPECIALS)
     c, s = tok.special_tokens[CLS], tok.special_tokens[SEP]
-    assert input_sequences("entailment", Example(("ab", "c")), tok, 32, arch="bert") == \
+    assert input_sequences("entailment", Example(("ab", "c")), tok, 32, causal=False) == \
         [[c, *tok.encode("ab"), s, *tok.encode("c"), s]]
 
 

@@ -226,3 +226,22 @@ def test_an_output_the_filesystem_refuses_is_one_line(corpus, run, tmp_path, cap
                  ["export-hf", str(run), "/proc/gptn-hf"]):
         err = _one_line_error(capsys, main(argv))
         assert "/proc" in err or "a-file" in err, err  # the message names the path
+
+
+@pytest.mark.parametrize("argv, config", [
+    (["pretrain", "C", "--out", "R"], "gptn.pretrain:PretrainConfig"),
+    (["finetune", "R", "--train", "T", "--out", "O"], "gptn.finetune:FinetuneConfig"),
+    (["generate", "R", "--prompt", "p"], "gptn.generate:SamplingConfig"),
+])
+def test_cli_defaults_are_the_config_dataclasses(argv, config):
+    import dataclasses
+    import importlib
+
+    from gptn.cli import build_parser
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    args = vars(build_parser().parse_args(argv))
+    shared = [f for f in dataclasses.fields(cls) if f.name in args and f.default is not dataclasses.MISSING]
+    assert len(shared) >= 5
+    for f in shared:
+        assert args[f.name] == f.default, f"--{f.name.replace('_', '-')}: CLI {args[f.name]!r} vs {name} {f.default!r}"

@@ -1,7 +1,13 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
@@ -229,3 +235,89 @@ def test_bad_rows_name_the_file_and_line(tmp_path):
     j.write_text(json.dumps({"context": "c", "endings": ["a", "b"], "label": 5}) + "\n")
     with pytest.raises(GptnError, match="outside 0..1"):
         read_task_file(j)
+
+
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gptn", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _final_state(run):
+    model, _ = load_task_model(run)
+    return model.state_dict()
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, pretrained_run):
+    train = tmp_path / "train.tsv"
+    _write_separable(train, n=400)
+    common = ["finetune", str(pretrained_run), "--train", str(train), "--epochs", "3", "--batch-size", "4",
+              "--lr", "1e-3", "--checkpoint-interval", "5", "--evals-per-epoch", "2", "--no-progress"]
+    full = _cli(*common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    # Start the same run, SIGKILL it once it has a resumable checkpoint past step 20, then start it again.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptn", *common, "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "killed" / "resume" / "checkpoint" / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(meta.read_text())["step"] >= 20:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(meta.read_text())["step"]
+    assert 20 <= killed_at < 300, "the run finished before it could be killed; make it longer"
+    resumed = _cli(*common, "--out", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "killed" / "resume").exists()  # a finished run leaves only its best checkpoint
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 301))
+    # A killed run is resumed only with its own options.
+    proc = subprocess.Popen([sys.executable, "-m", "gptn", *common, "--out", str(tmp_path / "other")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "other" / "resume" / "checkpoint" / "meta.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    changed = _cli(*common[:-1], "--lr", "2e-3", "--out", str(tmp_path / "other"), "--no-progress")
+    assert changed.returncode == 2 and "other options (lr)" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, pretrained_run):
+    train = tmp_path / "train.tsv"
+    _write_separable(train, n=36)  # 5 steps of 8, the last one short (4 examples)
+    common = ["finetune", str(pretrained_run), "--train", str(train), "--epochs", "1", "--batch-size", "8",
+              "--micro-batch", "2", "--lr", "3e-3", "--lm-weight", "0.5", "--dropout", "0", "--head-dropout", "0",
+              "--no-progress"]  # no dropout: ranks draw their masks from other streams
+    one = _cli(*common, "--out", str(tmp_path / "one"))  # 4 micro-batches of 2 per step
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "gptn", *common, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)  # 2 ranks x 2 micro-batches of 2
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    pre = load_file(str(pretrained_run / "checkpoint" / "model.safetensors"))  # the weights did move
+    assert not torch.equal(pre["h.0.mlp.c_fc.weight"], a["gpt.h.0.mlp.c_fc.weight"])
+
+
+def test_bf16_autocast_fine_tunes_on_cpu(tmp_path, pretrained_run):
+    train = tmp_path / "train.tsv"
+    _write_separable(train)
+    summary = finetune(FinetuneConfig(run=str(pretrained_run), out=str(tmp_path / "ft"), train=str(train),
+                                      val=str(train), epochs=20, batch_size=8, lr=3e-3, dropout=0.0,
+                                      head_dropout=0.0, precision="bf16", progress=False))
+    assert summary["best"]["value"] == 1.0
+    records = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] / 4

@@ -13,7 +13,8 @@ from gptn.checkpoint import checkpoint_dir, load_model
 from gptn.cli import main
 from gptn.config import GPTConfig
 from gptn.data import prepare
-from gptn.pretrain import PretrainConfig, lr_at, pretrain
+from gptn.pretrain import PretrainConfig, pretrain
+from gptn.train import Schedule, lr_at
 from gptn.model import GPT
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i % 7} times.\n" for i in range(3000))
@@ -42,6 +43,20 @@ def test_schedule_warmup_then_cosine():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_a_time_budget_anneals_the_schedule_within_it(corpus, tmp_path):
+    schedule = Schedule(1e-3, 10, 10_000, 1e-4, "cosine", max_seconds=60)
+    assert schedule.at(5, 0.0) == pytest.approx(6e-4)  # warm-up counts steps
+    assert schedule.at(100, 30.0) == pytest.approx(5.5e-4)  # half the time spent: half-way down the cosine
+    assert schedule.at(100, 60.0) == pytest.approx(1e-4)
+    summary = pretrain(PretrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), preset="tiny",
+                                      overrides={"dropout": 0.0, "n_ctx": 32}, steps=100_000, batch_tokens=32 * 8,
+                                      lr=3e-3, warmup_steps=5, eval_interval=0, log_interval=1, max_seconds=3,
+                                      progress=False))
+    assert 10 < summary["steps"] < 100_000
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] < 3e-4 * 1.1  # the step budget is far away, but the rate has come down to min_lr
 
 
 def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):

@@ -228,7 +228,8 @@ def cmd_pretrain(sub):
                      help="keep only each block's input and recompute the block in backward: less activation "
                      "memory for about a third more compute (gptn compute shows both)")
     sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    sub.add_argument("--max-seconds", type=float, help="stop and save after this much training time")
+    sub.add_argument("--max-seconds", type=float, help="training-time budget: the cosine decays over whichever of "
+                     "--steps and this runs out first, and the run stops and saves when it is spent")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args):
@@ -322,11 +323,14 @@ def cmd_next(sub):
 
 
 def _sampling_args(sub):
-    sub.add_argument("--max-new-tokens", type=int, default=64)
-    sub.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    sub.add_argument("--top-k", type=int)
-    sub.add_argument("--top-p", type=float, help="nucleus sampling: keep the smallest set of tokens with this mass")
-    sub.add_argument("--repetition-penalty", type=float, default=1.0)
+    from .generate import SamplingConfig
+    d = SamplingConfig()
+    sub.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    sub.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    sub.add_argument("--top-k", type=int, default=d.top_k)
+    sub.add_argument("--top-p", type=float, default=d.top_p,
+                     help="nucleus sampling: keep the smallest set of tokens with this mass")
+    sub.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     sub.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sub.add_argument("--greedy", action="store_true", help="always take the most likely token")
     sub.add_argument("--seed", type=int, help="seed for reproducible sampling")
@@ -477,8 +481,16 @@ def cmd_finetune(sub):
                      help="random initial weights of the same shape: the no-pretraining baseline")
     sub.add_argument("--activation-checkpointing", action="store_true",
                      help="recompute each block in backward: less activation memory for about a third more compute")
+    sub.add_argument("--micro-batch", type=int, help="examples per rank per forward pass (gradient accumulation)")
+    sub.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"],
+                     help="autocast: auto is bf16 on GPUs (fp16 without it) and on CPUs where bf16 measures faster")
+    sub.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sub.add_argument("--strategy", default=d.strategy, choices=["ddp", "fsdp"], help="under torchrun")
+    sub.add_argument("--checkpoint-interval", type=int,
+                     help="steps between resumable checkpoints in OUT/resume (default: at each evaluation); "
+                          "a killed run started again with the same options resumes exactly")
     sub.add_argument("--seed", type=int, default=d.seed)
-    sub.add_argument("--device", default="auto")
+    sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     sub.add_argument("--no-progress", action="store_true")
 
     def run(args):
@@ -490,9 +502,13 @@ def cmd_finetune(sub):
                              muon_lr=args.muon_lr, dropout=args.dropout, head_dropout=args.head_dropout,
                              weight_decay=args.weight_decay, max_train_examples=args.max_train_examples,
                              evals_per_epoch=args.evals_per_epoch, from_scratch=args.from_scratch,
-                             activation_checkpointing=args.activation_checkpointing, seed=args.seed,
+                             activation_checkpointing=args.activation_checkpointing, micro_batch=args.micro_batch,
+                             precision=args.precision, compile=args.compile, strategy=args.strategy,
+                             checkpoint_interval=args.checkpoint_interval, seed=args.seed,
                              device=args.device, progress=not args.no_progress)
         result = finetune(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         best = result["best"]
         print(f"{result['task']}: {result['train_examples']} examples, {result['steps']} steps, "
               f"{result['seconds']:.0f} s; best {result['metric']} {best['value']:.4f} at epoch {best['epoch']} "

@@ -75,6 +75,11 @@ class GPTConfig:
         return self.arch == "gpt"
 
     @property
+    def segment_embeddings(self) -> bool:
+        """Whether inputs carry sentence-A/B segment embeddings (BERT) beside W_e and W_p."""
+        return self.arch == "bert"
+
+    @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
 

@@ -23,9 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .generate import SamplingConfig, _StopWatcher, choose_tokens, generate_ids, logit_bias_tensor
+from .generate import SamplingConfig, _StopWatcher, choose_tokens, generate_ids, logit_bias_tensor, score_continuations
 from .metrics import Histogram, prometheus_text
 
 SCHEDULERS = ("continuous", "static")
@@ -130,18 +129,13 @@ class _Engine:
         if job.remaining == 0:
             job.emit({"done": True})
 
-    @torch.no_grad()
     def _prompt_logprobs(self, ids: list[int], top: int | None):
-        n_ctx = self.model.config.n_ctx
-        x = torch.tensor([ids[-n_ctx:]], device=self.device)
-        lp = F.log_softmax(self.model(x)[0].float(), -1)
-        lost = max(0, len(ids) - n_ctx)
-        token_lp = [None] * (1 + lost) + lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist()
-        tops = [None] * (1 + lost)
-        if top:
-            v, i = lp[:-1].topk(top, -1)
-            tops += [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
-        return token_lp, tops
+        lost = max(0, len(ids) - self.model.config.n_ctx)  # tokens before the window: no log-prob
+        window = ids[lost:]
+        if len(window) < 2:
+            return [None] * len(ids), [None] * len(ids)
+        (scored,) = score_continuations(self.model, [(window[:1], window[1:])], top=top or 0)
+        return [None] * (1 + lost) + scored.logprobs, [None] * (1 + lost) + (scored.top or [None] * len(scored.logprobs))
 
     def prompt_logprobs(self, ids: list[int], top: int | None):
         """For echo: each prompt token's log-probability (None for the first) and its top alternatives."""

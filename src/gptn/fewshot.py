@@ -26,12 +26,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from .config import GptnError
 from .data import read_records
-from .model import GPT, KVCache, require_decoder
+from .generate import fit_window, loglikelihood_tokens
+from .model import GPT
 
 KINDS = ("multiple_choice", "generate", "cloze")
 NORMALIZATIONS = ("sum", "per_token", "per_char", "unconditional")
@@ -331,90 +329,6 @@ def fit_prompt(task: Task, doc: Doc, demos: list[Doc], tokenizer, n_ctx: int) ->
 
 # ----------------------------------------------------------------------------------------------
 # Scoring
-
-
-def fit_window(ctx: list[int], cont: list[int], n_ctx: int) -> tuple[list[int], list[int], bool]:
-    """(context, continuation, whether either was cut) that fit one window of n_ctx + 1 tokens (the
-    first token is only read). Like lm-evaluation-harness, the context loses its start; a
-    continuation longer than the window keeps its last n_ctx tokens, scored after the one before them."""
-    if len(cont) >= n_ctx + 1:
-        window = cont[-(n_ctx + 1):]
-        return window[:1], window[1:], True
-    keep = n_ctx + 1 - len(cont)
-    return ctx[-keep:], cont, len(ctx) > keep
-
-
-@torch.no_grad()
-def loglikelihood_tokens(model: GPT, requests: list[tuple[list[int], list[int]]], batch_size: int = 32
-                         ) -> list[tuple[float, bool, int]]:
-    """(log P(continuation | context), whether greedy decoding would produce it, its token count).
-
-    Requests that share a context read it once: the contexts of a batch are run together (right-padded),
-    their keys and values are copied to one row per continuation, and only the positions that predict
-    continuation tokens go through the vocabulary projection. What does not fit the window is cut as
-    `fit_window` says (the token count is then that of the tokens scored).
-    """
-    require_decoder(model, "do zero-, one- or few-shot prompting")
-    n_ctx = model.config.n_ctx
-    device = model.wte.weight.device
-    prepared = []
-    for ctx, cont in requests:
-        if not cont:
-            raise GptnError("a continuation must have at least one token")
-        ctx, cont, _ = fit_window(list(ctx), list(cont), n_ctx)
-        prepared.append((tuple(ctx), cont))
-    groups: dict[tuple, list[int]] = {}
-    for i, (ctx, _) in enumerate(prepared):
-        groups.setdefault(ctx, []).append(i)
-    order = sorted(groups, key=len, reverse=True)  # similar lengths together: less padding
-    results: list = [None] * len(requests)
-    start = 0
-    while start < len(order):
-        chunk, rows = [], 0
-        while start < len(order) and (not chunk or rows + len(groups[order[start]]) <= batch_size):
-            chunk.append(order[start])
-            rows += len(groups[order[start]])
-            start += 1
-        _score_chunk(model, chunk, groups, prepared, results, device)
-    return results
-
-
-def _score_chunk(model: GPT, contexts: list[tuple], groups: dict, prepared: list, results: list, device) -> None:
-    B, L = len(contexts), max(map(len, contexts))
-    ctx_len = torch.tensor([len(c) for c in contexts], device=device)
-    ids = torch.zeros(B, L, dtype=torch.long, device=device)
-    for g, c in enumerate(contexts):
-        ids[g, :len(c)] = torch.tensor(c)
-    ctx_mask = torch.arange(L, device=device)[None] < ctx_len[:, None]  # (B, L)
-    members = [(g, i) for g, c in enumerate(contexts) for i in groups[c]]
-    tail = max(len(prepared[i][1]) for _, i in members) - 1  # continuation tokens fed back in
-    cache = KVCache(model.config, B, L + tail, device=device, dtype=model.wte.weight.dtype)
-    h = model.hidden_states(ids, attention_mask=ctx_mask if B > 1 else None, cache=cache)  # (B, L, C)
-    first = F.log_softmax(model._tied_logits(h[torch.arange(B), ctx_len - 1]).float(), -1)  # (B, V)
-    cont_lp = None
-    if tail > 0:
-        row_group = torch.tensor([g for g, _ in members], device=device)
-        x = torch.zeros(len(members), tail, dtype=torch.long, device=device)
-        valid = torch.zeros(len(members), tail, dtype=torch.bool, device=device)
-        for r, (_, i) in enumerate(members):
-            cont = prepared[i][1]
-            x[r, :len(cont) - 1] = torch.tensor(cont[:-1])
-            valid[r, :len(cont) - 1] = True
-        # Padding slots past a short continuation may run beyond the window; their outputs are unused.
-        positions = (ctx_len[row_group, None] + torch.arange(tail, device=device)[None]).clamp(max=model.config.n_ctx - 1)
-        mask = torch.cat([ctx_mask[row_group], valid], dim=1)
-        h2 = model.hidden_states(x, position_ids=positions, attention_mask=mask, cache=cache.select(row_group))
-        cont_lp = F.log_softmax(model._tied_logits(h2[valid]).float(), -1)  # only the rows that predict a token
-    offset = 0
-    for r, (g, i) in enumerate(members):
-        cont = prepared[i][1]
-        lp = [first[g]] + ([cont_lp[offset + j] for j in range(len(cont) - 1)] if cont_lp is not None else [])
-        offset += len(cont) - 1
-        rows = torch.stack(lp)  # (len(cont), V)
-        target = torch.tensor(cont, device=device)
-        total = rows.gather(1, target[:, None]).sum().item()
-        greedy = bool((rows.argmax(-1) == target).all())
-        results[i] = (total, greedy, len(cont))
 
 
 _PUNCTUATION = set(string.punctuation)

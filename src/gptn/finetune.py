@@ -21,21 +21,26 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .bert import CLS, SEP
-from .checkpoint import checkpoint_dir, load_model, load_weights, read_weights, save_checkpoint
+from .checkpoint import (checkpoint_dir, has_checkpoint, load_model, load_weights, read_train_state, read_weights,
+                         run_lock, save_checkpoint)
 from .config import GptnError, is_number
 from .data import read_records
 from .model import GPT, next_token_loss
-from .runtime import resolve_device
+from .runtime import setup_distributed
+from .train import Loop, Schedule, fit
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
@@ -200,13 +205,13 @@ def _truncate(segments: list[list[int]], budget: int, context_first: bool) -> li
     return segments
 
 
-def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: int, arch: str = "gpt"
+def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: int, causal: bool = True
                     ) -> list[list[int]]:
     """The token sequences GPT-1 builds for one example (one, two for similarity, one per choice).
 
     For a BERT-style encoder: [CLS] A [SEP] (B [SEP]), the head reading [CLS] at position 0.
     """
-    if arch == "bert":
+    if not causal:
         s, d, e = (tokenizer.special_tokens[t] for t in (CLS, SEP, SEP))
     else:
         s, d, e = (tokenizer.special_tokens[t] for t in (START, DELIM, EXTRACT))
@@ -288,7 +293,7 @@ class TaskModel(nn.Module):
         """(task outputs, L1). Outputs: (N, labels) logits, (N,) scores, or (N, K) choice logits."""
         ids = batch.ids.to(self.head.weight.device)
         lengths = batch.lengths.to(ids.device)
-        if self.gpt.config.arch == "bert":
+        if not self.gpt.config.causal:
             is_sep = ids == self.sep_id
             segments = (is_sep.cumsum(1) - is_sep.long()).clamp(max=1)  # 0 up to the first [SEP], then 1
             pad = torch.arange(ids.size(1), device=ids.device)[None] < lengths[:, None]
@@ -317,20 +322,24 @@ class TaskModel(nn.Module):
         lm_loss = None
         if with_lm_loss:
             targets = ids[:, 1:].masked_fill(torch.arange(1, ids.size(1), device=ids.device) >= lengths[:, None], -100)
-            logits = self.gpt._tied_logits(h[:, :-1])
+            logits = self.gpt.tied_logits(h[:, :-1])
             lm_loss = next_token_loss(logits, targets)
         return out, lm_loss
 
 
 
+def task_loss(spec: TaskSpec, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L2 as a mean over the examples: cross-entropy over labels or choices, squared error for scores."""
+    targets = targets.to(out.device)
+    return F.mse_loss(out.float(), targets.float()) if spec.regression else F.cross_entropy(out.float(), targets)
+
+
 def objective(model: TaskModel, batch: Batch, targets: torch.Tensor, lm_weight: float):
     """(L3, L2, L1) with L3 = L2 + λ·L1: the task loss plus λ times the LM loss on the same inputs.
     At λ = 0 the LM loss is not computed at all (L1 is None)."""
-    out, lm_loss = model(batch, with_lm_loss=lm_weight > 0 and model.gpt.config.arch == "gpt")
-    targets = targets.to(out.device)
-    task_loss = F.mse_loss(out.float(), targets.float()) if model.spec.regression else F.cross_entropy(out.float(), targets)
-    loss = task_loss + lm_weight * lm_loss if lm_loss is not None else task_loss
-    return loss, task_loss, lm_loss
+    out, lm_loss = model(batch, with_lm_loss=lm_weight > 0 and model.gpt.config.causal)
+    l2 = task_loss(model.spec, out, targets)
+    return (l2 + lm_weight * lm_loss if lm_loss is not None else l2), l2, lm_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +410,11 @@ class FinetuneConfig:
     from_scratch: bool = False  # the same architecture, randomly initialised: the no-pretraining baseline
     activation_checkpointing: bool = False  # recompute each block in backward: memory for ~1/3 more compute
     evals_per_epoch: int = 1
+    micro_batch: int | None = None  # examples per rank per forward (gradient accumulation); default: all
+    precision: str = "auto"  # autocast: bf16 on GPUs (fp16 without it) and on CPUs where bf16 is faster
+    compile: bool = False
+    strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    checkpoint_interval: int | None = None  # steps between resumable checkpoints; default: each evaluation
     seed: int = 1337
     device: str = "auto"
     progress: bool = True
@@ -409,6 +423,14 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "evals_per_epoch"):
             if getattr(self, name) < 1:
                 raise GptnError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("micro_batch", "checkpoint_interval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise GptnError(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise GptnError(f"strategy must be ddp or fsdp, not {self.strategy!r}")
         for name in ("lr", "lm_weight", "weight_decay", "dropout", "head_dropout", "grad_clip", "warmup_fraction"):
             if not is_number(getattr(self, name)):
                 raise GptnError(f"{name} must be a finite number, not {getattr(self, name)!r}")
@@ -477,7 +499,7 @@ def run_task_model(model: TaskModel, tokenizer: Tokenizer, examples: list[Exampl
     was_training = model.training
     model.eval()
     n_ctx = model.gpt.config.n_ctx
-    seqs = [input_sequences(model.spec.task, x, tokenizer, n_ctx, model.gpt.config.arch) for x in examples]
+    seqs = [input_sequences(model.spec.task, x, tokenizer, n_ctx, model.gpt.config.causal) for x in examples]
     # Batches of similar length: padding to the longest of a random batch wastes half the work on
     # sentences, and no output depends on the padding (causal mask; BERT's attention mask).
     order = sorted(range(len(seqs)), key=lambda i: max(map(len, seqs[i])))
@@ -496,19 +518,119 @@ def evaluate_task(model: TaskModel, tokenizer: Tokenizer, examples: list[Example
     return compute_metrics(model.spec, preds, [x.label for x in examples])
 
 
-def _save(out: Path, model: TaskModel, tokenizer: Tokenizer, meta: dict) -> None:
-    head = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    gpt_state = {k: v.detach().cpu().contiguous() for k, v in model.gpt.state_dict().items()}
-    save_checkpoint(out, model.gpt.config, gpt_state, tokenizer, meta=meta,
-                    extra_files={TASK_FILE: json.dumps(asdict(model.spec), indent=2) + "\n"},
+def _save(out: Path, config, state: dict, tokenizer: Tokenizer, spec: TaskSpec, meta: dict,
+          train_state: dict | None = None) -> None:
+    """A fine-tuned checkpoint: the GPT's weights, the head beside them, the task description."""
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    gpt_state = {k.removeprefix("gpt."): v for k, v in state.items() if k.startswith("gpt.")}
+    save_checkpoint(out, config, gpt_state, tokenizer, meta=meta, train_state=train_state,
+                    extra_files={TASK_FILE: json.dumps(asdict(spec), indent=2) + "\n"},
                     extra_tensors={HEAD_FILE: head})
+
+
+# Options that may differ between a killed fine-tuning run and its resumption.
+RESUMABLE_CHANGES = ("progress", "device", "checkpoint_interval")
+
+
+class TaskObjective:
+    """GPT-1's L3 = L2 + λ·L1 over epochs of shuffled examples; keeps the best checkpoint by the
+    validation metric. L2 is a mean over the step's examples and L1 over its tokens, however the
+    step is split into micro-batches and ranks."""
+
+    def __init__(self, cfg: FinetuneConfig, model: TaskModel, tokenizer: Tokenizer, train_seqs: list, targets,
+                 val_examples: list, lm_weight: float, steps_per_epoch: int, out: Path, d, meta: dict):
+        self.cfg, self.model, self.tokenizer, self.seqs, self.targets = cfg, model, tokenizer, train_seqs, targets
+        self.val_examples, self.lm_weight, self.steps_per_epoch = val_examples, lm_weight, steps_per_epoch
+        self.out, self.d, self.meta = out, d, meta
+        self.spec = model.spec
+        self.lm_tokens = [sum(len(s) - 1 for s in seqs) for seqs in train_seqs]  # L1's targets per example
+        self.best, self.history = None, []
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:  # each epoch's shuffle from its own seed: a resumed run shuffles alike
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1009 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.seqs), generator=gen).tolist()}
+        return self._orders[epoch]
+
+    def micro_batches(self, step: int):
+        epoch, b = divmod(step, self.steps_per_epoch)
+        idx = self._order(epoch)[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
+        per_rank = math.ceil(len(idx) / self.d.world)  # contiguous slices: the same micro-batches as one rank
+        mine = idx[self.d.rank * per_rank:(self.d.rank + 1) * per_rank]
+        weight = 1.0
+        if not mine:  # a short last batch leaves this rank nothing: a weightless example keeps ranks in step
+            mine, weight = idx[:1], 0.0
+        micro = self.cfg.micro_batch or len(mine)
+        step_tokens = sum(self.lm_tokens[i] for i in idx)
+        for k in range(0, len(mine), micro):
+            part = mine[k:k + micro]
+            yield (collate([self.seqs[i] for i in part], self.tokenizer.eot_id), self.targets[part],
+                   weight * len(part) / len(idx), weight * sum(self.lm_tokens[i] for i in part) / max(1, step_tokens))
+
+    def loss(self, model, batch, ctx):
+        inputs, targets, example_share, token_share = batch
+        out, lm_loss = model(inputs, with_lm_loss=self.lm_weight > 0)
+        l2 = task_loss(self.spec, out, targets) * example_share
+        if lm_loss is None:
+            return l2, {"task_loss": l2}
+        l1 = lm_loss * token_share
+        return l2 + self.lm_weight * l1, {"task_loss": l2, "lm_loss": l1}
+
+    def evaluate(self, model, step: int, ctx):
+        examples = self.val_examples
+        metrics = evaluate_task(self.model, self.tokenizer, examples)
+        epoch = math.ceil(step / self.steps_per_epoch)
+        self.history.append({"step": step, "epoch": epoch, **metrics})
+        value = metrics[self.spec.metric]
+        if self.best is None or value > self.best["value"]:
+            self.best = {"value": value, "step": step, "epoch": epoch, "metrics": metrics}
+            state = ctx.full_state()  # a collective under FSDP
+            if ctx.d.is_main:
+                _save(self.out, self.model.gpt.config, state, self.tokenizer, self.spec,
+                      {**self.meta, "step": step, "metric": self.spec.metric, "value": value, "metrics": metrics})
+        return {("val" if self.cfg.val else "train_eval") + f"_{k}": v for k, v in metrics.items()}, False
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.history = state.get("best"), state.get("history", [])
+
+    def after_step(self, step: int, ctx) -> None:
+        pass
+
+
+def _resume_state(cfg: FinetuneConfig, out: Path) -> dict | None:
+    """The train state of a killed fine-tuning run in `out` (None when there is none to resume); an
+    error when that run was started with other options."""
+    resume = out / "resume"
+    if not (has_checkpoint(resume) and (checkpoint_dir(resume) / "train_state.pt").is_file()):
+        return None
+    state = read_train_state(checkpoint_dir(resume) / "train_state.pt")
+    saved = state["objective"].get("config", {})
+    ours = json.loads(json.dumps(asdict(cfg)))
+    changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and saved.get(k) != ours[k])
+    if changed:
+        raise GptnError(f"{out} holds an unfinished fine-tuning run with other options ({', '.join(changed)}); "
+                        f"resume it with the same options, or remove {resume} to start again")
+    return state
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune a pretrained GPT on a labeled task with L3 = L2 + λ·L1; keep the best checkpoint by
-    validation metric in `cfg.out`. Returns a summary (best metric, its epoch/step, val metrics)."""
-    from tqdm import tqdm
+    validation metric in `cfg.out`, and resume a killed run exactly. Works under torchrun (DDP or
+    FSDP2). Returns a summary (best metric, its epoch/step, val metrics)."""
+    d, device = setup_distributed(cfg.device)
+    try:
+        with run_lock(cfg.out) if d.is_main else nullcontext():
+            return _finetune(cfg, d, device)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
     from .optim import MUON_LR, make_optimizer
 
     train_data = read_task_file(cfg.train, cfg.task, cfg.columns, cfg.regression)
@@ -528,82 +650,61 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if unknown:
                 raise GptnError(f"{cfg.val}: labels {unknown[:5]} never occur in the training set {cfg.train}")
     spec = TaskSpec(task, labels, train_data.regression, cfg.pooling)
+    out = Path(cfg.out)
+    resume = _resume_state(cfg, out)
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     gpt, tokenizer = load_model(cfg.run)
     if tokenizer is None:
         raise GptnError(f"{cfg.run} has no tokenizer folder; fine-tuning needs the model's tokenizer")
     gpt = GPT(gpt.config.replace(dropout=cfg.dropout)) if cfg.from_scratch else _reconfigure_dropout(gpt, cfg.dropout)
     arch = gpt.config.arch
-    if arch == "gpt":
+    if gpt.config.causal:
         gpt = _with_gpt1_tokens(gpt, tokenizer)
-    elif cfg.lm_weight > 0 and cfg.progress:
+    elif cfg.lm_weight > 0 and cfg.progress and d.is_main:
         print("gptn finetune: a BERT-style encoder has no next-token objective; training on the task loss alone "
               "(λ = 0)", file=sys.stderr)
-    lm_weight = cfg.lm_weight if arch == "gpt" else 0.0
+    lm_weight = cfg.lm_weight if gpt.config.causal else 0.0
     gpt.activation_checkpointing = cfg.activation_checkpointing
-    model = TaskModel(gpt, spec, cfg.head_dropout, tokenizer.special_tokens.get(SEP)).to(device)
+    model = TaskModel(gpt, spec, cfg.head_dropout, tokenizer.special_tokens.get(SEP))
+    if resume is not None:
+        ckpt = checkpoint_dir(out / "resume")
+        load_weights(model.gpt, read_weights(ckpt / "model.safetensors"), source=str(ckpt))
+        load_weights(model.head, {k.removeprefix("head."): v for k, v in read_weights(ckpt / HEAD_FILE).items()},
+                     source=str(ckpt / HEAD_FILE))
+    model.to(device)
     n_ctx = gpt.config.n_ctx
 
-    train_seqs = [input_sequences(task, x, tokenizer, n_ctx, arch) for x in train_data.examples]
-    train_targets = _targets(spec, train_data.examples)
+    train_seqs = [input_sequences(task, x, tokenizer, n_ctx, gpt.config.causal) for x in train_data.examples]
     steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    warmup = max(1, round(cfg.warmup_fraction * total))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type, cfg.optimizer,
-                               cfg.muon_lr or MUON_LR / 10, adamw_only=[model.head])
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "w")
-    best, history = None, []
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    bar = tqdm(total=total, desc=f"fine-tuning ({task})", disable=not cfg.progress, file=sys.stderr)
-    t0, step = time.time(), 0
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(train_seqs), generator=gen).tolist()
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            batch = collate([train_seqs[i] for i in idx], tokenizer.eot_id)
-            # GPT-1: linear warm-up over 0.2% of training, then linear decay to 0.
-            lr = cfg.lr * (step + 1) / warmup if step < warmup else cfg.lr * max(0.0, (total - step) / (total - warmup))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss, task_loss, lm_loss = objective(model, batch, train_targets[idx], lm_weight)
-            if not torch.isfinite(loss):
-                raise GptnError(f"loss became {loss.item()} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "epoch": epoch + 1, "task_loss": task_loss.item(), "lr": lr}
-            if lm_loss is not None:
-                record["lm_loss"] = lm_loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{task_loss.item():.4f}")
-            if step % eval_every == 0 or step == total:
-                metrics = evaluate_task(model, tokenizer, val_data.examples if val_data else train_data.examples)
-                record["val" if val_data else "train_eval"] = metrics
-                history.append({"step": step, "epoch": epoch + 1, **metrics})
-                value = metrics[spec.metric]
-                if best is None or value > best["value"]:
-                    best = {"value": value, "step": step, "epoch": epoch + 1, "metrics": metrics}
-                    _save(out, model, tokenizer, {"kind": "finetune", "step": step, "task": task,
-                                                   "metric": spec.metric, "value": value, "metrics": metrics,
-                                                   "source": str(cfg.run), "from_scratch": cfg.from_scratch,
-                                                   "lm_weight": lm_weight, "arch": arch})
-                if cfg.progress:
-                    bar.write(f"step {step} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                              file=sys.stderr)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-    bar.close()
-    log.close()
-    return {"task": task, "metric": spec.metric, "best": best, "history": history,
-            "train_examples": len(train_seqs), "steps": step, "seconds": time.time() - t0,
+    meta = {"kind": "finetune", "task": task, "source": str(cfg.run), "from_scratch": cfg.from_scratch,
+            "lm_weight": lm_weight, "arch": arch}
+    objective = TaskObjective(cfg, model, tokenizer, train_seqs, _targets(spec, train_data.examples),
+                              val_data.examples if val_data else train_data.examples, lm_weight, steps_per_epoch,
+                              out, d, meta)
+    # GPT-1: linear warm-up over 0.2% of training, then linear decay to 0.
+    schedule = Schedule(cfg.lr, max(1, round(cfg.warmup_fraction * total)), total, 0.0, "linear")
+    loop = Loop(steps=total, grad_clip=cfg.grad_clip, precision=cfg.precision, d_model=gpt.config.d_model,
+                compile=cfg.compile,
+                strategy=cfg.strategy, eval_interval=eval_every, checkpoint_interval=cfg.checkpoint_interval or eval_every,
+                log_interval=1, progress=cfg.progress, name=f"finetune ({task})")
+
+    def optimizer(m):
+        return make_optimizer(m, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type, cfg.optimizer,
+                              cfg.muon_lr or MUON_LR / 10, adamw_only=[m.head])
+
+    def save(step_done: int, state: dict, train_state: dict) -> None:
+        train_state["objective"]["config"] = json.loads(json.dumps(asdict(cfg)))
+        _save(out / "resume", gpt.config, state, tokenizer, spec, {**meta, "step": step_done}, train_state)
+
+    started = time.time()
+    result = fit(model, optimizer, objective, schedule, loop, d, device, out, save, resume)
+    if d.is_main and result.steps >= total:  # finished: the best checkpoint is the run; nothing to resume
+        shutil.rmtree(out / "resume", ignore_errors=True)
+    return {"task": task, "metric": spec.metric, "best": objective.best, "history": objective.history,
+            "train_examples": len(train_seqs), "steps": result.steps, "seconds": time.time() - started,
             "checkpoint": str(out / "checkpoint")}
 
 
@@ -646,5 +747,5 @@ def predict(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], bat
 
 
 __all__ = ["TASKS", "Example", "Columns", "TaskData", "read_task_file", "input_sequences", "collate", "Batch",
-           "TaskSpec", "TaskModel", "objective", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
+           "TaskSpec", "TaskModel", "objective", "task_loss", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
            "predict", "evaluate_task"]

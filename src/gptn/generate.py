@@ -95,7 +95,6 @@ def word_probs(model: GPT, tokenizer, prompt: str, words: list[str]) -> list[dic
     """P(word | prompt) for named continuations ("tired", "hot", ...): a word of several tokens gets
     the product of its tokens' probabilities, each given the prompt and the tokens before it. A
     word follows the prompt after one space, unless the prompt already ends with whitespace."""
-    from .fewshot import loglikelihood_tokens
     context = encode_prompt(tokenizer, prompt)
     sep = "" if not prompt or prompt[-1].isspace() else " "
     conts = [tokenizer.encode(sep + w) for w in words]
@@ -336,6 +335,117 @@ def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 
+# ----------------------------------------------------------------------------------------------
+# The one scorer: log P(continuation | context), used by score, word_probs, few-shot, lm-eval and
+# the server's echo
+
+
+def fit_window(ctx: list[int], cont: list[int], n_ctx: int) -> tuple[list[int], list[int], bool]:
+    """(context, continuation, whether either was cut) that fit one window of n_ctx + 1 tokens (the
+    first token is only read). Like lm-evaluation-harness, the context loses its start; a
+    continuation longer than the window keeps its last n_ctx tokens, scored after the one before them."""
+    if len(cont) >= n_ctx + 1:
+        window = cont[-(n_ctx + 1):]
+        return window[:1], window[1:], True
+    keep = n_ctx + 1 - len(cont)
+    return ctx[-keep:], cont, len(ctx) > keep
+
+
+@dataclass
+class ContinuationScore:
+    logprobs: list[float]  # log P(token | context and the continuation before it), one per token scored
+    greedy: bool  # whether greedy decoding from the context would produce the continuation
+    top: list[list[tuple[int, float]]] | None = None  # per token: the `top` likeliest (id, log-prob)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@torch.no_grad()
+def score_continuations(model: GPT, requests: list[tuple[list[int], list[int]]], batch_size: int = 32,
+                        top: int = 0) -> list[ContinuationScore]:
+    """Score each continuation after its context, batched.
+
+    Requests that share a context read it once: the contexts of a batch are run together (right-padded),
+    their keys and values are copied to one row per continuation, and only the positions that predict
+    continuation tokens go through the vocabulary projection. What does not fit the window is cut as
+    `fit_window` says (only the tokens kept are scored).
+    """
+    require_decoder(model, "score text")
+    n_ctx = model.config.n_ctx
+    prepared = []
+    for ctx, cont in requests:
+        if not cont:
+            raise GptnError("a continuation must have at least one token")
+        if not ctx:
+            raise GptnError("a continuation is scored after a context of at least one token")
+        ctx, cont, _ = fit_window(list(ctx), list(cont), n_ctx)
+        prepared.append((tuple(ctx), cont))
+    groups: dict[tuple, list[int]] = {}
+    for i, (ctx, _) in enumerate(prepared):
+        groups.setdefault(ctx, []).append(i)
+    order = sorted(groups, key=len, reverse=True)  # similar lengths together: less padding
+    results: list = [None] * len(requests)
+    start = 0
+    while start < len(order):
+        chunk, rows = [], 0
+        while start < len(order) and (not chunk or rows + len(groups[order[start]]) <= batch_size):
+            chunk.append(order[start])
+            rows += len(groups[order[start]])
+            start += 1
+        _score_chunk(model, chunk, groups, prepared, results, top)
+    return results
+
+
+def _score_chunk(model: GPT, contexts: list[tuple], groups: dict, prepared: list, results: list, top: int) -> None:
+    device = _device_of(model)
+    B, L = len(contexts), max(map(len, contexts))
+    ctx_len = torch.tensor([len(c) for c in contexts], device=device)
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    for g, c in enumerate(contexts):
+        ids[g, :len(c)] = torch.tensor(c)
+    ctx_mask = torch.arange(L, device=device)[None] < ctx_len[:, None]  # (B, L)
+    members = [(g, i) for g, c in enumerate(contexts) for i in groups[c]]
+    tail = max(len(prepared[i][1]) for _, i in members) - 1  # continuation tokens fed back in
+    cache = KVCache(model.config, B, L + tail, device=device, dtype=model.wte.weight.dtype)
+    h = model.hidden_states(ids, attention_mask=ctx_mask if B > 1 else None, cache=cache)  # (B, L, C)
+    first = F.log_softmax(model.tied_logits(h[torch.arange(B, device=device), ctx_len - 1]).float(), -1)  # (B, V)
+    cont_lp = None
+    if tail > 0:
+        row_group = torch.tensor([g for g, _ in members], device=device)
+        x = torch.zeros(len(members), tail, dtype=torch.long, device=device)
+        valid = torch.zeros(len(members), tail, dtype=torch.bool, device=device)
+        for r, (_, i) in enumerate(members):
+            cont = prepared[i][1]
+            x[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+            valid[r, :len(cont) - 1] = True
+        # Padding slots past a short continuation may run beyond the window; their outputs are unused.
+        positions = (ctx_len[row_group, None] + torch.arange(tail, device=device)[None]).clamp(max=model.config.n_ctx - 1)
+        mask = torch.cat([ctx_mask[row_group], valid], dim=1)
+        h2 = model.hidden_states(x, position_ids=positions, attention_mask=mask, cache=cache.select(row_group))
+        cont_lp = F.log_softmax(model.tied_logits(h2[valid]).float(), -1)  # only the rows that predict a token
+    offset = 0
+    for g, i in members:
+        cont = prepared[i][1]
+        rows = first[g:g + 1] if cont_lp is None else torch.cat([first[g:g + 1], cont_lp[offset:offset + len(cont) - 1]])
+        offset += len(cont) - 1
+        target = torch.tensor(cont, device=device)
+        token_lp = rows.gather(1, target[:, None]).squeeze(1)
+        alternatives = None
+        if top:
+            v, t = rows.topk(min(top, rows.size(-1)), -1)
+            alternatives = [list(zip(a, b)) for a, b in zip(t.tolist(), v.tolist())]
+        results[i] = ContinuationScore(token_lp.tolist(), bool((rows.argmax(-1) == target).all()), alternatives)
+
+
+def loglikelihood_tokens(model: GPT, requests: list[tuple[list[int], list[int]]], batch_size: int = 32
+                         ) -> list[tuple[float, bool, int]]:
+    """(log P(continuation | context), whether greedy decoding would produce it, its token count):
+    lm-evaluation-harness's view of `score_continuations`."""
+    return [(r.total, r.greedy, len(r.logprobs)) for r in score_continuations(model, requests, batch_size)]
+
+
 @dataclass
 class Score:
     tokens: list[int]
@@ -371,25 +481,14 @@ def score(model: GPT, tokenizer, text: str, stride: int | None = None, batch_siz
     stride = stride or max(1, n_ctx // 2)
     if not 0 < stride <= n_ctx:
         raise GptnError(f"stride must be in 1..{n_ctx}, got {stride}")
-    device = _device_of(model)
-    windows = []  # (start, first scored index within the window)
+    windows = []  # (context, continuation): each window scores only what the one before it did not
     start, scored_upto = 0, 1
     while scored_upto < len(ids):
         end = min(start + n_ctx + 1, len(ids))
-        windows.append((start, end, scored_upto - start))
+        windows.append((ids[start:scored_upto], ids[scored_upto:end]))
         scored_upto = end
         if end == len(ids):
             break
         start += stride
-    logprobs: list[float] = []
-    for i in range(0, len(windows), batch_size):
-        group = windows[i:i + batch_size]
-        width = max(e - s for s, e, _ in group) - 1
-        x = torch.full((len(group), width), tokenizer.eot_id, dtype=torch.long, device=device)
-        for r, (s, e, _) in enumerate(group):
-            x[r, :e - s - 1] = torch.tensor(ids[s:e - 1])
-        lp = F.log_softmax(model(x).float(), dim=-1)
-        for r, (s, e, first) in enumerate(group):
-            targets = torch.tensor(ids[s + first:e], device=device)
-            logprobs.extend(lp[r, first - 1:e - s - 1].gather(-1, targets[:, None]).squeeze(-1).tolist())
+    logprobs = [lp for r in score_continuations(model, windows, batch_size) for lp in r.logprobs]
     return Score(ids[1:], logprobs, len(text.encode("utf-8")))

@@ -178,7 +178,7 @@ def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
     else:
         model, tokenizer = load_model(run)
     config = model.config
-    if config.arch != "gpt":
+    if not config.causal:
         raise GptnError(f"{run} is a BERT-style encoder; export-hf writes GPT-2 / GPT-1 checkpoints only")
     hf_cfg = hf_config(config, tokenizer)
     state = {k: v for k, v in model.state_dict().items()}

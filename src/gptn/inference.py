@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GptnError
+from .runtime import native_bf16
 
 DTYPES = ("fp32", "bf16", "fp16", "int8", "auto")
 FP16_MAX = 65504.0
@@ -141,15 +142,6 @@ class _Bf16Linear(_Fp16Linear):
 
 
 @functools.lru_cache(maxsize=None)
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
-    try:
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def _fbgemm() -> bool:
     return bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
 

@@ -112,7 +112,7 @@ class Block(nn.Module):
 
 def require_decoder(model: "GPT", what: str) -> None:
     """A clear error for what only a left-to-right decoder can do (generate, prompt, score text)."""
-    if model.config.arch != "gpt":
+    if not model.config.causal:
         raise GptnError(f"this is a BERT-style encoder (bidirectional, masked-LM pretraining): it cannot {what}. "
                         "Only a GPT predicts the next token; fine-tune the encoder with `gptn finetune` instead")
 
@@ -158,7 +158,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)  # W_e
         self.wpe = nn.Embedding(config.n_ctx, config.d_model)  # W_p
-        if config.arch == "bert":  # BERT's segment (sentence A / B) embeddings
+        if config.segment_embeddings:  # BERT's segment (sentence A / B) embeddings
             self.wse = nn.Embedding(2, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -202,7 +202,7 @@ class GPT(nn.Module):
                 raise GptnError(f"sequence of {past + T} tokens exceeds the context window n_ctx={self.config.n_ctx}")
             position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
         h = self.wte(idx) + self.wpe(position_ids)  # h_0 = U W_e + W_p   (B, T, C)
-        if self.config.arch == "bert":
+        if self.config.segment_embeddings:
             h = h + (self.wse(segment_ids) if segment_ids is not None else self.wse.weight[0])
         h = self.drop(h)
         mask = self._attention_mask(T, past, attention_mask, idx.device)
@@ -225,12 +225,12 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, position_ids, attention_mask, cache)
         if last_only:
             h = h[:, -1:, :]
-        logits = self._tied_logits(h)  # tied softmax layer: h_n W_e^T   (B, T, V)
+        logits = self.tied_logits(h)  # tied softmax layer: h_n W_e^T   (B, T, V)
         if targets is None:
             return logits
         return logits, next_token_loss(logits, targets)
 
-    def _tied_logits(self, h):
+    def tied_logits(self, h):
         """h W_e^T (through the inference copy of W_e when gptn.inference.prepare_for_inference made one)."""
         if self._inference_head is not None:
             return self._inference_head(h)

@@ -13,10 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
-import threading
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .bert import BERT_SPECIALS, mask_tokens, step_generator
-from .checkpoint import (checkpoint_dir, has_checkpoint, load_config, load_weights, model_state_dict, read_train_state,
+from .checkpoint import (checkpoint_dir, has_checkpoint, load_config, load_weights, read_train_state,
                          read_weights, run_lock, save_checkpoint)
 from .compute import softmax_share, training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
@@ -33,6 +30,7 @@ from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, make_optimizer
 from .runtime import Dist, autocast_dtype, peak_flops, setup_distributed
+from .train import Loop, Schedule, fit, lr_at, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
 from .tokenizer import load_tokenizer
 
 
@@ -71,7 +69,7 @@ class PretrainConfig:
     device: str = "auto"
     peak_flops: float | None = None  # for MFU; default: measured (CPU) or the card's table value
     progress: bool = True
-    max_seconds: float | None = None  # stop (and save) after this much training time
+    max_seconds: float | None = None  # training-time budget: the schedule decays within it; stop (and save) at it
     stop_at_val_loss: float | None = None  # stop (and save) once validation loss reaches this
 
     def __post_init__(self):
@@ -104,18 +102,6 @@ class PretrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedule and optimizer
-
-
-def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total` steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# ----------------------------------------------------------------------------------------------
 # Model construction and resume checks
 
 
@@ -135,7 +121,7 @@ def resolve_model_config(cfg: PretrainConfig, tokenizer_vocab: int) -> tuple[GPT
         raise GptnError(f"vocab_size {overrides['vocab_size']} is smaller than the corpus tokenizer's "
                         f"{tokenizer_vocab} tokens")
     config = base.replace(**overrides)
-    if config.arch == "bert" and "vocab_size" not in cfg.overrides:  # room for [CLS], [SEP], [MASK]
+    if not config.causal and "vocab_size" not in cfg.overrides:  # room for [CLS], [SEP], [MASK]
         config = config.replace(vocab_size=tokenizer_vocab + len(BERT_SPECIALS))
     return config, preset
 
@@ -200,7 +186,7 @@ def initial_weights(cfg: PretrainConfig, corpus: Corpus) -> tuple[GPTConfig, dic
 
 def _run_tokenizer(corpus: Corpus, config: GPTConfig):
     """The corpus's tokenizer; for a BERT-style encoder, with [CLS], [SEP] and [MASK] added."""
-    if config.arch != "bert":
+    if config.causal:
         return corpus.tokenizer
     return load_tokenizer(corpus.folder / "tokenizer").add_special_tokens(BERT_SPECIALS)
 
@@ -233,114 +219,6 @@ def evaluate(model, loader: BatchLoader, n_batches: int, batch_size: int, device
     return (stats[0] / stats[1]).item()
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-
-class MetricsLog:
-    """metrics.jsonl in the run directory (and TensorBoard when it is installed)."""
-
-    def __init__(self, run: Path, resume_step: int | None, enabled: bool):
-        self.path = run / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():  # drop records a killed run wrote after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _wrap(model: GPT, strategy: str, d: Dist, device: torch.device):
-    if d.world == 1:
-        return model
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for block in model.h:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    raise GptnError(f"--strategy must be ddp or fsdp, not {strategy!r}")
-
-
-def _full_state(model, optimizer, strategy: str, d: Dist):
-    """Full (unsharded) model and optimizer state dicts, on rank 0's CPU."""
-    if d.world > 1 and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    return model_state_dict(model), optimizer.state_dict()
-
-
-def _load_optimizer_state(model, optimizer, optim_sd, strategy: str, d: Dist):
-    if d.world > 1 and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(optim_sd)
-
-
-def _rng_state(device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class _InterruptFlag:
-    """Ctrl-C during training finishes the current step, saves a checkpoint and then interrupts,
-    instead of losing the steps since the last checkpoint."""
-
-    def __init__(self):
-        self.seen = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, _signum, _frame):
-        if self.seen:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.seen = True
-        print("\ngptn pretrain: interrupted; saving a checkpoint after this step (Ctrl-C again to stop now)",
-              file=sys.stderr)
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
 def _say_schedule(run: Path, step: int, saved_steps: int | None, cfg: PretrainConfig, d: Dist) -> None:
     """A resumed run that was finished, or whose --steps changed, says so: a longer run re-stretches
     the cosine (the rate from here on is not the one the finished schedule ended with)."""
@@ -366,6 +244,53 @@ def pretrain(cfg: PretrainConfig) -> dict:
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class NextTokenObjective:
+    """L1 on the corpus's windows (or, for an encoder, BERT's masked tokens of the same windows)."""
+
+    def __init__(self, cfg: PretrainConfig, train_loader: BatchLoader, val_loader: BatchLoader, tokenizer,
+                 config: GPTConfig, accum: int, eval_batch: int, bytes_per_token: float, run: Path,
+                 tokens_per_step: int):
+        self.cfg, self.train, self.val, self.tokenizer, self.config = cfg, train_loader, val_loader, tokenizer, config
+        self.accum, self.eval_batch, self.bytes_per_token = accum, eval_batch, bytes_per_token
+        self.run, self.tokens_per_step = run, tokens_per_step
+        self.train_seconds = 0.0
+
+    def _inputs(self, x, y, step: int, rank: int, i: int):
+        if self.config.causal:
+            return x, y
+        return mask_tokens(x, self.tokenizer, step_generator(self.cfg.seed, step, rank, i))
+
+    def micro_batches(self, step: int):
+        for i, (x, y) in enumerate(self.train.step_batches(step)):
+            yield self._inputs(x, y, step, self.train.rank, i)
+
+    def loss(self, model, batch, ctx):
+        x, y = batch
+        _, loss = model(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
+        return loss / (self.accum * ctx.d.world), {}  # equal micro-batches: each a part of the step's mean
+
+    def evaluate(self, model, step: int, ctx):
+        fixed = None if self.config.causal else \
+            (lambda x, y, i: mask_tokens(x, self.tokenizer, step_generator(self.cfg.seed + 1, 0, 0, i)))
+        val = evaluate(model, self.val, self.cfg.eval_batches, self.eval_batch, ctx.device, ctx.amp, ctx.d, fixed)
+        record = {"val_loss": val, "val_ppl": math.exp(min(val, 50)), "val_bpb": val / math.log(2) / self.bytes_per_token}
+        return record, self.cfg.stop_at_val_loss is not None and val <= self.cfg.stop_at_val_loss
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def after_step(self, step: int, ctx) -> None:
+        if self.cfg.snapshot_interval and step % self.cfg.snapshot_interval == 0:
+            weights = ctx.full_state()  # a collective under FSDP
+            if ctx.d.is_main:
+                save_checkpoint(self.run / "snapshots" / f"step-{step:06d}", self.config, weights,
+                                tokenizer=self.tokenizer,
+                                meta={"kind": "pretrain-snapshot", "step": step, "tokens": step * self.tokens_per_step})
 
 
 def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
@@ -429,198 +354,54 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = GPT(config)
-    step = 0
     train_state = None
     if cfg.init_from and not resuming:
         model.load_state_dict(source_weights)
     if resuming:
         load_weights(model, read_weights(checkpoint_dir(run) / "model.safetensors"), source=str(checkpoint_dir(run)))
         train_state = read_train_state(checkpoint_dir(run) / "train_state.pt")
-        step = train_state["step"]
-        _say_schedule(run, step, saved_cfg.get("steps"), cfg, d)
+        _say_schedule(run, train_state["step"], saved_cfg.get("steps"), cfg, d)
     model.to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    wrapped = _wrap(model, cfg.strategy, d, device)
-    optimizer = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type,
-                               cfg.optimizer, cfg.muon_lr)
-    if train_state is not None:
-        _load_optimizer_state(model, optimizer, train_state["optimizer"], cfg.strategy, d)
-        rng = train_state["rng"]
-        _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0], device)
-    else:
+    if train_state is None:
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ across ranks
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
 
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
         if not cfg.model_config:
             cfg.preset = cfg.preset or "mini"
         (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(run, step if resuming else None, d.is_main)
-    flops_per_token = training_flops_per_token(config, n_ctx)
     params_share, flops_share = softmax_share(config, n_ctx)
-    if flops_share > 0.5 and d.is_main and step == 0:
+    if flops_share > 0.5 and d.is_main and train_state is None:
         print(f"gptn pretrain: the tied softmax layer (vocabulary {config.vocab_size:,} x d_model {config.d_model}) "
               f"holds {params_share:.0%} of the parameters and costs {flops_share:.0%} of the training FLOPs; a "
               "smaller vocabulary (gptn prepare --tokenizer bpe:N) would train this model faster", file=sys.stderr)
-    peak = cfg.peak_flops or peak_flops(device, amp_dtype)
-    bytes_per_token = corpus.bytes_per_token(val_split)
+    amp_dtype = autocast_dtype(cfg.precision, device, config.d_model)
+    objective = NextTokenObjective(cfg, train_loader, val_loader, tokenizer, config, accum, min(global_batch, 64),
+                                   corpus.bytes_per_token(val_split), run, batch_tokens)
+    schedule = Schedule(lr, warmup, cfg.steps, min_lr, "cosine", cfg.max_seconds)
+    loop = Loop(steps=cfg.steps, grad_clip=cfg.grad_clip, precision=cfg.precision, d_model=config.d_model,
+                compile=cfg.compile,
+                strategy=cfg.strategy, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
+                log_interval=cfg.log_interval, max_seconds=cfg.max_seconds, progress=cfg.progress, name="pretrain",
+                tokens_per_step=batch_tokens, flops_per_token=training_flops_per_token(config, n_ctx),
+                peak_flops=cfg.peak_flops or peak_flops(device, amp_dtype))
 
-    def save(step_done: int) -> None:
-        model_sd, optim_sd = _full_state(wrapped, optimizer, cfg.strategy, d)
-        rng = [None] * d.world
-        if d.world > 1:
-            dist.all_gather_object(rng, _rng_state(device))
-        else:
-            rng = [_rng_state(device)]
-        if d.is_main:
-            save_checkpoint(run, config, model_sd, tokenizer=tokenizer,
-                            train_state={"step": step_done, "optimizer": optim_sd, "rng": rng,
-                                         "loader": {"seed": cfg.seed, "next_step": step_done},
-                                         "scheduler": {"lr": lr, "min_lr": min_lr, "warmup": warmup, "total": cfg.steps}},
-                            meta={"kind": "pretrain", "step": step_done, "corpus": str(cfg.corpus),
-                                  **({"init_from": str(cfg.init_from)} if cfg.init_from else {})})
-        if d.world > 1:
-            dist.barrier()
+    def save(step_done: int, model_sd: dict, state: dict) -> None:
+        save_checkpoint(run, config, model_sd, tokenizer=tokenizer,
+                        train_state={**state, "loader": {"seed": cfg.seed, "next_step": step_done}},
+                        meta={"kind": "pretrain", "step": step_done, "corpus": str(cfg.corpus),
+                              **({"init_from": str(cfg.init_from)} if cfg.init_from else {})})
 
-    def run_eval(at_step: int) -> dict:
-        masked = (lambda x, y, i: mask_tokens(x, tokenizer, step_generator(cfg.seed + 1, 0, 0, i))) \
-            if config.arch == "bert" else None
-        val = evaluate(wrapped, val_loader, cfg.eval_batches, min(global_batch, 64), device, amp, d, masked)
-        record = {"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
-                  "val_bpb": val / math.log(2) / bytes_per_token}
-        log.write(record)
-        return record
+    def optimizer(m):
+        return make_optimizer(m, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type, cfg.optimizer, cfg.muon_lr)
 
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", file=sys.stderr,
-               disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
-    summary = {"run": str(run), "start_step": step, "params": model.num_parameters(), "config": config.to_dict(),
-               "batch_tokens": batch_tokens, "accumulation": accum, "world": d.world}
-    last_eval = None
-    tokens_per_step = batch_tokens
-    train_time = 0.0
-    losses = []
-    model.train()
-    interrupted = _InterruptFlag()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr_now = lr_at(step, cfg.steps, lr, min_lr, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now * group.get("lr_scale", 1.0)
-        loss_sum = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(train_loader.step_batches(step)):
-            if config.arch == "bert":  # masked-LM instead of next-token: same windows, other targets
-                x, y = mask_tokens(x, tokenizer, step_generator(cfg.seed, step, d.rank, i))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last = i == accum - 1
-            sync = nullcontext()
-            if d.world > 1 and not last:
-                if cfg.strategy == "ddp":
-                    sync = wrapped.no_sync()
-                else:
-                    wrapped.set_requires_gradient_sync(False)
-            elif d.world > 1 and cfg.strategy == "fsdp":
-                wrapped.set_requires_gradient_sync(True)
-            with sync, amp:
-                _, loss = forward(x, y)
-                loss = loss / accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.detach()
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if d.world > 1:
-            dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-            loss_sum /= d.world
-        loss_value = loss_sum.item()
-        step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        if not math.isfinite(loss_value):
-            bar.close()
-            interrupted.restore()
-            raise GptnError(f"loss is {loss_value} at step {step}; stopping (the last good checkpoint in {run} is kept)")
-        losses.append(loss_value)
-        tok_s = tokens_per_step / dt
-        mfu = tok_s * flops_per_token / (peak * d.world)
-        if step % cfg.log_interval == 0 or step == cfg.steps:
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            log.write({"step": step, "loss": loss_value, "lr": lr_now, "tokens": step * tokens_per_step,
-                       "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "time": train_time})
-        bar.set_postfix_str(f"loss {loss_value:.4f}  {tok_s:,.0f} tok/s  MFU {mfu:.1%}" +
-                            (f"  val {last_eval['val_loss']:.4f}" if last_eval else ""), refresh=False)
-        bar.update(1)
-        stop = cfg.max_seconds is not None and train_time >= cfg.max_seconds or interrupted.seen
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps or stop):
-            last_eval = run_eval(step)
-            if cfg.stop_at_val_loss is not None and last_eval["val_loss"] <= cfg.stop_at_val_loss:
-                stop = True
-        if step % cfg.checkpoint_interval == 0 or step == cfg.steps or stop:
-            save(step)
-        if cfg.snapshot_interval and step % cfg.snapshot_interval == 0:
-            weights = _full_state(wrapped, optimizer, cfg.strategy, d)[0]  # a collective under FSDP
-            if d.is_main:
-                save_checkpoint(run / "snapshots" / f"step-{step:06d}", config, weights, tokenizer=tokenizer,
-                                meta={"kind": "pretrain-snapshot", "step": step, "tokens": step * tokens_per_step,
-                                      "train_seconds": train_time})
-        if stop:
-            break
-    bar.close()
-    interrupted.restore()
-    if step == summary["start_step"] and not has_checkpoint(run):
-        save(step)
-    log.close()
-    if interrupted.seen:  # the steps so far are saved; the CLI exits with 130
-        raise KeyboardInterrupt
-    summary.update(steps=step, train_seconds=train_time, last_loss=losses[-1] if losses else None,
-                   val=last_eval, tokens_per_s=(len(losses) * tokens_per_step / train_time) if train_time else None)
+    result = fit(model, optimizer, objective, schedule, loop, d, device, run, save, train_state)
+    summary = {"run": str(run), "start_step": result.start_step, "params": model.num_parameters(),
+               "config": config.to_dict(), "batch_tokens": batch_tokens, "accumulation": accum, "world": d.world,
+               "steps": result.steps, "train_seconds": result.train_seconds, "last_loss": result.last_loss,
+               "val": result.last_eval, "tokens_per_s": result.tokens_per_s}
     if d.is_main:
-        plot = plot_loss_curve(run)
+        plot = plot_loss_curve(run, f"gptn pretraining: {run.name}")
         summary["loss_curve"] = str(plot) if plot else None
     return summary
-
-
-def plot_loss_curve(run: str | Path) -> Path | None:
-    """RUN/loss.png from metrics.jsonl (needs matplotlib; returns None without it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    run = Path(run)
-    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln] \
-        if (run / "metrics.jsonl").exists() else []
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(f"gptn pretraining: {run.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = run / "loss.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
