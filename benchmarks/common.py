@@ -77,3 +77,24 @@ def wait_healthy(port: int) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("server did not start")
+
+
+def seconds_per_step(config, batch: int, optimizer: str = "adamw") -> float:
+    """Time a few real fp32 training steps of a model, to size a pretraining schedule to a time budget."""
+    import torch
+
+    from gptn.model import GPT
+    from gptn.optim import make_optimizer
+    torch.manual_seed(0)
+    model = GPT(config)
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", optimizer)
+    x = torch.randint(0, config.vocab_size, (batch, config.n_ctx))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[1]

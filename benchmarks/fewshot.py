@@ -26,7 +26,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, machine, table, write_results  # noqa: E402
+from common import SHARED, machine, seconds_per_step, table, write_results  # noqa: E402
 
 from gptn.checkpoint import load_model, save_checkpoint  # noqa: E402
 from gptn.config import GPTConfig, get_preset  # noqa: E402
@@ -97,13 +97,13 @@ def pretrain_general(work: Path, seconds: float) -> Path:
     """A small GPT-2-style model on the general English text available offline."""
     from gptn.data import Corpus, prepare
     from gptn.pretrain import PretrainConfig, pretrain
-    from gptn.quickstart import _seconds_per_step
+
     sources = [str(SHARED / "wikitext-2" / "valid.txt"), str(SHARED / "wikitext-2" / "test.txt"),
                str(SHARED / "tinyshakespeare" / "input.txt")]
     prepare(sources, "bpe:8192", work / "corpus", val_fraction=0.02, progress=False)
     model = dict(n_layer=4, n_head=4, d_model=256, n_ctx=256, dropout=0.0)
     config = GPTConfig(vocab_size=Corpus(work / "corpus").tokenizer.vocab_size, **model)
-    steps = max(50, int(seconds / _seconds_per_step(config, 16)))
+    steps = max(50, int(seconds / seconds_per_step(config, 16)))
     pretrain(PretrainConfig(corpus=str(work / "corpus"), out=str(work / "general"), overrides=model, steps=steps,
                             batch_tokens=16 * 256, lr=1e-3, min_lr=1e-4, warmup_steps=50, eval_interval=steps,
                             eval_batches=10, checkpoint_interval=steps, max_seconds=seconds * 1.2, progress=False))

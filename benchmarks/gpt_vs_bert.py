@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, machine, table, write_results  # noqa: E402
+from common import SHARED, machine, seconds_per_step, table, write_results  # noqa: E402
 from transfer import BATCH_SEQUENCES, MODEL, PRETRAIN_LR, build_data  # noqa: E402
 
 from gptn.checkpoint import load_model  # noqa: E402
@@ -35,7 +35,6 @@ from gptn.config import GPTConfig  # noqa: E402
 from gptn.data import Corpus, prepare  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
-from gptn.quickstart import _seconds_per_step  # noqa: E402
 
 GLUE = SHARED / "glue"
 
@@ -79,7 +78,7 @@ def main():
     else:
         config = GPTConfig(vocab_size=Corpus(work / "corpus").tokenizer.vocab_size, **MODEL)
         batch_tokens = BATCH_SEQUENCES * MODEL["n_ctx"]
-        steps = max(100, int(args.pretrain_seconds / _seconds_per_step(config, BATCH_SEQUENCES)))
+        steps = max(100, int(args.pretrain_seconds / seconds_per_step(config, BATCH_SEQUENCES)))
         pre["gpt"] = pretrain_arch(work, "gpt", steps, batch_tokens)
     pre["bert"] = pretrain_arch(work, "bert", steps, batch_tokens)
     for arch in ("gpt", "bert"):

@@ -45,13 +45,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, machine, table, write_results  # noqa: E402
+from common import SHARED, machine, seconds_per_step, table, write_results  # noqa: E402
 
 from gptn.config import GPTConfig  # noqa: E402
 from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
-from gptn.quickstart import _seconds_per_step  # noqa: E402
 
 GLUE = SHARED / "glue"
 N_LABELED = 2000
@@ -109,7 +108,7 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, snaps
         if not (run / "checkpoint").is_dir():
             config = GPTConfig(vocab_size=Corpus(data).tokenizer.vocab_size, **LM)
             pinned = steps if name == "imdb" else None
-            n_steps = pinned or int(budget / _seconds_per_step(config, LM_BATCH, "muon"))
+            n_steps = pinned or int(budget / seconds_per_step(config, LM_BATCH, "muon"))
             pretrain(PretrainConfig(
                 corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
                 steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",

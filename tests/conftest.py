@@ -70,3 +70,28 @@ def tok():
 def model(tok):
     """tiny_gpt over `tok`, sharpened so that greedy decoding is well defined."""
     return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
+
+
+def kill_after_checkpoint(argv: list[str], meta: Path, min_step: int, timeout: float = 120) -> int:
+    """Run `gptn ARGV...` and SIGKILL it once `meta` (a checkpoint's meta.json) is past `min_step`
+    (min_step 0: once it exists); the step of the checkpoint the kill left."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptn", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["step"] >= min_step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(meta.read_text())["step"]

@@ -1,14 +1,13 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import kill_after_checkpoint
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig, GptnError
@@ -255,21 +254,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, pretrained_run):
     full = _cli(*common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     # Start the same run, SIGKILL it once it has a resumable checkpoint past step 20, then start it again.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptn", *common, "--out", str(tmp_path / "killed")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = tmp_path / "killed" / "resume" / "checkpoint" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if json.loads(meta.read_text())["step"] >= 20:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(meta.read_text())["step"]
+    killed_at = kill_after_checkpoint([*common, "--out", str(tmp_path / "killed")],
+                                      tmp_path / "killed" / "resume" / "checkpoint" / "meta.json", 20)
     assert 20 <= killed_at < 300, "the run finished before it could be killed; make it longer"
     resumed = _cli(*common, "--out", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
@@ -280,12 +266,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, pretrained_run):
              if "loss" in json.loads(x)]
     assert steps == list(range(1, 301))
     # A killed run is resumed only with its own options.
-    proc = subprocess.Popen([sys.executable, "-m", "gptn", *common, "--out", str(tmp_path / "other")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (tmp_path / "other" / "resume" / "checkpoint" / "meta.json").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint([*common, "--out", str(tmp_path / "other")], tmp_path / "other" / "resume" / "checkpoint" /
+                          "meta.json", 0)
     changed = _cli(*common[:-1], "--lr", "2e-3", "--out", str(tmp_path / "other"), "--no-progress")
     assert changed.returncode == 2 and "other options (lr)" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1

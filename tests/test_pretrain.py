@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import kill_after_checkpoint
 from gptn.checkpoint import checkpoint_dir, load_model
 from gptn.cli import main
 from gptn.config import GPTConfig
@@ -110,21 +111,8 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path, optimizer):
     full = _cli(*common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     # Start the same run, SIGKILL it once it has checkpointed past step 10, then resume.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptn", *common, "--out", str(tmp_path / "killed")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = tmp_path / "killed" / "checkpoint" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if json.loads(meta.read_text())["step"] >= 10:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(meta.read_text())["step"]
+    killed_at = kill_after_checkpoint([*common, "--out", str(tmp_path / "killed")],
+                                      tmp_path / "killed" / "checkpoint" / "meta.json", 10)
     assert 10 <= killed_at < 40, "the run finished before it could be killed; make it longer"
     resumed = _cli(*common, "--out", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr

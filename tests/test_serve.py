@@ -413,3 +413,30 @@ def test_metrics_are_prometheus_text_behind_the_key(server, client):
     counts = [float(line.split()[-1]) for line in buckets]
     assert counts == sorted(counts) and buckets[-1].startswith('gptn_time_to_first_token_seconds_bucket{le="+Inf"}')
     assert counts[-1] == _metric(port, "gptn_time_to_first_token_seconds_count", KEY) >= 1
+
+
+def test_a_completion_is_built_without_http(server, model, tok):
+    """The route is a thin shell: Completions validates, runs and builds the response objects itself."""
+    import asyncio
+
+    from gptn.serve import ApiError, CompletionRequest
+    service = server[0].state.completions
+
+    async def run(**body):
+        completion = await service.start(CompletionRequest(model="tiny", **body))
+        if body.get("stream"):
+            return [chunk async for chunk in completion.sse()]
+        return await completion.result()
+
+    out = asyncio.run(run(prompt="ab", max_tokens=6, temperature=0, logprobs=1, echo=True))
+    (want,) = generate(model, tok, ["ab"], SamplingConfig(max_new_tokens=6, greedy=True))
+    assert out["choices"][0]["text"] == "ab" + want[0]
+    lp = out["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(tok.encode("ab" + want[0]))
+    assert out["usage"]["completion_tokens"] == 6
+    events = asyncio.run(run(prompt="ab", max_tokens=6, temperature=0, stream=True))
+    assert events[-1] == "data: [DONE]\n\n"
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == want[0]
+    with pytest.raises(ApiError) as bad:
+        asyncio.run(run(prompt="ab", top_p=0))
+    assert bad.value.param == "top_p" and bad.value.status == 400

@@ -24,23 +24,20 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .bert import CLS, SEP
 from .checkpoint import (checkpoint_dir, has_checkpoint, load_model, load_weights, read_train_state, read_weights,
-                         run_lock, save_checkpoint)
+                         save_checkpoint)
 from .config import GptnError, is_number
 from .data import read_records
 from .model import GPT, next_token_loss
-from .runtime import setup_distributed
-from .train import Loop, Schedule, fit
+from .train import Loop, Schedule, fit, run_training
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
@@ -621,13 +618,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune a pretrained GPT on a labeled task with L3 = L2 + λ·L1; keep the best checkpoint by
     validation metric in `cfg.out`, and resume a killed run exactly. Works under torchrun (DDP or
     FSDP2). Returns a summary (best metric, its epoch/step, val metrics)."""
-    d, device = setup_distributed(cfg.device)
-    try:
-        with run_lock(cfg.out) if d.is_main else nullcontext():
-            return _finetune(cfg, d, device)
-    finally:
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_training(cfg.device, cfg.out, lambda d, device: _finetune(cfg, d, device))
 
 
 def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:

@@ -179,7 +179,7 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32", say=None) -> nn
     chosen, why = resolve_dtype(dtype, device)
     if dtype == "auto" and say is not None:
         say(f"--dtype auto: {chosen} ({why})")
-    if model._inference_head is not None:
+    if model.inference_head is not None:
         return model  # prepared already
     model.eval()
     cpu = device.type == "cpu"
@@ -204,7 +204,7 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32", say=None) -> nn
         if isinstance(module, nn.Linear) and (kind := kind_for(module.weight)) is not None:
             module.forward = kind(module.weight, module.bias)
     if (kind := kind_for(model.wte.weight)) is not None:
-        model._inference_head = kind(model.wte.weight)
+        model.inference_head = kind(model.wte.weight)
     return model
 
 

@@ -164,7 +164,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias) \
             if config.norm == "pre" else None
-        self._inference_head = None  # a faster h W_e^T for inference: gptn.inference.prepare_for_inference
+        self.inference_head = None  # a faster h W_e^T for inference: gptn.inference.prepare_for_inference
         # Training only: keep each block's input and recompute its inside during backward (less memory).
         self.activation_checkpointing = False
         self.apply(self._init_weights)
@@ -232,8 +232,8 @@ class GPT(nn.Module):
 
     def tied_logits(self, h):
         """h W_e^T (through the inference copy of W_e when gptn.inference.prepare_for_inference made one)."""
-        if self._inference_head is not None:
-            return self._inference_head(h)
+        if self.inference_head is not None:
+            return self.inference_head(h)
         w = self.wte.weight
         pad = -w.size(0) % 64 if w.is_cuda and torch.is_grad_enabled() else 0
         if pad:

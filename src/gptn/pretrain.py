@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +22,14 @@ import torch.distributed as dist
 
 from .bert import BERT_SPECIALS, mask_tokens, step_generator
 from .checkpoint import (checkpoint_dir, has_checkpoint, load_config, load_weights, read_train_state,
-                         read_weights, run_lock, save_checkpoint)
+                         read_weights, save_checkpoint)
 from .compute import softmax_share, training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, make_optimizer
-from .runtime import Dist, autocast_dtype, peak_flops, setup_distributed
-from .train import Loop, Schedule, fit, lr_at, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
+from .runtime import Dist, autocast_dtype, peak_flops
+from .train import Loop, Schedule, fit, lr_at, run_training, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
 from .tokenizer import load_tokenizer
 
 
@@ -237,13 +236,7 @@ def _say_schedule(run: Path, step: int, saved_steps: int | None, cfg: PretrainCo
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run in `cfg.out`; returns a summary (steps, losses, tokens/s, paths)."""
-    d, device = setup_distributed(cfg.device)
-    try:
-        with run_lock(cfg.out) if d.is_main else nullcontext():
-            return _pretrain(cfg, d, device)
-    finally:
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_training(cfg.device, cfg.out, lambda d, device: _pretrain(cfg, d, device))
 
 
 class NextTokenObjective:

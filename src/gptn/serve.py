@@ -202,6 +202,236 @@ def check_options(scheduler: str, max_batch: int, max_queue: int, prefill_chunk:
             raise GptnError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
 
 
+class Completions:
+    """What /v1/completions does, apart from HTTP: checks a request against this server's limits,
+    turns its prompts into token ids, runs it on the engine and builds OpenAI's response objects."""
+
+    def __init__(self, engine, tokenizer, model_name: str, n_ctx: int, vocab_size: int, max_batch: int,
+                 max_tokens_limit: int):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.n_ctx, self.vocab_size, self.max_batch, self.max_tokens_limit = n_ctx, vocab_size, max_batch, max_tokens_limit
+
+    def prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt of `req`; an ApiError for ids outside the vocabulary or a
+        prompt longer than the context."""
+        p = req.prompt
+        if isinstance(p, str):
+            texts = [p]
+        elif p and isinstance(p[0], int):
+            texts = [p]
+        else:
+            texts = list(p) or [""]
+        out = []
+        for t in texts:
+            ids = encode_prompt(self.tokenizer, t)
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+            if len(ids) > self.n_ctx:
+                raise ApiError(413, f"the prompt has {len(ids)} tokens; this model's context window is {self.n_ctx}",
+                               "prompt", code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    def validate(self, req: CompletionRequest) -> None:
+        """An ApiError naming the first parameter outside what this server accepts."""
+        if req.model not in (None, self.model_name):
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server has {self.model_name!r}", "model",
+                           "not_found_error", "model_not_found")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if not 0 <= max_tokens <= self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens must be in 0..{self.max_tokens_limit}, got {max_tokens}", "max_tokens")
+        if not 1 <= req.n <= MAX_N:
+            raise ApiError(400, f"n must be in 1..{MAX_N}, got {req.n}", "n")
+        n_prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and \
+            not isinstance(req.prompt[0], int) else 1
+        if n_prompts * req.n > self.max_batch:  # one request must not hold the engine for everyone else
+            raise ApiError(400, f"{n_prompts} prompts x n={req.n} = {n_prompts * req.n} completions; this server "
+                           f"runs at most {self.max_batch} in one request (--max-batch)", "prompt")
+        if req.temperature < 0 or req.temperature > 2:
+            raise ApiError(400, f"temperature must be in [0, 2], got {req.temperature}", "temperature")
+        if not 0 < req.top_p <= 1:
+            raise ApiError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise ApiError(400, f"logprobs must be in 0..20, got {req.logprobs}", "logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(req, name) <= 2:
+                raise ApiError(400, f"{name} must be in [-2, 2], got {getattr(req, name)}", name)
+        if req.top_k < -1:
+            raise ApiError(400, f"top_k must be -1 (off) or a whole number >= 1, got {req.top_k}", "top_k")
+        if not req.repetition_penalty > 0:
+            raise ApiError(400, f"repetition_penalty must be > 0, got {req.repetition_penalty}", "repetition_penalty")
+        for token, bias in (req.logit_bias or {}).items():
+            if not token.isdigit() or int(token) >= self.vocab_size:
+                raise ApiError(400, f"logit_bias: {token!r} is not a token id of this model "
+                               f"(0..{self.vocab_size - 1})", "logit_bias")
+            if not -100 <= bias <= 100:
+                raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}",
+                               "logit_bias")
+        if req.best_of not in (None, 1, req.n):
+            raise ApiError(400, "best_of is not supported by this server", "best_of")
+        if req.stream and req.echo and req.logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not supported when streaming", "echo")
+
+    async def start(self, req: CompletionRequest, is_disconnected=None) -> "Completion":
+        """Validate `req` and put it on the engine; the returned Completion yields its results.
+        `is_disconnected` (an async callable) tells whether the client went away."""
+        self.validate(req)
+        completion = Completion(self, req, self.prompts(req), is_disconnected)
+        await completion.submit()
+        return completion
+
+    def logprobs_block(self, tokens, token_lp, tops, offset0: int = 0) -> dict:
+        """OpenAI's completions `logprobs` object for `tokens`."""
+        text_offset, pos = [], offset0
+        texts = [self.tokenizer.decode([t]) for t in tokens]
+        for t in texts:
+            text_offset.append(pos)
+            pos += len(t)
+        return {"tokens": texts, "token_logprobs": token_lp,
+                "top_logprobs": [None if top is None else {self.tokenizer.decode([i]): v for i, v in top} for top in tops],
+                "text_offset": text_offset}
+
+
+class Completion:
+    """One completions request on the engine: its rows' tokens as they come, and OpenAI's response
+    (`result`) or its server-sent events (`sse`)."""
+
+    def __init__(self, service: Completions, req: CompletionRequest, prompts: list[list[int]], is_disconnected=None):
+        self.service, self.req, self.prompts, self.is_disconnected = service, req, prompts, is_disconnected
+        self.max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        sampling = SamplingConfig(max_new_tokens=self.max_tokens, temperature=req.temperature,
+                                  top_p=req.top_p if req.top_p < 1 else None, top_k=req.top_k if req.top_k > 0 else None,
+                                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty,
+                                  logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()}, seed=req.seed)
+        self.rows = [ids for ids in prompts for _ in range(req.n)]
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.created, self.id = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
+        # Text the stop watcher releases, per row. The engine thread writes it and moves it into the
+        # token's event (emit runs there too), so the event loop never reads a list being written.
+        self.deltas: list[list[str]] = [[] for _ in self.rows]
+        self.job = Job(self.rows, sampling, self.max_tokens, req.logprobs, emit=self._emit,
+                       watcher=_StopWatcher(service.tokenizer, len(self.rows), stop, self._stream_text))
+        self.tokens: list[list[int]] = [[] for _ in self.rows]
+        self.token_info: list[list] = [[] for _ in self.rows]
+        self.finish: list[str | None] = [None] * len(self.rows)
+        self.echo_lp: dict = {}
+
+    def _stream_text(self, r: int, text: str) -> None:
+        self.deltas[r].append(text)
+
+    def _emit(self, ev: dict) -> None:
+        if "row" in ev:
+            ev["text"] = "".join(self.deltas[ev["row"]])
+            self.deltas[ev["row"]].clear()
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+
+    async def submit(self) -> None:
+        req, engine = self.req, self.service.engine
+        if req.echo and req.logprobs is not None:
+            for i, ids in enumerate(self.prompts):
+                self.echo_lp[i] = await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs)
+        try:
+            engine.submit(self.job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error",
+                           code="queue_full") from None
+
+    def _prompt_text(self, r: int) -> str:
+        return self.service.tokenizer.decode(self.rows[r]) if self.req.echo else ""
+
+    def _choice_logprobs(self, r: int):
+        if self.req.logprobs is None:
+            return None
+        gen_lp = [info[0] for info in self.token_info[r]]
+        gen_top = [info[1] for info in self.token_info[r]]
+        if self.req.echo:
+            p_lp, p_top = self.echo_lp[r // self.req.n]
+            return self.service.logprobs_block(self.rows[r] + self.tokens[r], p_lp + gen_lp, p_top + gen_top)
+        return self.service.logprobs_block(self.tokens[r], gen_lp, gen_top)
+
+    def _chunk(self, r: int, text: str, finish_reason=None, logprobs=None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.model_name,
+                "choices": [{"text": text, "index": r, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def _apply(self, ev: dict) -> int:
+        if "error" in ev:
+            raise ApiError(500, ev["error"], kind="server_error")
+        r = ev["row"]
+        self.tokens[r].append(ev["token"])
+        if ev["info"] is not None:
+            self.token_info[r].append(ev["info"])
+        if ev["stopped"]:
+            self.finish[r] = "stop"
+        elif ev["length"]:
+            self.finish[r] = "length"
+        return r
+
+    def _usage(self) -> dict:
+        completion = sum(len(t) for t in self.tokens)
+        prompt = sum(len(p) for p in self.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def _next_event(self) -> dict:
+        """The engine's next event. A client that went away (seen between events, or when a write
+        fails) cancels the job: the engine drops its rows at the next step."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if self.is_disconnected is not None and await self.is_disconnected():
+                    self.job.cancelled = True
+                    raise _ClientGone from None
+
+    async def result(self) -> dict:
+        """OpenAI's text_completion object, once every row has finished."""
+        try:
+            while not (ev := await self._next_event()).get("done"):
+                self._apply(ev)
+        except asyncio.CancelledError:
+            self.job.cancelled = True
+            raise
+        texts = self.job.watcher.finish()
+        choices = [{"text": self._prompt_text(r) + texts[r], "index": r, "logprobs": self._choice_logprobs(r),
+                    "finish_reason": self.finish[r] or ("length" if self.max_tokens == 0 else "stop")}
+                   for r in range(len(self.rows))]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.model_name,
+                "choices": choices, "usage": self._usage()}
+
+    async def sse(self):
+        """The response as server-sent events: a chunk per piece of text, then [DONE]."""
+        req = self.req
+        try:
+            if req.echo:
+                for r in range(len(self.rows)):
+                    yield f"data: {json.dumps(self._chunk(r, self._prompt_text(r)))}\n\n"
+            while not (ev := await self._next_event()).get("done"):
+                r = self._apply(ev)
+                text, lp = ev["text"], None
+                if req.logprobs is not None and self.token_info[r]:
+                    info = self.token_info[r][-1]
+                    lp = self.service.logprobs_block([self.tokens[r][-1]], [info[0]], [info[1]])
+                if text or lp or self.finish[r]:
+                    yield f"data: {json.dumps(self._chunk(r, text, self.finish[r], lp))}\n\n"
+            self.job.watcher.finish()
+            for r in range(len(self.rows)):
+                rest = "".join(self.deltas[r])
+                if rest or self.finish[r] is None:
+                    yield f"data: {json.dumps(self._chunk(r, rest, self.finish[r] or 'stop'))}\n\n"
+            if (req.stream_options or {}).get("include_usage"):  # as OpenAI: only when asked for
+                final = {"id": self.id, "object": "text_completion", "created": self.created,
+                         "model": self.service.model_name, "choices": [], "usage": self._usage()}
+                yield f"data: {json.dumps(final)}\n\n"
+            yield "data: [DONE]\n\n"
+        except _ClientGone:
+            return
+        finally:
+            self.job.cancelled = True  # a client that went away stops its rows at the next token
+
+
 def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = 32,
                max_tokens_limit: int | None = None, max_body: int | None = None, scheduler: str = "continuous",
                max_queue: int = 128, prefill_chunk: int = 256) -> FastAPI:
@@ -209,13 +439,14 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
     require_decoder(model, "serve completions")
     check_options(scheduler, max_batch, max_queue, prefill_chunk)
     n_ctx = model.config.n_ctx
-    max_tokens_limit = max_tokens_limit or n_ctx
     engine = make_engine(scheduler, model, tokenizer, max_batch, max_queue, prefill_chunk)
+    service = Completions(engine, tokenizer, model_name, n_ctx, model.config.vocab_size, max_batch,
+                          max_tokens_limit or n_ctx)
     app = FastAPI(title="gptn", description="OpenAI-compatible completions for a gptn model")
     app.add_middleware(BodyLimit, limit=max_body or default_max_body(n_ctx))
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
-    app.state.engine = engine
+    app.state.engine, app.state.completions = engine, service
 
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
@@ -279,222 +510,20 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
             raise ApiError(400, "a token id is outside the vocabulary", "tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
 
-    def prompts_of(req: CompletionRequest) -> list[list[int]]:
-        p = req.prompt
-        if isinstance(p, str):
-            texts = [p]
-        elif p and isinstance(p[0], int):
-            texts = [p]
-        else:
-            texts = list(p) or [""]
-        out = []
-        for t in texts:
-            ids = encode_prompt(tokenizer, t)
-            bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.config.vocab_size - 1})",
-                               "prompt")
-            if len(ids) > n_ctx:
-                raise ApiError(413, f"the prompt has {len(ids)} tokens; this model's context window is {n_ctx}",
-                               "prompt", code="context_length_exceeded")
-            out.append(ids)
-        return out
-
-    def validate(req: CompletionRequest) -> None:
-        if req.model not in (None, model_name):
-            raise ApiError(404, f"the model {req.model!r} does not exist; this server has {model_name!r}", "model",
-                           "not_found_error", "model_not_found")
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        if not 0 <= max_tokens <= max_tokens_limit:
-            raise ApiError(400, f"max_tokens must be in 0..{max_tokens_limit}, got {max_tokens}", "max_tokens")
-        if not 1 <= req.n <= MAX_N:
-            raise ApiError(400, f"n must be in 1..{MAX_N}, got {req.n}", "n")
-        n_prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and \
-            not isinstance(req.prompt[0], int) else 1
-        if n_prompts * req.n > max_batch:  # one request must not hold the engine for everyone else
-            raise ApiError(400, f"{n_prompts} prompts x n={req.n} = {n_prompts * req.n} completions; this server "
-                           f"runs at most {max_batch} in one request (--max-batch)", "prompt")
-        if req.temperature < 0 or req.temperature > 2:
-            raise ApiError(400, f"temperature must be in [0, 2], got {req.temperature}", "temperature")
-        if not 0 < req.top_p <= 1:
-            raise ApiError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise ApiError(400, f"logprobs must be in 0..20, got {req.logprobs}", "logprobs")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(req, name) <= 2:
-                raise ApiError(400, f"{name} must be in [-2, 2], got {getattr(req, name)}", name)
-        if req.top_k < -1:
-            raise ApiError(400, f"top_k must be -1 (off) or a whole number >= 1, got {req.top_k}", "top_k")
-        if not req.repetition_penalty > 0:
-            raise ApiError(400, f"repetition_penalty must be > 0, got {req.repetition_penalty}", "repetition_penalty")
-        for token, bias in (req.logit_bias or {}).items():
-            if not token.isdigit() or int(token) >= model.config.vocab_size:
-                raise ApiError(400, f"logit_bias: {token!r} is not a token id of this model "
-                               f"(0..{model.config.vocab_size - 1})", "logit_bias")
-            if not -100 <= bias <= 100:
-                raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}",
-                               "logit_bias")
-        if req.best_of not in (None, 1, req.n):
-            raise ApiError(400, "best_of is not supported by this server", "best_of")
-        if req.stream and req.echo and req.logprobs is not None:
-            raise ApiError(400, "echo with logprobs is not supported when streaming", "echo")
-
     @app.post("/v1/chat/completions")
     async def chat_completions():
         raise ApiError(400, f"{model_name} is a base language model with no chat template: send a prompt to "
                        "/v1/completions (client.completions.create) instead of messages", "messages")
 
-    def logprobs_block(tokens, token_lp, tops, offset0):
-        text_offset, pos = [], offset0
-        texts = [tokenizer.decode([t]) for t in tokens]
-        for t in texts:
-            text_offset.append(pos)
-            pos += len(t)
-        return {"tokens": texts, "token_logprobs": token_lp,
-                "top_logprobs": [None if top is None else {tokenizer.decode([i]): v for i, v in top} for top in tops],
-                "text_offset": text_offset}
-
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        validate(req)
-        prompts = prompts_of(req)
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=req.temperature,
-                                  top_p=req.top_p if req.top_p < 1 else None, top_k=req.top_k if req.top_k > 0 else None,
-                                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                                  frequency_penalty=req.frequency_penalty,
-                                  logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()}, seed=req.seed)
-        rows = [ids for ids in prompts for _ in range(req.n)]
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
-        # Text the stop watcher releases, per row. The engine thread writes it and moves it into the
-        # token's event (emit runs there too), so the event loop never reads a list being written.
-        deltas: list[list[str]] = [[] for _ in rows]
-
-        def stream_text(r, text):
-            deltas[r].append(text)
-
-        def emit(ev):
-            if "row" in ev:
-                ev["text"] = "".join(deltas[ev["row"]])
-                deltas[ev["row"]].clear()
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
-        job = Job(rows, sampling, max_tokens, req.logprobs,
-                  emit=emit,
-                  watcher=_StopWatcher(tokenizer, len(rows), stop, stream_text))
-        echo_lp = {}
-        if req.echo and req.logprobs is not None:
-            for i, ids in enumerate(prompts):
-                echo_lp[i] = await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs)
+        completion = await service.start(req, request.is_disconnected)
+        if req.stream:
+            return StreamingResponse(completion.sse(), media_type="text/event-stream")
         try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error",
-                           code="queue_full") from None
-        tokens: list[list[int]] = [[] for _ in rows]
-        token_info: list[list] = [[] for _ in rows]
-        finish = [None] * len(rows)
-
-        def prompt_text(r):
-            return tokenizer.decode(rows[r]) if req.echo else ""
-
-        def choice_logprobs(r):
-            if req.logprobs is None:
-                return None
-            gen_lp = [info[0] for info in token_info[r]]
-            gen_top = [info[1] for info in token_info[r]]
-            if req.echo:
-                p_lp, p_top = echo_lp[r // req.n]
-                return logprobs_block(rows[r] + tokens[r], p_lp + gen_lp, p_top + gen_top, 0)
-            return logprobs_block(tokens[r], gen_lp, gen_top, 0)
-
-        def chunk(r, text, finish_reason=None, logprobs=None):
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"text": text, "index": r, "logprobs": logprobs, "finish_reason": finish_reason}]}
-
-        def apply(ev):
-            if "error" in ev:
-                raise ApiError(500, ev["error"], kind="server_error")
-            r = ev["row"]
-            tokens[r].append(ev["token"])
-            if ev["info"] is not None:
-                token_info[r].append(ev["info"])
-            if ev["stopped"]:
-                finish[r] = "stop"
-            elif ev["length"]:
-                finish[r] = "length"
-            return r
-
-        def usage():
-            completion = sum(len(t) for t in tokens)
-            prompt = sum(len(p) for p in prompts)
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-        async def next_event():
-            """The engine's next event. A client that went away (seen between events, or when a write
-            fails) cancels the job: the engine drops its rows at the next step."""
-            while True:
-                try:
-                    return await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled = True
-                        raise _ClientGone from None
-
-        if not req.stream:
-            try:
-                while True:
-                    ev = await next_event()
-                    if ev.get("done"):
-                        break
-                    apply(ev)
-            except _ClientGone:
-                return JSONResponse(error_body("the client went away", "server_error"), 499)
-            except asyncio.CancelledError:
-                job.cancelled = True
-                raise
-            texts = job.watcher.finish()
-            choices = [{"text": prompt_text(r) + texts[r], "index": r, "logprobs": choice_logprobs(r),
-                        "finish_reason": finish[r] or ("length" if max_tokens == 0 else "stop")}
-                       for r in range(len(rows))]
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage()}
-
-        async def sse():
-            try:
-                if req.echo:
-                    for r in range(len(rows)):
-                        yield f"data: {json.dumps(chunk(r, prompt_text(r)))}\n\n"
-                while True:
-                    ev = await next_event()
-                    if ev.get("done"):
-                        break
-                    r = apply(ev)
-                    text = ev["text"]
-                    lp = None
-                    if req.logprobs is not None and token_info[r]:
-                        lp = logprobs_block([tokens[r][-1]], [token_info[r][-1][0]], [token_info[r][-1][1]], 0)
-                    if text or lp or finish[r]:
-                        yield f"data: {json.dumps(chunk(r, text, finish[r], lp))}\n\n"
-                job.watcher.finish()
-                for r in range(len(rows)):
-                    rest = "".join(deltas[r])
-                    if rest or finish[r] is None:
-                        yield f"data: {json.dumps(chunk(r, rest, finish[r] or 'stop'))}\n\n"
-                if (req.stream_options or {}).get("include_usage"):  # as OpenAI: only when asked for
-                    final = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                             "choices": [], "usage": usage()}
-                    yield f"data: {json.dumps(final)}\n\n"
-                yield "data: [DONE]\n\n"
-            except _ClientGone:
-                return
-            finally:
-                job.cancelled = True  # a client that went away stops its rows at the next token
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+            return await completion.result()
+        except _ClientGone:
+            return JSONResponse(error_body("the client went away", "server_error"), 499)
 
     return app
 
@@ -522,4 +551,4 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
 PLAYGROUND = resources.files("gptn").joinpath("playground.html").read_text(encoding="utf-8")
 
-__all__ = ["create_app", "serve", "CompletionRequest"]
+__all__ = ["create_app", "serve", "CompletionRequest", "Completions", "Completion"]

@@ -26,10 +26,10 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from .checkpoint import model_state_dict
+from .checkpoint import model_state_dict, run_lock
 from .config import GptnError
 from .model import Block
-from .runtime import Dist, autocast_dtype
+from .runtime import Dist, autocast_dtype, setup_distributed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +255,18 @@ def _sync_context(wrapped, strategy: str, d: Dist, last: bool):
 
 # ----------------------------------------------------------------------------------------------
 # The loop
+
+
+def run_training(device: str, out: str | Path, body: Callable[[Dist, torch.device], dict]) -> dict:
+    """`body(d, device)` on this process's rank (torch.distributed set up under torchrun, and torn
+    down after), holding the run directory's lock on rank 0."""
+    d, dev = setup_distributed(device)
+    try:
+        with run_lock(out) if d.is_main else nullcontext():
+            return body(d, dev)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
