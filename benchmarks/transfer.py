@@ -223,7 +223,8 @@ def cached(work: Path, key: dict, compute):
 
 
 def _tune(work: Path, name: str, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
-    from gptn.finetune import evaluate_task, load_task_model, read_task_file
+    from gptn.finetune import evaluate_task, load_task_model
+    from gptn.tasks import read_task_file
     out = work / "ft" / name
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()

@@ -443,14 +443,15 @@ def _column_args(sub):
 
 
 def _columns_from(args):
-    from .finetune import Columns
+    from .tasks import Columns
     return Columns(args.text_col, args.text_b_col, args.label_col, args.choices_col)
 
 
 @command("finetune", "fine-tune a pretrained run on a labeled task (GPT-1: start/delim/extract tokens, "
                      "a linear head, L3 = L2 + λ·L1)")
 def cmd_finetune(sub):
-    from .finetune import TASKS, FinetuneConfig
+    from .finetune import FinetuneConfig
+    from .tasks import TASKS
     d = FinetuneConfig("", "", "")
     sub.add_argument("run", help="pretrained run directory (or an imported model folder)")
     sub.add_argument("--task", choices=TASKS, help="task type (default: recognised from the file's layout)")
@@ -529,7 +530,8 @@ def cmd_predict(sub):
     sub.add_argument("--device", default="cpu")
 
     def run(args):
-        from .finetune import Example, compute_metrics, load_task_model, predict, read_task_file
+        from .finetune import compute_metrics, load_task_model, predict
+        from .tasks import Example, read_task_file
         if (args.file is None) == (args.text is None):
             raise GptnError("give either FILE or --text")
         model, tok = load_task_model(args.run, args.device)

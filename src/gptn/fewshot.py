@@ -229,7 +229,7 @@ def _lambada(d: Path) -> Task:
 
 
 def _hellaswag(d: Path) -> Task:
-    from .finetune import read_task_file
+    from .tasks import read_task_file
     data = read_task_file(d / "hellaswag" / "hellaswag_val_full.txt")
     docs = [Doc(x.segments[0], list(x.choices), x.label) for x in data.examples]
     # lm-evaluation-harness's acc_norm: GPT-3-sized models prefer the per-character normalisation here.
