@@ -248,7 +248,6 @@ class NextTokenObjective:
         self.cfg, self.train, self.val, self.tokenizer, self.config = cfg, train_loader, val_loader, tokenizer, config
         self.accum, self.eval_batch, self.bytes_per_token = accum, eval_batch, bytes_per_token
         self.run, self.tokens_per_step = run, tokens_per_step
-        self.train_seconds = 0.0
 
     def _inputs(self, x, y, step: int, rank: int, i: int):
         if self.config.causal:

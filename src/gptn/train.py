@@ -212,14 +212,27 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device):
     raise GptnError(f"--strategy must be ddp or fsdp, not {strategy!r}")
 
 
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model, strategy: str, d: Dist) -> dict:
+    """The full (unsharded) model state dict, on rank 0's CPU: a collective under FSDP."""
+    if d.world > 1 and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(model, options=_full_options())
+    return model_state_dict(model)
+
+
 def full_state(model, optimizer, strategy: str, d: Dist):
     """Full (unsharded) model and optimizer state dicts, on rank 0's CPU."""
     if d.world > 1 and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    return model_state_dict(model), optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    else:
+        optim_sd = optimizer.state_dict()
+    return full_model_state(model, strategy, d), optim_sd
 
 
 def _load_optimizer_state(model, optimizer, optim_sd, strategy: str, d: Dist):
@@ -289,7 +302,7 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     forward = torch.compile(wrapped) if loop.compile else wrapped
-    ctx = Context(d, device, amp, lambda: full_state(wrapped, optimizer, loop.strategy, d)[0])
+    ctx = Context(d, device, amp, lambda: full_model_state(wrapped, loop.strategy, d))
 
     def checkpoint(step_done: int) -> None:
         model_sd, optim_sd = full_state(wrapped, optimizer, loop.strategy, d)
