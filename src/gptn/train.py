@@ -320,8 +320,9 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
 
     log = MetricsLog(run, step if resume is not None else None, d.is_main)
     from tqdm import tqdm
-    bar = tqdm(total=loop.steps, initial=step, desc=loop.name, unit="step", file=sys.stderr,
-               disable=not (loop.progress and d.is_main), dynamic_ncols=True)
+    # Under a time budget the step count is only a cap: the bar counts steps and says the time left.
+    bar = tqdm(total=None if loop.max_seconds else loop.steps, initial=step, desc=loop.name, unit="step",
+               file=sys.stderr, disable=not (loop.progress and d.is_main), dynamic_ncols=True)
     # The time budget is the run's: a resumed run goes on from the training time already spent.
     start_step, losses, last_eval = step, [], None
     train_time = resume.get("train_seconds", 0.0) if resume is not None else 0.0
@@ -378,7 +379,9 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
             bar.set_postfix_str(f"loss {loss_value:.4f}" +
                                 (f"  {record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record else "") +
                                 (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "") +
-                                (f"  val {_headline(last_eval)}" if last_eval else ""), refresh=False)
+                                (f"  val {_headline(last_eval)}" if last_eval else "") +
+                                (f"  {max(0.0, loop.max_seconds - train_time):.0f} s left" if loop.max_seconds else ""),
+                                refresh=False)
             bar.update(1)
             stop = loop.max_seconds is not None and train_time >= loop.max_seconds or interrupted.seen
             if loop.eval_interval and (step % loop.eval_interval == 0 or step == loop.steps or stop):
