@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig
-from gptn.generate import SamplingConfig, filter_logits, generate, generate_ids, next_token_probs, score
-from gptn.inference import _CpuInferenceLinear, _row_times_weight, prepare_for_inference
+from gptn.generate import SamplingConfig, choose_tokens, filter_logits, generate, generate_ids, next_token_probs, score
+from gptn.inference import _CpuInferenceLinear, prepare_for_inference
 from gptn.model import GPT
 
 
@@ -135,17 +134,17 @@ def test_long_prompt_keeps_its_end(model, tok, capsys):
     assert out == tail and "longer than the context" in capsys.readouterr().err
 
 
-def test_one_row_product_split_across_threads_matches_linear():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        for out_features in (64, 67):  # divisible by the thread count, and with a remainder
-            w, b, x = torch.randn(out_features, 48), torch.randn(out_features), torch.randn(1, 1, 48)
-            torch.testing.assert_close(_row_times_weight(x, w, b), F.linear(x.view(1, 48), w, b))
-            torch.testing.assert_close(_row_times_weight(x, w), F.linear(x.view(1, 48), w))
-    finally:
-        torch.set_num_threads(threads)
+def test_reordered_linear_matches_linear_and_follows_a_changed_weight():
+    torch.manual_seed(0)
+    for out_features, bias in ((1024, True), (1027, False)):  # even and odd widths, with and without a bias
+        linear = torch.nn.Linear(256, out_features, bias=bias)  # past ONEDNN_MIN_WORK from one row on
+        fast = _CpuInferenceLinear(linear.weight, linear.bias)
+        with torch.no_grad():
+            for shape in ((1, 256), (2, 1, 256), (8, 256), (3, 100, 256)):  # one row, two, a batch, a prefill
+                x = torch.randn(shape)
+                torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-4)
+            linear.weight.mul_(2)  # a weight changed after reordering is read again, not the stale copy
+            torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-4)
 
 
 def test_prepacked_cpu_inference_gives_the_same_results(tok):
@@ -157,7 +156,7 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     assert all(isinstance(m.forward, _CpuInferenceLinear) for m in packed.modules() if isinstance(m, torch.nn.Linear))
     x = torch.randint(0, tok.vocab_size, (4, 3))
     with torch.no_grad():
-        for rows in (x, x[:1, :1], x[:, :1], torch.randint(0, tok.vocab_size, (2, 40))):  # 2-64 rows, 1 row, > 64
+        for rows in (x, x[:1, :1], x[:, :1], torch.randint(0, tok.vocab_size, (2, 40))):  # a batch, 1 row, 4 rows, a prefill
             torch.testing.assert_close(packed(rows), plain(rows), atol=1e-5, rtol=1e-5)
     prompts = [[1, 2, 3], [4], [5, 6]]
     cfg = SamplingConfig(max_new_tokens=20, greedy=True)
@@ -203,3 +202,12 @@ def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(model, tok):
     assert generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, temperature=7e-247, seed=0)) == greedy
     # And a top_p that rounds to 0 keeps the most likely token rather than none.
     assert generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, top_p=1.9e-121, seed=0)) == greedy
+
+
+@pytest.mark.parametrize("penalty", [2.2250738585e-313, 1e-39, 1e300])
+def test_an_extreme_repetition_penalty_still_samples(penalty):
+    # 1 / 2e-313 overflows the penalised logits to inf, and inf - inf made nan probabilities (found by test_fuzz).
+    torch.manual_seed(0)
+    logits, seen = torch.randn(2, 10), torch.arange(10).repeat(2, 1)  # every token already seen
+    tokens, _ = choose_tokens(logits, SamplingConfig(repetition_penalty=penalty), seen=seen)
+    assert tokens.shape == (2,) and ((0 <= tokens) & (tokens < 10)).all()

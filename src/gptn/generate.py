@@ -125,7 +125,8 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
     """CTRL's penalty (Keskar et al. 2019): make tokens already in the sequence less likely."""
     scores = logits.gather(-1, seen)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
-    return logits.scatter(-1, seen, scores)
+    big = torch.finfo(scores.dtype).max  # an extreme penalty overflows to inf, and inf - inf is nan downstream
+    return logits.scatter(-1, seen, scores.clamp(-big, big))
 
 
 def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None,
