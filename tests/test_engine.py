@@ -234,3 +234,16 @@ def test_the_static_engine_kept_for_comparison_serves_seeded_and_greedy_requests
     assert a == d == alone(model, tok, "the cat", seeded, 12)  # a seeded request runs alone, reproducibly
     assert b == alone(model, tok, "a dog", no_eot(tok), 12) and c == alone(model, tok, "zz", no_eot(tok), 12)
     assert eng.largest_batch == 2  # the two greedy requests shared a batch
+
+
+def test_a_half_precision_model_serves(tok):
+    # gptn serve --dtype bf16 on CUDA (or a CPU without fbgemm) hands the engine a bf16 model: its slot
+    # cache takes the model's dtype, and a greedy row gets what gptn generate gives the same model.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=32, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()
+    model.to(torch.bfloat16)
+    eng = ContinuousEngine(model, tok, max_batch=4)
+    assert eng.cache.dtype == torch.bfloat16
+    greedy = no_eot(tok)
+    _, out = submit(eng, tok, ["the cat"], greedy, 20)
+    assert wait(out)[0][0] == alone(model, tok, "the cat", greedy, 20)

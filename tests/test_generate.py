@@ -183,6 +183,30 @@ def test_bf16_fp16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
     torch.testing.assert_close(fast(x), plain(x))
 
 
+def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):
+    # What CUDA runs for bf16 / fp16, and a CPU whose torch has no fbgemm (ARM) for bf16: weights, activations
+    # and the KV cache in the half type; sampling, scores and probabilities still come out as fp32.
+    import gptn.inference as inference
+    monkeypatch.setattr(inference, "_fbgemm", lambda: False)
+    torch.manual_seed(1)
+    plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=64, dropout=0.0)).eval()
+    half = GPT(plain.config)
+    half.load_state_dict(plain.state_dict())
+    assert prepare_for_inference(half, "bf16") is half and half.wte.weight.dtype == torch.bfloat16
+    x = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        want, got = plain(x), half(x).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    out = generate_ids(half, [[1, 2, 3], [4]], SamplingConfig(max_new_tokens=30, greedy=True))
+    assert [len(o) for o in out] == [30, 30]
+    sampled = generate_ids(half, [[1, 2, 3]], SamplingConfig(max_new_tokens=30, seed=3, top_p=0.9))
+    assert sampled == generate_ids(half, [[1, 2, 3]], SamplingConfig(max_new_tokens=30, seed=3, top_p=0.9))
+    text = "the quick brown fox jumps over the lazy dog"
+    assert score(half, tok, text).perplexity == pytest.approx(score(plain, tok, text).perplexity, rel=0.05)
+    rows = next_token_probs(half, tok, "the cat", top=3)
+    assert isinstance(rows[0]["prob"], float) and sum(r["prob"] for r in rows) <= 1 + 1e-6
+
+
 def test_dtype_flag_on_the_command_line(run, capsys):
     assert main(["generate", run, "--prompt", "the", "--max-new-tokens", "6", "--greedy", "--dtype", "int8"]) == 0
     assert len(capsys.readouterr().out) > 0
