@@ -163,12 +163,18 @@ def test_prepacked_cpu_inference_gives_the_same_results(tok):
     assert generate_ids(packed, prompts, cfg) == generate_ids(plain, prompts, cfg)
 
 
-@pytest.mark.parametrize("dtype, tol", [("bf16", 0.02), ("fp16", 0.002), ("int8", 0.05)])
-def test_bf16_fp16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
+def twin_models(tok):
+    """A small fp32 GPT and a copy of it, to be prepared at another dtype."""
     torch.manual_seed(1)
     plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=64, dropout=0.0)).eval()
-    fast = GPT(plain.config)
-    fast.load_state_dict(plain.state_dict())
+    copy = GPT(plain.config)
+    copy.load_state_dict(plain.state_dict())
+    return plain, copy
+
+
+@pytest.mark.parametrize("dtype, tol", [("bf16", 0.02), ("fp16", 0.002), ("int8", 0.05)])
+def test_bf16_fp16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
+    plain, fast = twin_models(tok)
     prepare_for_inference(fast, dtype)
     x = torch.randint(0, tok.vocab_size, (4, 12))
     with torch.no_grad():
@@ -188,10 +194,7 @@ def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):
     # and the KV cache in the half type; sampling, scores and probabilities still come out as fp32.
     import gptn.inference as inference
     monkeypatch.setattr(inference, "_fbgemm", lambda: False)
-    torch.manual_seed(1)
-    plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=64, dropout=0.0)).eval()
-    half = GPT(plain.config)
-    half.load_state_dict(plain.state_dict())
+    plain, half = twin_models(tok)
     assert prepare_for_inference(half, "bf16") is half and half.wte.weight.dtype == torch.bfloat16
     x = torch.randint(0, tok.vocab_size, (2, 40))
     with torch.no_grad():
@@ -199,8 +202,8 @@ def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     out = generate_ids(half, [[1, 2, 3], [4]], SamplingConfig(max_new_tokens=30, greedy=True))
     assert [len(o) for o in out] == [30, 30]
-    sampled = generate_ids(half, [[1, 2, 3]], SamplingConfig(max_new_tokens=30, seed=3, top_p=0.9))
-    assert sampled == generate_ids(half, [[1, 2, 3]], SamplingConfig(max_new_tokens=30, seed=3, top_p=0.9))
+    seeded = SamplingConfig(max_new_tokens=30, seed=3, top_p=0.9)
+    assert generate_ids(half, [[1, 2, 3]], seeded) == generate_ids(half, [[1, 2, 3]], seeded)
     text = "the quick brown fox jumps over the lazy dog"
     assert score(half, tok, text).perplexity == pytest.approx(score(plain, tok, text).perplexity, rel=0.05)
     rows = next_token_probs(half, tok, "the cat", top=3)
