@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
@@ -9,6 +10,7 @@ from gptn.config import GPTConfig
 from gptn.generate import SamplingConfig, choose_tokens, filter_logits, generate, generate_ids, next_token_probs, score
 from gptn.inference import _CpuInferenceLinear, prepare_for_inference
 from gptn.model import GPT
+from gptn.runtime import native_bf16
 
 
 @pytest.fixture
@@ -187,6 +189,23 @@ def test_bf16_fp16_and_int8_weights_decode_close_to_fp32(tok, dtype, tol):
     assert [len(o) for o in out] == [12, 12, 12]
     # The fp32 weights stay for training: with gradients, the exact fp32 function.
     torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_a_bf16_decode_step_keeps_fp32_activations_at_any_batch(tok):
+    # Prompt processing may run in bf16 where the CPU has it; a decode step (one position per row) never
+    # rounds its activations, however many rows: that rounding is what flipped near-tied greedy picks.
+    _, fast = twin_models(tok)
+    prepare_for_inference(fast, "bf16")
+    lin = fast.h[0].mlp.c_fc
+    w, b = lin.weight.detach().bfloat16(), None if lin.bias is None else lin.bias.detach()
+    step, prompt = torch.randn(100, 1, lin.in_features), torch.randn(2, 40, lin.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(step), F.linear(step, w.float(), b), atol=1e-4, rtol=1e-4)
+        if native_bf16():
+            want = F.linear(prompt.bfloat16(), w, None if b is None else b.bfloat16()).float()
+        else:
+            want = F.linear(prompt, w.float(), b)
+        torch.testing.assert_close(lin(prompt), want, atol=0.02, rtol=0.02)
 
 
 def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):

@@ -4,8 +4,9 @@ fewer bytes, or reads them faster, without changing the model's definition (mode
 - fp32 on CPU: weights reordered for oneDNN, whose kernel splits even one row across the threads.
 - bf16: weights rounded to bfloat16; on an x86 CPU decoded with fp32 activations and sums by
   fbgemm's half-precision GEMM (measured faster than bf16 activations through oneDNN, even with
-  AVX512-BF16), a long prefill in bf16 where the CPU has it natively; elsewhere (CUDA, or no fbgemm)
-  weights and activations in bfloat16.
+  AVX512-BF16); prompt processing (prefill, scoring) in bf16 where the CPU has it natively, decode
+  steps always with fp32 activations; elsewhere (CUDA, or no fbgemm) weights and activations in
+  bfloat16.
 - fp16 (CPU): every linear layer and the tied softmax layer as fp16 weights through fbgemm, with fp32
   activations and sums: half of fp32's bytes, closer to fp32 than bf16. On CUDA: weights and
   activations in float16.
@@ -102,8 +103,10 @@ class _Fp16Linear(_FbgemmLinear):
 class _Bf16Linear(_Fp16Linear):
     """W rounded to bfloat16 and held as fp16, which keeps bf16's 8 significant bits exactly within
     fp16's range: bf16 weights with fp32 activations and sums, through the same fbgemm kernel. On a
-    CPU with native bf16, more than 64 rows (prefill, compute-bound) run in bf16, on a bf16 copy in
-    oneDNN's layout."""
+    CPU with native bf16, prompt processing (several positions per row, more than 64 rows in all:
+    compute-bound) runs in bf16, on a bf16 copy in oneDNN's layout. A decode step (one position per
+    row) keeps fp32 activations whatever the batch: rounding them to bf16 too flipped near-tied
+    greedy picks (free-running agreement with fp32 80% against 98%, benchmarks/generate.py's model)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight, bias)
@@ -117,10 +120,11 @@ class _Bf16Linear(_Fp16Linear):
     def pack(w, b):
         return torch.ops.quantized.linear_prepack_fp16(w.bfloat16().float(), b)
 
-    def run(self, x):
-        if self.wide is not None and x.shape[0] > 64:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide is not None and x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] > 64 \
+                and not torch.is_grad_enabled() and self.weight._version == self.version:
             return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), *self.wide, "none", [], "").float()
-        return super().run(x)
+        return super().__call__(x)
 
 
 @functools.lru_cache(maxsize=None)
