@@ -25,6 +25,8 @@ def machine() -> dict:
         info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
+    # "AMD EPYC" names CPUs from AVX2-only to AVX512-BF16 here: the vector ISA torch uses tells them apart
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     for pkg in ("transformers", "tiktoken", "tokenizers", "lm_eval"):
@@ -33,7 +35,7 @@ def machine() -> dict:
         except ImportError:
             pass
     try:
-        info["gptn_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        info["gptn_commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                              cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         pass

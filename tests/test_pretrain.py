@@ -49,6 +49,9 @@ def test_schedule_warmup_then_cosine():
 def test_a_time_budget_anneals_the_schedule_within_it(corpus, tmp_path):
     schedule = Schedule(1e-3, 10, 10_000, 1e-4, "cosine", max_seconds=60)
     assert schedule.at(5, 0.0) == pytest.approx(6e-4)  # warm-up counts steps
+    capped = Schedule(1e-3, 2_000, 100_000, 1e-4, "cosine", max_seconds=60)  # the steps only a cap
+    assert capped.at(50, 0.6) == pytest.approx(5e-4)  # half of 2% of the time: half-way up
+    assert capped.at(60, 1.2) == pytest.approx(1e-3, rel=2e-3)  # 2% of the time: warmed up
     assert schedule.at(100, 30.0) == pytest.approx(5.5e-4)  # half the time spent: half-way down the cosine
     assert schedule.at(100, 60.0) == pytest.approx(1e-4)
     summary = pretrain(PretrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), preset="tiny",

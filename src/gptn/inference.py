@@ -70,7 +70,10 @@ class _FbgemmLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight._version != self.version:
             return F.linear(x, self.weight, self.bias)
-        y = self.run(x.reshape(-1, x.shape[-1]).float().contiguous())
+        # Without this, each call looks for __torch_function__ on the packed weights (a TorchScript object) by
+        # raising and catching a C++ exception: ~35 us a call, 1.7 ms of gpt2's 16 ms int8 decode step here.
+        with torch._C.DisableTorchFunctionSubclass():
+            y = self.run(x.reshape(-1, x.shape[-1]).float().contiguous())
         return y.view(*x.shape[:-1], -1)
 
 
@@ -110,20 +113,21 @@ class _Bf16Linear(_Fp16Linear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight, bias)
-        self.wide = None
+        self.prompt_path = None  # x -> x W^T + b in bf16, for prompt processing
         if native_bf16() and _onednn():
             with torch.no_grad():  # oneDNN's layout: 10-20% faster than F.linear in bf16 for a 1024-token prefill here
-                self.wide = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16(), 64),
-                             None if bias is None else bias.detach().bfloat16())
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16(), 64)
+                b16 = None if bias is None else bias.detach().bfloat16()
+            self.prompt_path = lambda x: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, b16, "none", [], "")
 
     @staticmethod
     def pack(w, b):
         return torch.ops.quantized.linear_prepack_fp16(w.bfloat16().float(), b)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wide is not None and x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] > 64 \
+        if self.prompt_path is not None and x.dim() > 2 and x.shape[-2] > 1 and x.numel() // x.shape[-1] > 64 \
                 and not torch.is_grad_enabled() and self.weight._version == self.version:
-            return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), *self.wide, "none", [], "").float()
+            return self.prompt_path(x).float()
         return super().__call__(x)
 
 

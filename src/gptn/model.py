@@ -61,10 +61,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, mask=None, cache: KVCache | None = None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
-        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        # c_attn's output is [q | k | v], each n_head x d_head wide: one view splits all three into heads
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if isinstance(mask, dict):  # sparse models carry one mask per pattern

@@ -41,11 +41,15 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float
     return Schedule(lr, warmup, total, min_lr).at(step)
 
 
+WARMUP_SHARE = 0.02  # of a time budget: pretraining's default warm-up is 2% of the steps
+
+
 @dataclass
 class Schedule:
     """Linear warm-up over `warmup` steps, then decay to `min_lr`: a cosine (GPT-2/3) or a straight
-    line (GPT-1's fine-tuning). With `max_seconds` the decay follows whichever budget is spent faster,
-    steps or training time, so a run stopped by its time budget still ends annealed."""
+    line (GPT-1's fine-tuning). With `max_seconds` the warm-up and the decay follow whichever budget
+    is spent faster, steps or training time (warm-up: `warmup` steps or WARMUP_SHARE of the time), so
+    a run stopped by its time budget was warmed up and still ends annealed."""
 
     lr: float
     warmup: int
@@ -62,7 +66,12 @@ class Schedule:
 
     def at(self, step: int, elapsed: float = 0.0) -> float:
         if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
+            warmed = (step + 1) / self.warmup
+            if self.max_seconds:
+                # A step count that is only a cap (10^5 steps, 5 minutes) would otherwise warm up for ever.
+                warmed = max(warmed, elapsed / (WARMUP_SHARE * self.max_seconds))
+            if warmed < 1:
+                return self.lr * warmed
         p = self.progress(step, elapsed)
         shape = 0.5 * (1.0 + math.cos(math.pi * p)) if self.decay == "cosine" else 1.0 - p
         return self.min_lr + shape * (self.lr - self.min_lr)
