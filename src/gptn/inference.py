@@ -71,7 +71,7 @@ class _FbgemmLinear:
         if torch.is_grad_enabled() or self.weight._version != self.version:
             return F.linear(x, self.weight, self.bias)
         # Without this, each call looks for __torch_function__ on the packed weights (a TorchScript object) by
-        # raising and catching a C++ exception: ~35 us a call, 1.7 ms of gpt2's 16 ms int8 decode step here.
+        # raising and catching a C++ exception: ~35 us a call (gpt2 int8 decode, AVX2 EPYC: 18.2 -> 16.3 ms a token).
         with torch._C.DisableTorchFunctionSubclass():
             y = self.run(x.reshape(-1, x.shape[-1]).float().contiguous())
         return y.view(*x.shape[:-1], -1)

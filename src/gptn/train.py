@@ -41,7 +41,7 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float
     return Schedule(lr, warmup, total, min_lr).at(step)
 
 
-WARMUP_SHARE = 0.02  # of a time budget: pretraining's default warm-up is 2% of the steps
+WARMUP_SHARE = 0.02  # of a time budget, as pretraining's default warm-up is 1/50 of the steps (pretrain.py)
 
 
 @dataclass
