@@ -16,6 +16,31 @@ def test_every_preset_validates(name):
     assert cfg.d_ff == 4 * cfg.d_model
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("width", [64, 256, 1536])
+def test_a_width_override_derives_d_ff_again(name, width):
+    base = get_preset(name).config
+    heads = {"n_head": 4} if width % base.n_head else {}
+    assert base.replace(d_model=width, **heads).d_ff == 4 * width
+    # An override that names d_ff too keeps it, and so does a d_ff the config set explicitly.
+    assert base.replace(d_model=width, d_ff=3 * width, **heads).d_ff == 3 * width
+    explicit = base.replace(d_ff=1000)
+    assert explicit.replace(d_model=width, **heads).d_ff == 1000
+    assert explicit.replace(dropout=0.0).d_ff == 1000
+
+
+def test_pretraining_with_a_width_override_builds_the_derived_mlp(tmp_path):
+    from gptn.data import prepare
+    from gptn.pretrain import PretrainConfig, pretrain
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    prepare([str(tmp_path / "a.txt")], "char", tmp_path / "c", val_fraction=0.1, progress=False)
+    pretrain(PretrainConfig(corpus=str(tmp_path / "c"), out=str(tmp_path / "r"), preset="mini",
+                            overrides={"d_model": 64, "n_ctx": 16}, steps=1, batch_tokens=32, eval_interval=0,
+                            progress=False))
+    saved = json.loads((tmp_path / "r" / "checkpoint" / "config.json").read_text())
+    assert (saved["d_model"], saved["d_ff"]) == (64, 256)  # mini is 128 wide: the old replace kept 512
+
+
 def test_gpt3_inconsistencies_resolved_and_documented():
     xl, b13 = get_preset("gpt3-xl"), get_preset("gpt3-13b")
     assert (xl.config.d_model, xl.config.n_head, xl.config.d_head) == (2048, 16, 128)

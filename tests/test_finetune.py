@@ -11,7 +11,8 @@ from conftest import kill_after_checkpoint
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig, GptnError
-from gptn.finetune import (Example, FinetuneConfig, TaskModel, TaskSpec, _truncate, _with_gpt1_tokens, collate,
+from gptn.finetune import (MAX_WINDOWS, Example, FinetuneConfig, TaskModel, TaskSpec, _truncate, _with_gpt1_tokens,
+                           collate, windows,
                            compute_metrics, finetune, input_sequences, load_task_model, objective, predict,
                            read_task_file)
 from gptn.model import GPT
@@ -52,6 +53,64 @@ def test_over_long_inputs_lose_the_start_of_the_longest_segment(tok):
     for choice in input_sequences("multiple_choice", Example(("abcdefgh",), 0, ("xy", "z")), tok, 8):
         assert len(choice) <= 8 and tok.decode(choice).endswith(EXTRACT)
         assert "fgh" in tok.decode(choice) or "efgh" in tok.decode(choice)
+
+
+def test_windows_cover_a_long_input_and_head_keeps_its_start(tok):
+    tokens = list(range(100))
+    ws = windows(tokens, 20)
+    assert all(len(w) == 20 for w in ws) and ws[0][0] == 0 and ws[-1][-1] == 99
+    assert set().union(*map(set, ws)) == set(tokens)  # every token is read
+    assert all(a[10] == b[0] or b[0] - a[0] <= 10 for a, b in zip(ws, ws[1:]))  # half-window overlap
+    assert windows(tokens[:20], 20) == [tokens[:20]]
+    many = windows(list(range(10_000)), 20)
+    assert len(many) == MAX_WINDOWS and many[-1][-1] == 9_999
+    s, e = tok.special_tokens[START], tok.special_tokens[EXTRACT]
+    (head,) = input_sequences("classification", Example(("abcdefghij",)), tok, 6, long_inputs="head")
+    assert tok.decode(head[1:-1]) == "abcd"
+    seqs = input_sequences("classification", Example(("abcdefghij",)), tok, 6, long_inputs="windows")
+    assert [tok.decode(q[1:-1]) for q in seqs] == ["abcd", "cdef", "efgh", "ghij"]
+    assert all(q[0] == s and q[-1] == e for q in seqs)
+    # entailment: the hypothesis whole in every window, the premise read in windows
+    seqs = input_sequences("entailment", Example(("abcdefghij", "xy")), tok, 8, long_inputs="windows")
+    assert [tok.decode(q) for q in seqs][0] == f"{START}abc{DELIM}xy{EXTRACT}"
+    assert all(len(q) <= 8 and tok.decode(q).endswith(f"{DELIM}xy{EXTRACT}") for q in seqs)
+    assert "".join(tok.decode(q[1:4]) for q in seqs[::2]).startswith("abc")
+
+
+def test_a_long_inputs_prediction_depends_on_text_outside_the_last_window(tok):
+    filler = "the rest of this review says nothing that matters at all " * 3  # longer than the context (48)
+    a, b = Example(("great! " + filler,)), Example(("awful. " + filler,))
+    for long_inputs, differ in (("windows", True), ("tail", False)):
+        model = _task_model(tok, TaskSpec("classification", ["neg", "pos"], long_inputs=long_inputs))
+        pa, pb = (predict(model, tok, [x])[0]["probs"]["pos"] for x in (a, b))
+        assert (abs(pa - pb) > 1e-6) == differ, long_inputs
+    # batched with short inputs, a long input gets the probabilities it gets alone
+    model = _task_model(tok, TaskSpec("classification", ["neg", "pos"], long_inputs="windows"))
+    alone = predict(model, tok, [a])[0]["probs"]["pos"]
+    mixed = predict(model, tok, [Example(("short",)), a, Example(("also short",))], batch_size=4)
+    assert mixed[1]["probs"]["pos"] == pytest.approx(alone, abs=1e-5)
+
+
+def test_fine_tuning_with_windows_learns_a_label_written_before_the_last_window(tmp_path, pretrained_run, capsys):
+    filler = " and then the film goes on for a long while, as films do"  # the last 46 characters (n_ctx 48)
+    rows = ["sentence\tlabel"] + [f"{w}{filler}\t{'pos' if w in ('good', 'great') else 'neg'}"
+                                   for w in ("good", "great", "bad", "awful") * 6]
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join(rows) + "\n")
+    accuracy = {}
+    for long_inputs in ("windows", "tail"):
+        out = tmp_path / long_inputs
+        assert main(["finetune", str(pretrained_run), "--train", str(train), "--out", str(out), "--epochs", "30",
+                     "--batch-size", "8", "--lr", "3e-3", "--dropout", "0", "--head-dropout", "0", "--lm-weight", "0",
+                     "--long-inputs", long_inputs, "--no-progress"]) == 0
+        assert json.loads((out / "checkpoint" / "task.json").read_text())["long_inputs"] == long_inputs
+        capsys.readouterr()
+        assert main(["predict", str(out), str(train)]) == 0
+        accuracy[long_inputs] = float(capsys.readouterr().out.rsplit("accuracy ", 1)[1].split(",")[0])
+    assert accuracy == {"windows": 1.0, "tail": 0.5}  # the tail is the same text for every label
+    # predict --long-inputs overrides the run's own setting: the windows model read by its tail
+    assert main(["predict", str(tmp_path / "windows"), str(train), "--long-inputs", "tail"]) == 0
+    assert "accuracy 0.5000" in capsys.readouterr().out
 
 
 def _task_model(tok, spec, seed=0):

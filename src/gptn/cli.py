@@ -450,7 +450,7 @@ def _columns_from(args):
 @command("finetune", "fine-tune a pretrained run on a labeled task (GPT-1: start/delim/extract tokens, "
                      "a linear head, L3 = L2 + λ·L1)")
 def cmd_finetune(sub):
-    from .finetune import FinetuneConfig
+    from .finetune import LONG_INPUTS, LONG_INPUTS_HELP, FinetuneConfig
     from .tasks import TASKS
     d = FinetuneConfig("", "", "")
     sub.add_argument("run", help="pretrained run directory (or an imported model folder)")
@@ -469,6 +469,7 @@ def cmd_finetune(sub):
     sub.add_argument("--pooling", choices=["extract", "mean"], default=d.pooling,
                      help="what the linear head reads: h_n at the extract token (GPT-1, default) or h_n "
                           "averaged over the input")
+    sub.add_argument("--long-inputs", choices=LONG_INPUTS, default=d.long_inputs, help=LONG_INPUTS_HELP)
     sub.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
                      help="adamw (GPT-1's) or muon: Muon for the blocks' matrices (at --muon-lr), AdamW for "
                           "embeddings, LayerNorm and the head")
@@ -499,7 +500,8 @@ def cmd_finetune(sub):
         cfg = FinetuneConfig(run=args.run, out=args.out, train=args.train, val=args.val, task=args.task,
                              columns=_columns_from(args), regression=args.regression, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup_fraction,
-                             lm_weight=args.lm_weight, pooling=args.pooling, optimizer=args.optimizer,
+                             lm_weight=args.lm_weight, pooling=args.pooling, long_inputs=args.long_inputs,
+                             optimizer=args.optimizer,
                              muon_lr=args.muon_lr, dropout=args.dropout, head_dropout=args.head_dropout,
                              weight_decay=args.weight_decay, max_train_examples=args.max_train_examples,
                              evals_per_epoch=args.evals_per_epoch, from_scratch=args.from_scratch,
@@ -519,6 +521,7 @@ def cmd_finetune(sub):
 
 @command("predict", "label new inputs with a fine-tuned run (from a file or the command line)")
 def cmd_predict(sub):
+    from .finetune import LONG_INPUTS, LONG_INPUTS_HELP
     sub.add_argument("run", help="fine-tuned run directory")
     sub.add_argument("file", nargs="?", help="examples to label (same layouts as finetune; labels optional, "
                                              "and scored when present)")
@@ -527,6 +530,9 @@ def cmd_predict(sub):
     sub.add_argument("--choice", action="append", default=[], help="a candidate answer (repeatable), multiple choice")
     _column_args(sub)
     sub.add_argument("--json", action="store_true", help="print one JSON object per example")
+    sub.add_argument("--long-inputs", choices=LONG_INPUTS,
+                     help="inputs longer than the context (default: what the run was fine-tuned with): "
+                          + LONG_INPUTS_HELP)
     sub.add_argument("--device", default="cpu")
 
     def run(args):
@@ -536,6 +542,7 @@ def cmd_predict(sub):
             raise GptnError("give either FILE or --text")
         model, tok = load_task_model(args.run, args.device)
         spec = model.spec
+        spec.long_inputs = args.long_inputs or spec.long_inputs
         if args.file:
             data = read_task_file(args.file, spec.task, _columns_from(args), spec.regression, require_labels=False)
             examples = data.examples

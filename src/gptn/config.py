@@ -18,6 +18,12 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Fields that default to a function of other fields: set to None (or left out), they are computed.
+DERIVED = {
+    "d_ff": lambda c: 4 * c.d_model,  # GPT-1/2/3: the MLP is four times the model width
+}
+
+
 @dataclass
 class GPTConfig:
     """Everything that determines a GPT's shape; validated on creation.
@@ -34,7 +40,7 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     d_model: int = 768
-    d_ff: int | None = None  # None: 4 * d_model
+    d_ff: int | None = None  # None: derived, 4 * d_model (DERIVED)
     dropout: float = 0.1
     norm: str = "pre"
     attention: str = "dense"
@@ -44,8 +50,12 @@ class GPTConfig:
     arch: str = "gpt"  # "gpt": decoder, left-to-right; "bert": encoder, both directions
 
     def __post_init__(self):
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+        # Which fields were derived (left None) is remembered, so that replace() derives them again
+        # from the overridden values: --set d_model=256 on a 128-wide preset gives d_ff 1024, not 512.
+        derived = frozenset(name for name in DERIVED if getattr(self, name) is None)
+        object.__setattr__(self, "_derived", derived)
+        for name in sorted(derived):
+            setattr(self, name, DERIVED[name](self))
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_ff", "sparse_band"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -95,7 +105,9 @@ class GPTConfig:
         return cls(**d)
 
     def replace(self, **overrides) -> "GPTConfig":
-        return self.from_dict({**self.to_dict(), **overrides})
+        """A new config with `overrides`; a derived field (DERIVED) is derived again from the new
+        values unless the overrides name it or it was set explicitly."""
+        return self.from_dict({**self.to_dict(), **{name: None for name in self._derived}, **overrides})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

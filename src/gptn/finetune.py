@@ -12,8 +12,14 @@ The objective is L3 = L2 + λ·L1: the task loss plus the language-model loss on
 Beside GPT-1's head on the extract token, the head may read h_n averaged over the input
 (`pooling="mean"`), and the blocks' matrices may be fine-tuned with Muon.
 
-Over-long inputs lose tokens from the start of the longest segment first (for multiple choice, from
-the start of the context first), so that the words nearest the extract token are kept.
+Inputs longer than the context (`long_inputs`):
+- "windows": classification texts (and entailment premises) are read in overlapping windows, each framed
+  s ... e like a whole input, and the head reads the mean of the windows' features: every token is
+  seen, at the cost of one forward pass per window (a review of 4 contexts' length costs ~7 windows).
+- "tail": tokens are dropped from the start of the longest segment (for multiple choice, from the
+  start of the context first), so the words nearest the extract token are kept (one pass);
+- "head": the same from the end, keeping the start of the text.
+Similarity and multiple choice always truncate ("head" or "tail"; "windows" reads as "tail" there).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ from .train import Loop, Schedule, fit, run_training
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 POOLINGS = ("extract", "mean")
+LONG_INPUTS = ("windows", "tail", "head")
+LONG_INPUTS_HELP = ("windows: read the whole input in overlapping windows and average their features (a "
+                    "forward pass per window); tail: keep its end; head: keep its start")
+MAX_WINDOWS = 32  # per input: a longer text is read by 32 evenly spaced windows (gaps between them)
 HEAD_FILE = "head.safetensors"
 TASK_FILE = "task.json"
 
@@ -49,8 +59,12 @@ TASK_FILE = "task.json"
 # GPT-1's input transformations
 
 
-def _truncate(segments: list[list[int]], budget: int, context_first: bool) -> list[list[int]]:
-    """Drop tokens from the start of the longest segment (or of segment 0 first) until all fit."""
+def _truncate(segments: list[list[int]], budget: int, context_first: bool, keep: str = "tail") -> list[list[int]]:
+    """Drop tokens from the start of the longest segment (or of segment 0 first) until all fit;
+    keep="head" drops them from the end instead."""
+    if keep == "head":
+        flipped = _truncate([s[::-1] for s in segments], budget, context_first)
+        return [s[::-1] for s in flipped]
     segments = [list(s) for s in segments]
     excess = sum(map(len, segments)) - budget
     if excess > 0 and context_first:
@@ -66,9 +80,21 @@ def _truncate(segments: list[list[int]], budget: int, context_first: bool) -> li
     return segments
 
 
-def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: int, causal: bool = True
-                    ) -> list[list[int]]:
-    """The token sequences GPT-1 builds for one example (one, two for similarity, one per choice).
+def windows(tokens: list[int], size: int) -> list[list[int]]:
+    """Overlapping windows of `size` tokens covering `tokens`: each starts half a window after the one
+    before (more apart when MAX_WINDOWS would be exceeded), the last ends at the last token."""
+    if len(tokens) <= size:
+        return [tokens]
+    span = len(tokens) - size
+    count = min(MAX_WINDOWS, math.ceil(span / max(1, size // 2)) + 1)
+    starts = sorted({round(i * span / (count - 1)) for i in range(count)})
+    return [tokens[i:i + size] for i in starts]
+
+
+def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: int, causal: bool = True,
+                    long_inputs: str = "tail") -> list[list[int]]:
+    """The token sequences GPT-1 builds for one example (one, two for similarity, one per choice; one
+    per window of a long classification or entailment input under long_inputs="windows").
 
     For a BERT-style encoder: [CLS] A [SEP] (B [SEP]), the head reading [CLS] at position 0.
     """
@@ -77,22 +103,41 @@ def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: in
     else:
         s, d, e = (tokenizer.special_tokens[t] for t in (START, DELIM, EXTRACT))
     enc = [tokenizer.encode(t) for t in example.segments]
+    keep = "head" if long_inputs == "head" else "tail"
     if task == "classification":
-        (text,) = _truncate(enc[:1], n_ctx - 2, False)
+        if long_inputs == "windows":
+            return [[s, *w, e] for w in windows(enc[0], n_ctx - 2)]
+        (text,) = _truncate(enc[:1], n_ctx - 2, False, keep)
         return [[s, *text, e]]
     if task == "entailment":
-        a, b = _truncate(enc[:2], n_ctx - 3, False)
+        if long_inputs == "windows":  # the hypothesis whole (at most half the context), windows over the premise
+            (b,) = _truncate(enc[1:2], (n_ctx - 3) // 2, False)
+            return [[s, *w, d, *b, e] for w in windows(enc[0], n_ctx - 3 - len(b))]
+        a, b = _truncate(enc[:2], n_ctx - 3, False, keep)
         return [[s, *a, d, *b, e]]
     if task == "similarity":
-        a, b = _truncate(enc[:2], n_ctx - 3, False)
+        a, b = _truncate(enc[:2], n_ctx - 3, False, keep)
         return [[s, *a, d, *b, e], [s, *b, d, *a, e]]
     if task == "multiple_choice":
         seqs = []
         for choice in example.choices:
-            ctx, ans = _truncate([enc[0], tokenizer.encode(choice)], n_ctx - 3, True)
+            ctx, ans = _truncate([enc[0], tokenizer.encode(choice)], n_ctx - 3, True, keep)
             seqs.append([s, *ctx, d, *ans, e])
         return seqs
     raise GptnError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+
+
+def pack(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """`items` in order, in consecutive groups of at most `limit` total size (an item larger than
+    the limit alone)."""
+    groups, current, total = [], [], 0
+    for item, size in zip(items, sizes):
+        if current and total + size > limit:
+            groups.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += size
+    return groups + [current] if current else groups
 
 
 @dataclass
@@ -123,6 +168,11 @@ class TaskSpec:
     labels: list[str] = field(default_factory=list)  # class names (empty for regression and multiple choice)
     regression: bool = False
     pooling: str = "extract"  # what the head reads: h_n at the extract token (GPT-1), or "mean" over the tokens
+    long_inputs: str = "tail"  # runs fine-tuned before windows existed truncated like this
+
+    def sequences(self, example: Example, tokenizer: Tokenizer, config) -> list[list[int]]:
+        """The token sequences the model reads for `example` (GPT-1's input transformation)."""
+        return input_sequences(self.task, example, tokenizer, config.n_ctx, config.causal, self.long_inputs)
 
     @property
     def n_outputs(self) -> int:
@@ -169,6 +219,11 @@ class TaskModel(nn.Module):
                 h_extract = h[torch.arange(len(ids), device=ids.device), lengths - 1]  # (S, C)
         if self.spec.task == "similarity":  # both orderings, added element-wise
             h_extract = h_extract.view(-1, 2, h_extract.size(-1)).sum(1)  # (N, C)
+        elif self.spec.task != "multiple_choice" and len(batch.groups) < len(ids):  # windows: their mean
+            counts = torch.tensor(batch.groups, device=ids.device)
+            example = torch.repeat_interleave(torch.arange(len(counts), device=ids.device), counts)
+            summed = h_extract.new_zeros(len(counts), h_extract.size(-1)).index_add(0, example, h_extract)
+            h_extract = summed / counts[:, None].to(h_extract.dtype)
         out = self.head(self.head_dropout(h_extract))
         if self.spec.task == "multiple_choice":
             scores = out.new_full((len(batch.groups), max(batch.groups)), float("-inf"))
@@ -262,6 +317,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1; 0 disables the auxiliary objective
     pooling: str = "extract"  # the head reads h_n at the extract token (GPT-1), or "mean": averaged over the input
+    long_inputs: str = "windows"  # inputs longer than the context: "windows" (all read), "tail" or "head" kept
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW (at lr) for the rest
     muon_lr: float | None = None  # Muon's peak rate (default optim.MUON_LR / 10)
     dropout: float = 0.1  # residual, attention and embedding dropout during fine-tuning
@@ -307,6 +363,8 @@ class FinetuneConfig:
             raise GptnError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
         if self.pooling not in POOLINGS:
             raise GptnError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        if self.long_inputs not in LONG_INPUTS:
+            raise GptnError(f"long_inputs must be one of {', '.join(LONG_INPUTS)}, not {self.long_inputs!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise GptnError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
         if self.muon_lr is not None and not self.muon_lr > 0:
@@ -359,14 +417,13 @@ def run_task_model(model: TaskModel, tokenizer: Tokenizer, examples: list[Exampl
     """Predicted labels and probabilities (or scores) for `examples`, in order."""
     was_training = model.training
     model.eval()
-    n_ctx = model.gpt.config.n_ctx
-    seqs = [input_sequences(model.spec.task, x, tokenizer, n_ctx, model.gpt.config.causal) for x in examples]
+    seqs = [model.spec.sequences(x, tokenizer, model.gpt.config) for x in examples]
     # Batches of similar length: padding to the longest of a random batch wastes half the work on
-    # sentences, and no output depends on the padding (causal mask; BERT's attention mask).
-    order = sorted(range(len(seqs)), key=lambda i: max(map(len, seqs[i])))
+    # sentences, and no output depends on the padding (causal mask; BERT's attention mask). A batch
+    # holds up to batch_size sequences (an input read in many windows is a batch of its own).
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), max(map(len, seqs[i]))))
     preds, probs = [None] * len(seqs), [None] * len(seqs)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    for idx in pack(order, [len(seqs[i]) for i in order], batch_size):
         out, _ = model(collate([seqs[j] for j in idx], tokenizer.eot_id), with_lm_loss=False)
         for j, p, q in zip(idx, *_decode_outputs(model.spec, out)):
             preds[j], probs[j] = p, q
@@ -422,12 +479,20 @@ class TaskObjective:
         weight = 1.0
         if not mine:  # a short last batch leaves this rank nothing: a weightless example keeps ranks in step
             mine, weight = idx[:1], 0.0
-        micro = self.cfg.micro_batch or len(mine)
         step_tokens = sum(self.lm_tokens[i] for i in idx)
-        for k in range(0, len(mine), micro):
-            part = mine[k:k + micro]
+        for part in self._split(mine):
             yield (collate([self.seqs[i] for i in part], self.tokenizer.eot_id), self.targets[part],
                    weight * len(part) / len(idx), weight * sum(self.lm_tokens[i] for i in part) / max(1, step_tokens))
+
+    def _split(self, mine: list[int]) -> list[list[int]]:
+        """--micro-batch examples per forward; by default all of them, except that inputs read in
+        several windows are grouped at most batch_size sequences a forward (a step of 32 long reviews
+        would otherwise be a forward of up to 32 x MAX_WINDOWS sequences)."""
+        if self.cfg.micro_batch:
+            return [mine[k:k + self.cfg.micro_batch] for k in range(0, len(mine), self.cfg.micro_batch)]
+        if self.spec.long_inputs != "windows" or self.spec.task in ("similarity", "multiple_choice"):
+            return [mine]
+        return pack(mine, [len(self.seqs[i]) for i in mine], self.cfg.batch_size)
 
     def loss(self, model, batch, ctx):
         inputs, targets, example_share, token_share = batch
@@ -504,7 +569,7 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
             unknown = sorted({x.label for x in val_data.examples} - set(labels))
             if unknown:
                 raise GptnError(f"{cfg.val}: labels {unknown[:5]} never occur in the training set {cfg.train}")
-    spec = TaskSpec(task, labels, train_data.regression, cfg.pooling)
+    spec = TaskSpec(task, labels, train_data.regression, cfg.pooling, cfg.long_inputs)
     out = Path(cfg.out)
     resume = _resume_state(cfg, out)
 
@@ -528,9 +593,8 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
         load_weights(model.head, {k.removeprefix("head."): v for k, v in read_weights(ckpt / HEAD_FILE).items()},
                      source=str(ckpt / HEAD_FILE))
     model.to(device)
-    n_ctx = gpt.config.n_ctx
 
-    train_seqs = [input_sequences(task, x, tokenizer, n_ctx, gpt.config.causal) for x in train_data.examples]
+    train_seqs = [spec.sequences(x, tokenizer, gpt.config) for x in train_data.examples]
     steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
