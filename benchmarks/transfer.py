@@ -1,32 +1,35 @@
-"""Does pretraining transfer? GPT-1's ablation (Table 5), small, on real corpora, on a CPU.
+"""Does pretraining transfer, against what a practitioner would use? GPT-1's claim, small, on a CPU.
 
-1. Pretrain a 4 x 256 GPT (context 128, Muon) for --pretrain-seconds (default 45 min) on IMDB's
-   unlabeled + train reviews (never test: 23.5M tokens), normalised like SST-2 (`gptn prepare
-   --normalize sst`: `<br />` out, lower case, Penn Treebank punctuation); four weight snapshots on
-   the way give the gain as a function of pretraining tokens. --books-seconds N pretrains on
-   Gutenberg first and continues on IMDB from it (`init_from`), GPT-1's books-then-domain order.
-2. Fine-tune on 2,000 labels, from the pretrained weights and from a random initialisation of the
-   same shape, with and without the auxiliary LM loss (λ = 0.5 / 0), 3 seeds each: SST-2 whole
-   sentences (reported on all 872 dev sentences) and IMDB train reviews (reported on a fixed 5,000 of
-   IMDB's test reviews). The epoch kept is the best on 500 labeled examples held out of the training
-   data, never on what is reported. Each arm runs its own best recipe (RECIPES, and the one-seed
-   probes that chose it in the comment above it).
-3. In the same run: TF-IDF + logistic regression on the same 2,000 labels (what a practitioner tries
-   first), and logistic regression on the frozen model's mean-pooled features (a floor for fine-tuning).
-4. The label curve: SST-2 with 250 / 500 / 1,000 / 2,000 labels, pretrained vs scratch, 3 seeds
-   (the seed picks the subset), epochs scaled to the same number of optimizer steps.
-5. GPT-1's table: rows pretrained / scratch x aux / no aux; columns SST-2, IMDB, RTE, MRPC F1, STS-B r
-   (GLUE: 2,000 training examples, one seed, dev).
+The protocol (also written into the JSON's `protocol`):
 
-Writes benchmarks/results/transfer.json: `pretrained_minus_scratch` (SST-2, best λ of each arm,
-points), `pretrained_minus_bow`, `imdb_pretrained_minus_scratch`, `gain_vs_pretraining_tokens`,
-`label_curve`, `ablation`.
+1. Pretrain once, at this commit, a 4 x 256 GPT (d_ff 1024, context 128, Muon) for --pretrain-seconds
+   (default 45 min, ending annealed: the cosine decays over the time budget) on IMDB's unlabeled + train
+   reviews (never test), normalised like SST-2 (`gptn prepare --normalize sst`). --books-seconds N
+   pretrains on Gutenberg first and continues on IMDB from it. Every section below uses this one run.
+2. Data. SST-2: whole training sentences (dev holds whole sentences; the training rows are every phrase
+   of the parse trees), shuffled once: 500 form the selection set, and label subsets of 2,000 are drawn
+   from the rest (subset k: its own seeded draw). IMDB: the same from the train reviews. Reported once on
+   SST-2 dev (872) and on 5,000 IMDB test reviews, minus every report item that occurs verbatim in the
+   pretraining text (the JSON says how many).
+3. Selection, on the selection set only. Each arm (pretrained, scratch: the same shape, randomly
+   initialised) runs the same grid (SEARCH: rate x λ for SST-2; long-input handling x λ for IMDB at the
+   rate SST-2 chose for that arm), one seed on label subset 0; the epoch kept in every run is the best on
+   the selection set. The best grid point is frozen as the arm's recipe.
+4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets; TF-IDF (words + bigrams) +
+   logistic regression (C by 5-fold cross-validation) is fitted on the same labeled examples the model
+   sees (its label subset plus the selection set). Differences come with paired bootstrap 95% intervals
+   on the same report items (items and runs resampled).
+5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
+   of each subset, epochs scaled to the same number of steps), beside TF-IDF on the same labels.
+6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection,
+   reported once on dev.
 
-Every fine-tuning result is kept in WORK/finetunes.json (keyed by the source weights' checksum and the
-options), so `--reuse` after an interrupted run, or `--sections` one part at a time, redoes nothing.
+Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keyed by the source weights'
+checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
+stopped when started again with the same --work.
 
-    python benchmarks/transfer.py [--pretrain-seconds 2700] [--books-seconds 0] [--reuse] [--work /tmp/gptn-transfer]
-                                  [--seeds 3] [--imdb-seeds 3] [--curve-seeds 3] [--sections sst2,imdb,curve,tokens,glue]
+    python benchmarks/transfer.py [--pretrain-seconds 2700] [--books-seconds 0] [--work /tmp/gptn-transfer]
+                                  [--seeds 5] [--subsets 2] [--sections sst2,imdb,curve,glue] [--fresh]
 """
 
 from __future__ import annotations
@@ -34,14 +37,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import random
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,10 +52,25 @@ from common import SHARED, machine, seconds_per_step, table, write_results  # no
 from gptn.config import GPTConfig  # noqa: E402
 from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
+from gptn.normalize import normalize  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 GLUE = SHARED / "glue"
-N_LABELED = 2000
+IMDB = SHARED / "imdb"
+GUTENBERG = SHARED / "gutenberg"
+N_LABELED, N_SELECT, N_IMDB_REPORT = 2000, 500, 5000
+CURVE = (100, 250, 500, 1000, 2000)
+SECTIONS = ("sst2", "imdb", "curve", "glue")
+ARMS = ("pretrained", "scratch")
+# 4 x 256 (d_ff 4 x 256), context 128 (IMDB reviews are long; SST-2's sentences fit in 64), no biases.
+LM = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0, bias=False)
+LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
+# Fine-tuning: what is fixed for both arms, and the grid each arm searches on the selection set.
+FIXED = dict(pooling="mean", epochs=3, batch_size=32)
+SEARCH = {
+    "SST-2": [dict(lr=lr, lm_weight=lam) for lr in (2.5e-4, 6.25e-4, 1.5e-3) for lam in (0.0, 0.5)],
+    "IMDB": [dict(long_inputs=li, lm_weight=lam) for li in ("windows", "tail") for lam in (0.0, 0.5)],
+}
 
 
 def full_sentences(phrases: list[str]) -> list[int]:
@@ -74,20 +91,10 @@ def full_sentences(phrases: list[str]) -> list[int]:
     return out
 
 
-IMDB = SHARED / "imdb"
-GUTENBERG = SHARED / "gutenberg"
-# 4 x 256, context 128 (IMDB reviews are long; SST-2's sentences fit in 64), no biases: ~2.8k tokens/s
-# on two EPYC cores with Muon, so 45 minutes see ~7.5M tokens, a third of IMDB's unlabeled + train text.
-LM = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0, bias=False)
-LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
-
-
-def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, snapshots: int = 4,
-                   steps: int | None = None) -> dict:
+def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> dict:
     """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2, optionally pretrain
-    on Gutenberg first and continue on IMDB through init_from; keeps `snapshots` weight snapshots for
-    the gain-vs-tokens curve. `steps` pins the IMDB stage's length (reproduces an earlier run whatever
-    else the machine is doing) instead of estimating it from `seconds`. Skips whatever is already in `work`."""
+    on Gutenberg first and continue on IMDB through init_from. The step count sized from the time budget
+    is written to WORK/plan.json the first time, so an interrupted run resumes the same schedule."""
     corpus = work / "imdb-corpus"
     if not (corpus / "manifest.json").exists():
         t0 = time.time()
@@ -95,33 +102,34 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, snaps
                 normalize="sst", progress=False)
         print(f"IMDB corpus prepared in {time.time() - t0:.0f} s", flush=True)
     stages = []
-    init_from = None
     if books_seconds > 0:
         books = work / "books-corpus"
         if not (books / "manifest.json").exists():
             prepare([str(GUTENBERG)], str(corpus / "tokenizer"), books, val_fraction=0.02, progress=False)
         stages.append(("books", books, books_seconds))
     stages.append(("imdb", corpus, seconds))
-    summary = {}
+    plan_path = work / "plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
+    summary, init_from = {}, None
     for name, data, budget in stages:
         run = work / f"pretrained-{name}"
-        if not (run / "checkpoint").is_dir():
-            config = GPTConfig(vocab_size=Corpus(data).tokenizer.vocab_size, **LM)
-            pinned = steps if name == "imdb" else None
-            n_steps = pinned or int(budget / seconds_per_step(config, LM_BATCH, "muon"))
-            pretrain(PretrainConfig(
-                corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
-                steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",
-                muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=max(1, n_steps // 8), eval_batches=40,
-                checkpoint_interval=max(1, n_steps // 8),
-                snapshot_interval=max(1, n_steps // snapshots) if name == "imdb" else None,
-                max_seconds=None if pinned else budget * 1.1, progress=False))
+        config = GPTConfig(vocab_size=Corpus(data).tokenizer.vocab_size, **LM)
+        if name not in plan:
+            plan[name] = {"steps": int(budget / seconds_per_step(config, LM_BATCH, "muon")), "seconds": budget}
+            plan_path.write_text(json.dumps(plan, indent=1))
+        n_steps = plan[name]["steps"]
+        pretrain(PretrainConfig(  # resumes an interrupted run; a finished one returns at once
+            corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
+            steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",
+            muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=max(1, n_steps // 8), eval_batches=40,
+            checkpoint_interval=max(1, n_steps // 8), max_seconds=plan[name]["seconds"], progress=False))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_loss" in r]
-        summary[name] = {"steps": train[-1]["step"], "tokens": train[-1]["tokens"], "seconds": round(train[-1]["time"]),
-                         "tokens_per_s": round(train[-1]["tokens"] / train[-1]["time"]), "val_loss": val[-1]["val_loss"],
-                         "val_ppl": val[-1]["val_ppl"], "corpus": str(data.name)}
+        summary[name] = {"steps": train[-1]["step"], "planned_steps": n_steps, "tokens": train[-1]["tokens"],
+                         "seconds": round(train[-1]["time"]), "tokens_per_s": round(train[-1]["tokens"] / train[-1]["time"]),
+                         "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"], "final_lr": train[-1]["lr"],
+                         "corpus": str(data.name), "d_ff": json.loads((run / "checkpoint" / "config.json").read_text())["d_ff"]}
         init_from = str(run)
     return summary
 
@@ -133,49 +141,83 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def labeled_sets(work: Path) -> dict:
-    """Train (2,000) / selection (500) / report sets: SST-2 whole sentences (report: all 872 dev
-    sentences) and IMDB train reviews (report: a fixed 5,000 of IMDB's test reviews)."""
+def _verbatim_in_pretraining(texts: list[str], steps, whole_reviews: bool) -> list[bool]:
+    """Which report texts occur verbatim in the pretraining text (IMDB unsup + train), normalised alike:
+    a whole review equal to one of them, or (SST-2) a sentence found inside one."""
+    pool = [normalize(json.loads(line)["text"], steps) for name in ("unsup.jsonl", "train.jsonl")
+            for line in open(IMDB / name)]
+    mine = [normalize(t, steps) for t in texts]
+    if whole_reviews:
+        seen = set(pool)
+        return [t in seen for t in mine]
+    joined = "\n".join(pool)
+    return [f" {t} " in joined or joined.startswith(t) for t in mine]
+
+
+def labeled_sets(work: Path, subsets: int, steps) -> dict:
+    """Per task: the selection set, `subsets` label subsets of N_LABELED (disjoint from selection), and the
+    report set with what occurs verbatim in the pretraining text removed."""
+    cache = work / "report_overlap.json"
+    overlap = json.loads(cache.read_text()) if cache.exists() else {}
     sst = read_records(GLUE / "SST-2" / "train.tsv")
     whole = full_sentences([r["sentence"].strip() for r in sst])
     random.Random(0).shuffle(whole)
-    rows = lambda idx: [{"text": sst[i]["sentence"].strip(), "label": sst[i]["label"]} for i in idx]  # noqa: E731
-    imdb_train = [json.loads(line) for line in open(IMDB / "train.jsonl")]
-    imdb_test = [json.loads(line) for line in open(IMDB / "test.jsonl")]
+    sst_rows = [{"text": sst[i]["sentence"].strip(), "label": sst[i]["label"]} for i in whole]
+    imdb_train = [{"text": r["text"], "label": r["label"]} for r in map(json.loads, open(IMDB / "train.jsonl"))]
+    imdb_test = [{"text": r["text"], "label": r["label"]} for r in map(json.loads, open(IMDB / "test.jsonl"))]
     random.Random(0).shuffle(imdb_train)
     random.Random(0).shuffle(imdb_test)
-    review = lambda rs: [{"text": r["text"], "label": r["label"]} for r in rs]  # noqa: E731
-    dev = [{"text": r["sentence"].strip(), "label": r["label"]} for r in read_records(GLUE / "SST-2" / "dev.tsv")]
-    return {
-        "SST-2": {"train": _write_jsonl(work / "sst2_train.jsonl", rows(whole[:N_LABELED])),
-                  "select": _write_jsonl(work / "sst2_select.jsonl", rows(whole[N_LABELED:N_LABELED + 500])),
-                  "report": _write_jsonl(work / "sst2_dev.jsonl", dev)},
-        "IMDB": {"train": _write_jsonl(work / "imdb_train.jsonl", review(imdb_train[:N_LABELED])),
-                 "select": _write_jsonl(work / "imdb_select.jsonl", review(imdb_train[N_LABELED:N_LABELED + 500])),
-                 "report": _write_jsonl(work / "imdb_test5000.jsonl", review(imdb_test[:5000]))},
-    }
+    sst_dev = [{"text": r["sentence"].strip(), "label": r["label"]} for r in read_records(GLUE / "SST-2" / "dev.tsv")]
+    sets = {}
+    for task, pool, report in (("SST-2", sst_rows, sst_dev), ("IMDB", imdb_train, imdb_test[:N_IMDB_REPORT])):
+        if task not in overlap:
+            overlap[task] = _verbatim_in_pretraining([r["text"] for r in report], steps, task == "IMDB")
+            cache.write_text(json.dumps(overlap))
+        kept = [r for r, seen in zip(report, overlap[task]) if not seen]
+        rest = pool[N_SELECT:]
+        name = task.lower().replace("-", "")
+        sets[task] = {
+            "select": _write_jsonl(work / f"{name}_select.jsonl", pool[:N_SELECT]),
+            "subsets": [_write_jsonl(work / f"{name}_train_{k}.jsonl", random.Random(k).sample(rest, N_LABELED))
+                        for k in range(subsets)],
+            "report": _write_jsonl(work / f"{name}_report.jsonl", kept),
+            "report_dropped_verbatim": sum(overlap[task]), "report_size": len(kept)}
+    return sets
 
 
-def tfidf_baseline(train: Path, report: Path, normalize_steps) -> float:
+def glue_sets(work: Path, task: str) -> dict:
+    """A GLUE task's training set split (seed 0) into N_LABELED train / N_SELECT selection; dev is the report."""
+    rows = read_records(GLUE / task / "train.tsv")
+    random.Random(0).shuffle(rows)
+    header = "\t".join(rows[0].keys())
+    paths = {}
+    for part, chunk in (("train", rows[N_SELECT:N_SELECT + N_LABELED]), ("select", rows[:N_SELECT])):
+        paths[part] = work / f"{task.lower()}_{part}.tsv"
+        paths[part].write_text(header + "\n" + "".join("\t".join(r.values()) + "\n" for r in chunk))
+    paths["report"] = GLUE / task / "dev.tsv"
+    return paths
+
+
+def tfidf_baseline(train: list[Path], report: Path, normalize_steps) -> list[int]:
     """TF-IDF (words and bigrams) + logistic regression, C chosen by 5-fold cross-validation on the
-    training set: what a practitioner tries first."""
+    examples of the `train` files: what a practitioner tries first. Per report item: 1 right, 0 wrong."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
 
-    from gptn.normalize import normalize
     load = lambda p: [(normalize(r["text"], normalize_steps), str(r["label"])) for r in read_records(p)]  # noqa: E731
-    tr, te = load(train), load(report)
+    tr = [x for p in train for x in load(p)]
+    te = load(report)
     clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
                         LogisticRegressionCV(Cs=[0.3, 1, 3, 10, 30], cv=5, max_iter=2000))
     clf.fit([t for t, _ in tr], [y for _, y in tr])
-    return float(clf.score([t for t, _ in te], [y for _, y in te]))
+    return [int(p == y) for p, (_, y) in zip(clf.predict([t for t, _ in te]), te)]
 
 
 @torch.no_grad()
 def frozen_probe(source: Path, train: Path, report: Path, from_scratch: bool = False) -> float:
-    """Logistic regression on the frozen model's h_n averaged over each input (the fine-tuned model
-    should end at or above it): how much of the task the pretrained features already hold."""
+    """Logistic regression on the frozen model's h_n averaged over each input (the last context's worth
+    of tokens): how much of the task the pretrained features already hold, without fine-tuning."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -200,14 +242,6 @@ def frozen_probe(source: Path, train: Path, report: Path, from_scratch: bool = F
     return float(clf.fit(xtr, ytr).score(xte, yte))
 
 
-def tune(work: Path, name: str, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
-    """Fine-tune, keep the epoch that scores best on `select`, and report that checkpoint on `report`.
-    Results are kept in WORK/finetunes.json, keyed by the source's weights and the options, so a run
-    cut short (or one section at a time) picks up where it stopped."""
-    return cached(work, {"name": name, "source": source, "train": train, **options},
-                  lambda: _tune(work, name, source, train, select, report, **options))
-
-
 def cached(work: Path, key: dict, compute):
     """compute(), or its result from WORK/finetunes.json under `key` plus the source's weights checksum."""
     path = work / "finetunes.json"
@@ -217,15 +251,22 @@ def cached(work: Path, key: dict, compute):
     key = json.dumps({**key, "weights": weights}, sort_keys=True, default=str)
     if key not in cache:
         cache[key] = compute()
-        path.with_suffix(".tmp").write_text(json.dumps(cache, indent=1))
+        path.with_suffix(".tmp").write_text(json.dumps(cache))
         path.with_suffix(".tmp").replace(path)
     return cache[key]
 
 
-def _tune(work: Path, name: str, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
-    from gptn.finetune import evaluate_task, load_task_model
+def tune(work: Path, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
+    """Fine-tune, keep the epoch that scores best on `select`, and (with a report set) score that
+    checkpoint item by item on `report`. Cached (see `cached`)."""
+    return cached(work, {"source": source, "train": train, "select": select, "report": report, **options},
+                  lambda: _tune(work, source, train, select, report, **options))
+
+
+def _tune(work: Path, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
+    from gptn.finetune import load_task_model, run_task_model
     from gptn.tasks import read_task_file
-    out = work / "ft" / name
+    out = work / "ft"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     r = finetune(FinetuneConfig(run=str(source), out=str(out), train=str(train), val=str(select), progress=False,
@@ -233,61 +274,46 @@ def _tune(work: Path, name: str, source: Path, train: Path, select: Path, report
     result = {"metric": r["metric"], "select": r["best"]["value"], "epoch": r["best"]["epoch"]}
     if report is not None:
         model, tokenizer = load_task_model(out)
-        metrics = evaluate_task(model, tokenizer, read_task_file(report, r["task"]).examples, batch_size=64)
-        result.update(value=metrics[r["metric"]], metrics={k: round(v, 4) for k, v in metrics.items()})
-    else:
-        result.update(value=r["best"]["value"], metrics=r["best"]["metrics"])
+        examples = read_task_file(report, r["task"]).examples
+        preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
+        if model.spec.regression:
+            from gptn.finetune import compute_metrics
+            result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]
+        else:
+            result["correct"] = [int(p == x.label) for p, x in zip(preds, examples)]
+            result["value"] = float(np.mean(result["correct"]))
     result["seconds"] = round(time.time() - t0, 1)
-    shutil.rmtree(out, ignore_errors=True)  # keeps /tmp small: dozens of runs
-    print(f"  {name}: {result['metric']} {result['value']:.4f} (select {result['select']:.4f}, "
-          f"epoch {result['epoch']}, {result['seconds']:.0f} s)", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  {json.dumps(options, sort_keys=True)}: select {result['select']:.4f} (epoch {result['epoch']})"
+          + (f", report {result['value']:.4f}" if "value" in result else "") + f", {result['seconds']:.0f} s", flush=True)
     return result
 
 
-def mean_se(values: list[float]) -> dict:
-    m = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return {"mean": m, "se": se, "values": values}
+def bootstrap_difference(a: list[list[int]], b: list[list[int]], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean accuracy of runs `a` minus runs `b` on the same report items (points), with a paired
+    bootstrap 95% interval: each resample draws the report items, and the runs of each side, with
+    replacement, so both the item sample and the seed-to-seed spread are in the interval."""
+    A, B = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n = A.shape[1]
+    diffs = []
+    for start in range(0, resamples, 500):
+        k = min(500, resamples - start)
+        wa = np.stack([np.bincount(rng.integers(0, len(A), len(A)), minlength=len(A)) for _ in range(k)]) / len(A)
+        wb = np.stack([np.bincount(rng.integers(0, len(B), len(B)), minlength=len(B)) for _ in range(k)]) / len(B)
+        per_item = wa @ A - wb @ B  # (k, n): each resample's run-averaged difference per item
+        items = rng.integers(0, n, (k, n))
+        diffs.append(np.take_along_axis(per_item, items, axis=1).mean(1))
+    diffs = np.concatenate(diffs)
+    return {"points": round(100 * float(A.mean() - B.mean()), 2),
+            "ci95": [round(100 * float(np.percentile(diffs, 2.5)), 2), round(100 * float(np.percentile(diffs, 97.5)), 2)]}
 
 
-# Fine-tuning recipes, one per arm. One-seed probes on SST-2 (2,000 whole sentences, 7.5M tokens of
-# pretraining, dev accuracy): pretrained, AdamW 6.25e-4, mean pooling λ 0.5 77.6% / extract token
-# 77.9% / Muon fine-tuning 77.5% (10x GPT-1's 6.25e-5: Muon pretraining leaves weights 7-20x the
-# init's RMS, so GPT-1's rate barely moves them); scratch: mean pooling λ 0 71.2%. Mean pooling for
-# both: one recipe, within a seed's noise of the best of each.
-RECIPES = {
-    "pretrained": dict(pooling="mean", lr=6.25e-4),
-    "scratch": dict(pooling="mean", lr=6.25e-4),
-}
-LAMBDAS = {"aux": 0.5, "no aux": 0.0}
-
-
-SECTIONS = ("sst2", "imdb", "curve", "tokens", "glue")
-
-
-def earlier_results(pre: dict, sections: list[str]) -> dict:
-    """results/transfer.json, for --merge. Measured on the same pretrained weights (same steps, tokens
-    and validation loss), every cell it holds is kept; on other weights (the same recipe rerun: BPE
-    training and CPU threads do not reproduce bit for bit), only whole sections this run does not redo,
-    recorded as carried over with that pretraining's figures."""
-    from common import RESULTS
-    path = RESULTS / "transfer.json"
-    if not path.exists():
-        sys.exit(f"--merge: {path} does not exist")
-    old = json.loads(path.read_text())
-    mine, theirs = pre["imdb"], old.get("pretraining", {}).get("imdb", {})
-    if any(mine[k] != theirs.get(k) for k in ("steps", "tokens", "val_loss")):
-        ran = [x for x in SECTIONS if x not in old.get("sections_not_run", [])]
-        keep = [x for x in old.get("sections_run", ran) if x not in sections]
-        print(f"--merge: {path} was measured on other pretrained weights (validation loss {theirs.get('val_loss')}, "
-              f"this run {mine['val_loss']}): keeping its sections {', '.join(keep) or 'none'} only", flush=True)
-        carried = {"sections": keep, "pretraining": old.get("pretraining"), "machine": old.get("machine")}
-        old = {k: v for k, v in old.items() if k in ("label_curve", "gain_vs_pretraining_tokens") and
-               {"label_curve": "curve", "gain_vs_pretraining_tokens": "tokens"}[k] in keep}
-        old["sections_run"], old["carried_from_other_pretraining"] = keep, carried
-        return old
-    old.setdefault("sections_run", [x for x in SECTIONS if x not in old.get("sections_not_run", [])])
-    return old
+def summary(runs: list[dict]) -> dict:
+    values = [r["value"] for r in runs]
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values, "selection": [r["select"] for r in runs], "epochs": [r["epoch"] for r in runs],
+            "seconds": sum(r["seconds"] for r in runs)}
 
 
 def main():
@@ -296,179 +322,127 @@ def main():
     ap.add_argument("--pretrain-seconds", type=float, default=2700, help="IMDB pretraining budget (default 45 min)")
     ap.add_argument("--books-seconds", type=float, default=0,
                     help="pretrain on Gutenberg this long first, then on IMDB from it (--init-from)")
-    ap.add_argument("--pretrain-steps", type=int, default=None,
-                    help="pin the IMDB pretraining's steps (reproduces an earlier run) instead of timing --pretrain-seconds")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep what results/transfer.json holds that this run does not redo (refused unless its "
-                         "pretraining has the same steps, tokens and validation loss as this run's)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="reuse the corpus, the pretrained runs and the fine-tuning results already in --work")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per cell of the SST-2 grid")
-    ap.add_argument("--imdb-seeds", type=int, default=3, help="seeds per cell of the IMDB grid")
-    ap.add_argument("--imdb-lambdas", default="0.5,0", help="the λ values of the IMDB grid (default both)")
-    ap.add_argument("--curve-seeds", type=int, default=3, help="seeds per point of the label curve and token curve")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"which fine-tuning sections to run, of {','.join(SECTIONS)} (curve and tokens need sst2)")
+    ap.add_argument("--fresh", action="store_true", help="delete --work first (default: resume what it holds)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per label subset of every reported cell")
+    ap.add_argument("--subsets", type=int, default=2, help="label subsets per reported cell")
+    ap.add_argument("--sections", default="sst2,imdb,curve", help=f"of {','.join(SECTIONS)} (curve needs sst2)")
     args = ap.parse_args()
     sections = [x for x in args.sections.split(",") if x]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown or (("curve" in sections or "tokens" in sections) and "sst2" not in sections and not args.merge):
-        ap.error(f"--sections: {', '.join(unknown) or 'curve and tokens need sst2'}")
+    if set(sections) - set(SECTIONS) or ("curve" in sections and "sst2" not in sections) or min(args.seeds, args.subsets) < 1:
+        ap.error(f"--sections: a comma list of {', '.join(SECTIONS)} (curve needs sst2); --seeds, --subsets >= 1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.work)
     t_all = time.time()
-    if not args.reuse:
+    if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    reused = (work / "pretrained-imdb" / "checkpoint").is_dir()
-    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, steps=args.pretrain_steps)
+    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds)
     source = work / "pretrained-imdb"
     print("pretraining: " + json.dumps(pre), flush=True)
-    earlier = earlier_results(pre, sections) if args.merge else {}
     t_ft = time.time()
-    sets = labeled_sets(work)
     steps = Corpus(work / "imdb-corpus").tokenizer.normalize
-    seeds = {"SST-2": list(range(1, args.seeds + 1)), "IMDB": list(range(1, args.imdb_seeds + 1))}
-    curve_seeds = list(range(1, args.curve_seeds + 1))
-    tasks = [t for t, sec in (("SST-2", "sst2"), ("IMDB", "imdb")) if sec in sections]
-    bow = {**earlier.get("tfidf_logreg", {}), **{task: cached(work, {"name": "tfidf", "source": source, "train": sets[task]["train"]},
-                        lambda: tfidf_baseline(sets[task]["train"], sets[task]["report"], steps)) for task in tasks}}
-    print("TF-IDF + logistic regression: " + json.dumps(bow), flush=True)
-    probes = [(task, init) for task in tasks for init in ("pretrained", "random init")
-              if init == "pretrained" or task == "SST-2"]
-    probe = {**earlier.get("frozen_probe", {}), **{f"{task}: {init}": cached(work, {"name": f"probe {init}", "source": source, "train": sets[task]["train"]},
-                                       lambda: frozen_probe(source, sets[task]["train"], sets[task]["report"],
-                                                            init == "random init"))
-             for task, init in probes}}
-    print("frozen features + logistic regression: " + json.dumps(probe), flush=True)
+    sets = labeled_sets(work, args.subsets, steps)
+    runs_of = [(seed, k) for k in range(args.subsets) for seed in range(1, args.seeds + 1)]
+    results, recipes, searches, cells, bow = {}, {}, {}, {}, {}
 
-    def arm(init: str, task: str, lm_weight: float, tag: str, seeds: list[int], run: Path = source, **extra) -> dict:
+    def arm_options(init: str, recipe: dict) -> dict:
+        return {**FIXED, **recipe, "from_scratch": init == "scratch"}
+
+    def search(task: str, base: dict) -> None:
+        """Each arm's grid, one seed on subset 0, scored on the selection set; the best is frozen."""
         s = sets[task]
-        runs = [tune(work, f"{tag}_{init}_{lm_weight:g}_s{seed}", run, s["train"], s["select"], s["report"],
-                     from_scratch=init == "scratch", lm_weight=lm_weight, seed=seed, **{**RECIPES[init], **extra})
-                for seed in seeds]
-        return {**mean_se([r["value"] for r in runs]), "runs": runs}
+        for init in ARMS:
+            print(f"{task}, {init}: search on the selection set", flush=True)
+            tried = [{"options": {**base.get(init, {}), **point},
+                      **{k: v for k, v in tune(work, source, s["subsets"][0], s["select"], None, seed=1,
+                                               **arm_options(init, {**base.get(init, {}), **point})).items()
+                         if k in ("select", "epoch", "seconds")}}
+                     for point in SEARCH[task]]
+            searches[f"{task}: {init}"] = tried
+            recipes[f"{task}: {init}"] = max(tried, key=lambda t: t["select"])["options"]
 
-    imdb_lambdas = {float(x) for x in args.imdb_lambdas.split(",")}
-    grid = {}
-    for task in tasks:
-        for init in RECIPES:
-            for aux, lm_weight in LAMBDAS.items():
-                if task == "IMDB" and lm_weight not in imdb_lambdas:
-                    continue
-                print(f"{task}, {init}, {aux}:", flush=True)
-                grid[(task, init, aux)] = arm(init, task, lm_weight, task.lower(), seeds[task])
-    for key, cell in earlier.get("ablation", {}).items():
-        task, init, aux = key.replace(", ", ": ").split(": ")
-        if task in ("SST-2", "IMDB"):
-            grid.setdefault((task, init, aux), cell)
-    tasks = [t for t in ("SST-2", "IMDB") if any((t, init, aux) in grid for init in RECIPES for aux in LAMBDAS)]
-    best = {(task, init): max((a for a in LAMBDAS if (task, init, a) in grid), key=lambda a: grid[(task, init, a)]["mean"])
-            for task in tasks for init in RECIPES}
-    top = {(task, init): grid[(task, init, best[(task, init)])]["mean"] for task, init in best}
-    results = {k: v for k, v in earlier.items() if k in ("label_curve", "gain_vs_pretraining_tokens")}
-    pm = lambda r: f"{100 * r['mean']:.1f} ± {100 * r['se']:.1f}"  # noqa: E731
-    if tasks:
-        print(f"\n{N_LABELED:,} labels, mean ± s.e. over seeds")
-        print(table([(f"{init}, {aux}", *(pm(grid[(t, init, aux)]) if (t, init, aux) in grid else "not run" for t in tasks))
-                     for init in RECIPES for aux in LAMBDAS],
-                    ("model", *(f"{t} acc" for t in tasks))))
-        print("TF-IDF + logistic regression: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in bow.items())
-              + "; frozen features + logistic regression: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in probe.items()))
-    for task, prefix in (("SST-2", ""), ("IMDB", "imdb_")):
-        if task in tasks:
-            results[f"{prefix}pretrained_minus_scratch"] = round(100 * (top[(task, "pretrained")] - top[(task, "scratch")]), 2)
-            results[f"{prefix}pretrained_minus_bow"] = round(100 * (top[(task, "pretrained")] - bow[task]), 2)
+    def labels(task: str, k: int, n: int) -> Path:
+        """The first n examples of label subset k: what the model and TF-IDF both learn from."""
+        full = sets[task]["subsets"][k]
+        return full if n == N_LABELED else _write_jsonl(full.with_name(f"{full.stem}_n{n}.jsonl"), read_records(full)[:n])
+
+    def report(task: str, init: str, n: int = N_LABELED) -> list[dict]:
+        s, recipe = sets[task], recipes[f"{task}: {init}"]
+        steps_alike = {"epochs": round(FIXED["epochs"] * N_LABELED / n)}  # as many optimizer steps as 2,000 labels
+        print(f"{task}, {init}, {n} labels: {len(runs_of)} runs of {json.dumps(recipe)}", flush=True)
+        return [tune(work, source, labels(task, k, n), s["select"], s["report"], seed=seed,
+                     **{**arm_options(init, recipe), **steps_alike}) for seed, k in runs_of]
+
+    def tfidf(task: str, n: int = N_LABELED) -> list[list[int]]:
+        s = sets[task]
+        return [cached(work, {"name": "tfidf", "source": source, "train": labels(task, k, n)},
+                       lambda: tfidf_baseline([labels(task, k, n), s["select"]], s["report"], steps))
+                for k in range(args.subsets)]
+
+    for task, section, prefix in (("SST-2", "sst2", ""), ("IMDB", "imdb", "imdb_")):
+        if section not in sections:
+            continue
+        if task == "IMDB" and "SST-2: pretrained" not in recipes:
+            search("SST-2", {})
+        search(task, {init: {"lr": recipes[f"SST-2: {init}"]["lr"]} for init in ARMS} if task == "IMDB" else {})
+        for init in ARMS:
+            cells[(task, init)] = report(task, init)
+        bow[task] = tfidf(task)
+        pre_c, scr_c = ([r["correct"] for r in cells[(task, init)]] for init in ARMS)
+        vs_bow, vs_scratch = bootstrap_difference(pre_c, bow[task]), bootstrap_difference(pre_c, scr_c)
+        results[f"{prefix}pretrained_minus_bow"], results[f"{prefix}pretrained_minus_bow_ci95"] = vs_bow["points"], vs_bow["ci95"]
+        results[f"{prefix}pretrained_minus_scratch"] = vs_scratch["points"]
+        results[f"{prefix}pretrained_minus_scratch_ci95"] = vs_scratch["ci95"]
+        print(f"\n{task}, {N_LABELED:,} labels, {len(runs_of)} runs per arm ({args.seeds} seeds x {args.subsets} label "
+              f"subsets), reported on {sets[task]['report_size']:,} items")
+        print(table([(init, f"{100 * summary(cells[(task, init)])['mean']:.1f}", f"{100 * summary(cells[(task, init)])['sd']:.1f}",
+                      json.dumps(recipes[f"{task}: {init}"])) for init in ARMS]
+                    + [("TF-IDF + LR", f"{100 * np.mean(bow[task]):.1f}", "", "C by 5-fold CV")],
+                    ("arm", "accuracy %", "sd", "recipe (chosen on the selection set)")))
+        print(f"pretrained - TF-IDF {vs_bow['points']:+.2f} points {vs_bow['ci95']}; "
+              f"pretrained - scratch {vs_scratch['points']:+.2f} {vs_scratch['ci95']}", flush=True)
 
     if "curve" in sections:
-        # Fewer labels: a random subset of the 2,000 per seed, epochs scaled to the same number of steps.
         curve = {}
-        for n in (250, 500, 1000):
-            for init in RECIPES:
-                print(f"SST-2, {n} labels, {init}:", flush=True)
-                curve[f"{n} labels: {init}"] = arm(init, "SST-2", LAMBDAS[best[("SST-2", init)]], f"sst2_{n}",
-                                                   curve_seeds, max_train_examples=n, epochs=round(3 * N_LABELED / n))
-        for init in RECIPES:
-            curve[f"{N_LABELED} labels: {init}"] = grid[("SST-2", init, best[("SST-2", init)])]
-        curve_gain = {n: round(100 * (curve[f"{n} labels: pretrained"]["mean"] - curve[f"{n} labels: scratch"]["mean"]), 2)
-                      for n in (250, 500, 1000, N_LABELED)}
-        print("\nSST-2 with fewer labels (pretrained - scratch, points): "
-              + ", ".join(f"{n}: {g:+.1f}" for n, g in curve_gain.items()))
-        results["label_curve"] = {**curve, "gain_points": curve_gain}
+        for n in CURVE:
+            runs = cells[("SST-2", "pretrained")] if n == N_LABELED else report("SST-2", "pretrained", n)
+            diff = bootstrap_difference([r["correct"] for r in runs], tfidf("SST-2", n))
+            curve[str(n)] = {"pretrained": summary(runs), "tfidf": float(np.mean(tfidf("SST-2", n))), **diff}
+        results["label_curve_vs_bow"] = {n: c["points"] for n, c in curve.items()}
+        results["label_curve"] = curve
+        print("\nSST-2, pretrained - TF-IDF by labels: "
+              + ", ".join(f"{n}: {c['points']:+.1f} {c['ci95']}" for n, c in curve.items()))
 
-    if "tokens" in sections:
-        # The gain against pretraining tokens: the snapshots taken along the pretraining run.
-        by_tokens = []
-        for snap in sorted((source / "snapshots").glob("step-*")):
-            meta = json.loads((snap / "checkpoint" / "meta.json").read_text())
-            if meta["step"] >= pre["imdb"]["steps"]:
-                continue
-            print(f"SST-2 from the snapshot at {meta['tokens']:,} tokens:", flush=True)
-            r = arm("pretrained", "SST-2", LAMBDAS[best[("SST-2", "pretrained")]], f"sst2_{snap.name}", curve_seeds,
-                    run=snap)
-            by_tokens.append({"tokens": meta["tokens"], "seconds": round(meta["train_seconds"]), "accuracy": r,
-                              "gain_points": round(100 * (r["mean"] - top[("SST-2", "scratch")]), 2)})
-        by_tokens.append({"tokens": pre["imdb"]["tokens"], "seconds": pre["imdb"]["seconds"],
-                          "accuracy": grid[("SST-2", "pretrained", best[("SST-2", "pretrained")])],
-                          "gain_points": results["pretrained_minus_scratch"]})
-        print("SST-2 gain against pretraining tokens: "
-              + ", ".join(f"{b['tokens'] / 1e6:.1f}M: {b['gain_points']:+.1f}" for b in by_tokens))
-        results["gain_vs_pretraining_tokens"] = by_tokens
-
-    glue = {}
-    for key, cell in earlier.get("ablation", {}).items():
-        task, init, aux = key.replace(", ", ": ").split(": ")
-        if task not in ("SST-2", "IMDB") and "glue" not in sections:
-            glue[(task, init, aux)] = cell
     if "glue" in sections:
-        # GPT-1's Table 5, small: rows pretrained / scratch x aux / no aux (GLUE tasks: one seed, dev).
-        for init in RECIPES:
-            for aux, lm_weight in LAMBDAS.items():
-                for task in ("RTE", "MRPC", "STS-B"):
-                    glue[(task, init, aux)] = tune(work, f"{task.lower()}_{init}_{lm_weight:g}", source,
-                                                   GLUE / task / "train.tsv", GLUE / task / "dev.tsv", None,
-                                                   from_scratch=init == "scratch", lm_weight=lm_weight,
-                                                   max_train_examples=N_LABELED, **RECIPES[init])
-    if glue:
-        print(f"\nGLUE, {N_LABELED:,} training examples, one seed, dev")
-        print(table([(f"{init}, {aux}", f"{100 * glue[('RTE', init, aux)]['value']:.1f}",
-                      f"{glue[('MRPC', init, aux)]['value']:.3f}", f"{glue[('STS-B', init, aux)]['value']:.3f}")
-                     for init in RECIPES for aux in LAMBDAS], ("model", "RTE acc", "MRPC F1", "STS-B r")))
+        glue = {}
+        for task in ("RTE", "MRPC", "STS-B"):
+            paths = glue_sets(work, task)
+            for init in ARMS:
+                recipe = recipes.get(f"SST-2: {init}") or SEARCH["SST-2"][0]
+                runs = [tune(work, source, paths["train"], paths["select"], paths["report"], seed=seed,
+                             **arm_options(init, recipe)) for seed in range(1, args.seeds + 1)]
+                glue[f"{task}: {init}"] = {"metric": runs[0]["metric"], **summary(runs)}
+        results["glue"] = glue
+        print("\nGLUE (2,000 train, 500 selection, dev): " + ", ".join(f"{k} {v['metric']} {v['mean']:.3f}" for k, v in glue.items()))
 
-    # GPT-1's Table 5 layout: one row per arm, one column per task (mean over seeds where there are several).
-    columns = [(t, m) for t, m in (("SST-2", "acc"), ("IMDB", "acc"), ("RTE", "acc"), ("MRPC", "F1"), ("STS-B", "r"))
-               if any((t, i, a) in {**grid, **glue} for i in RECIPES for a in LAMBDAS)]
-    cells = {**grid, **glue}
-    gpt1_table = {f"{init}, {aux}": {f"{t} {m}": round(cells[(t, init, aux)].get("mean", cells[(t, init, aux)].get("value")), 4)
-                                     for t, m in columns if (t, init, aux) in cells}
-                  for init in RECIPES for aux in LAMBDAS}
-    if columns:
-        print("\nGPT-1's Table 5, small")
-        print(table([(row, *(f"{v[f'{t} {m}']:.3f}" if f"{t} {m}" in v else "not run" for t, m in columns))
-                     for row, v in gpt1_table.items()], ("model", *(f"{t} {m}" for t, m in columns))))
     results.update({
-        "gpt1_table": gpt1_table,
-        "ablation": {f"{task}: {init}, {aux}": v for (task, init, aux), v in {**grid, **glue}.items()},
-        "best_lambda": {f"{task}: {init}": b for (task, init), b in best.items()},
-        "tfidf_logreg": bow,
-        "frozen_probe": probe,
-        "recipes": RECIPES,
+        "tfidf_logreg": {task: {"mean": float(np.mean(v)), "per_subset": [float(np.mean(x)) for x in v]}
+                         for task, v in bow.items()},
+        "cells": {f"{task}: {init}": {k: v for k, v in summary(runs).items()} for (task, init), runs in cells.items()},
+        "recipes": recipes, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
+        "pretrained_search": {k: v for k, v in searches.items() if "pretrained" in k}, "fixed": FIXED,
+        "frozen_probe": {task: cached(work, {"name": "probe", "source": source, "train": sets[task]["subsets"][0]},
+                                      lambda: frozen_probe(source, sets[task]["subsets"][0], sets[task]["report"]))
+                         for task in bow},
+        "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
+                               sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
         "pretraining": {**pre, "model": LM, "batch_tokens": LM_BATCH * LM["n_ctx"], "optimizer": "muon",
                         "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
                         "tokenizer": "bpe:8192"},
-        "protocol": (f"{N_LABELED:,} labels; the epoch kept is the best on a 500-example selection set held out of "
-                     "the training data, and that checkpoint is reported on SST-2 dev (872) / 5,000 IMDB test "
-                     "reviews; 3 epochs, batch 32, warm-up 0.2% then linear decay, dropout 0.1; each cell's seeds are "
-                     "its `values`; GLUE tasks one seed, reported on dev"),
-        "sections_run": sorted(set(sections) | set(earlier.get("sections_run", [])), key=SECTIONS.index),
-        "sections_not_run": [x for x in SECTIONS if x not in sections and x not in earlier.get("sections_run", [])],
-        **({"carried_from_other_pretraining": earlier["carried_from_other_pretraining"]}
-           if "carried_from_other_pretraining" in earlier else {}),
-        **({"earlier_run": earlier.get("earlier_run") or {k: earlier[k] for k in ("sections_run", "finetune_seconds",
-                                                                                   "total_seconds", "machine")}}
-           if earlier and "carried_from_other_pretraining" not in earlier else {}),
-        "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all),
-        "pretraining_reused": reused, "machine": machine()})
+        "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
+        "search_grid": SEARCH, "seeds": args.seeds, "subsets": args.subsets, "sections": sections,
+        "command": " ".join(["python", *sys.argv]),
+        "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": machine()})
     print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
 
 

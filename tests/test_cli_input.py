@@ -87,8 +87,30 @@ def test_next_scores_named_words(run, capsys):
         p *= next(r["prob"] for r in next_token_probs(model, tok, prompt, tok.vocab_size) if r["token"] == ch)
         prompt += ch
     assert out["words"][1]["prob"] == pytest.approx(p, rel=1e-4)
+    # the lecture's view: each word's share of the named words, summing to 100%
+    assert sum(w["share"] for w in out["words"]) == pytest.approx(1.0)
+    assert out["words"][0]["share"] / out["words"][1]["share"] == pytest.approx(
+        out["words"][0]["prob"] / out["words"][1]["prob"], rel=1e-6)
+    # rank: the first token's place among all next tokens
+    full = next_token_probs(model, tok, "the quick", tok.vocab_size)
+    assert out["words"][0]["rank"] == 1 + [r["token"] for r in full].index(" ")
     assert main(["next", str(run), "the quick", "--words", "brown"]) == 0
-    assert "named continuations" in capsys.readouterr().out
+    assert "share 100.0%" in capsys.readouterr().out
+
+
+def test_next_prints_small_probabilities_with_their_digits_and_no_empty_bars(run, capsys):
+    assert main(["next", str(run), "the quick", "--top", "200", "--words", "xqzj,brown,zzzz"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in lines if ln.startswith("  ")]
+    assert not any(" 0.00%" in ln for ln in rows)  # what rounds to 0.00% is shown as 1.23e-05
+    assert any("e-" in ln for ln in rows)
+    for ln in rows:
+        if "share" in ln:
+            share = float(ln.split("share")[1].split("%")[0])
+            assert ("█" in ln) == (round(share / 100 * 40) > 0)
+        else:
+            prob = float(ln.split()[-2].rstrip("%")) / 100 if "█" in ln else None
+            assert prob is None or round(prob * 40) > 0
 
 
 def test_a_second_writer_on_one_run_is_refused(corpus, tmp_path):

@@ -71,7 +71,7 @@ def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     assert train[-1]["loss"] < train[0]["loss"] - 1.0  # it learns
-    assert [r["step"] for r in val] == [30, 60]
+    assert [r["step"] for r in val] == [0, 30, 60]  # step 0: the untrained model
     assert val[-1]["val_ppl"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in train)
     assert summary["steps"] == 60
@@ -79,6 +79,27 @@ def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
     assert tok.vocab_size == model.config.vocab_size
     if summary["loss_curve"]:
         assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_step_zero_shows_the_random_start_near_ln_v(tmp_path, capsys):
+    import math
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare([str(tmp_path / "t.txt")], "bpe:300", tmp_path / "c", val_fraction=0.1, progress=False)
+    assert main(["pretrain", str(tmp_path / "c"), "--out", str(tmp_path / "r"), "--preset", "tiny", *TINY,
+                 "--steps", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    vocab = json.loads((checkpoint_dir(tmp_path / "r") / "config.json").read_text())["vocab_size"]
+    assert records[0]["step"] == 0 and abs(records[0]["val_loss"] / math.log(vocab) - 1) < 0.05
+    assert "untrained model" in out and f"ln {vocab:,} = {math.log(vocab):.4f}" in out
+    # a run continued from step 0 logs step 0 first, then learns
+    assert main(["pretrain", str(tmp_path / "c"), "--out", str(tmp_path / "r2"), "--preset", "tiny", *TINY,
+                 "--steps", "20", "--eval-interval", "10", "--batch-tokens", "256", "--lr", "3e-3"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert val[0]["step"] == 0 and [r["step"] for r in records if "loss" in r][0] > 0
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.5
+    assert "step 0: val_loss" in capsys.readouterr().err  # the progress line
 
 
 def test_activation_checkpointing_trains_the_same_weights(corpus, tmp_path):

@@ -155,6 +155,15 @@ def test_sst_normalisation_makes_a_review_read_like_sst2():
         parse_steps("upper")
 
 
+@pytest.mark.parametrize("run", [" ", "\t", " \n", ".", ",", "<br", "'s", '"', "<a"])
+def test_normalisation_is_linear_in_runs_of_any_character(run):
+    import time
+    text = "a" + run * 100_000 + "b"  # a quadratic step takes minutes here (10k spaces took 2.6 s)
+    start = time.perf_counter()
+    normalize(text, parse_steps("sst"))
+    assert time.perf_counter() - start < 3
+
+
 def test_normalisation_is_applied_alike_at_prepare_finetune_and_predict(tmp_path, capsys):
     raw = "A Gorgeous, WITTY movie.<br />Loved it!"
     (tmp_path / "reviews.jsonl").write_text("".join(json.dumps({"text": raw}) + "\n" for _ in range(30)))

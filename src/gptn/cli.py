@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -247,7 +248,12 @@ def cmd_pretrain(sub):
             activation_checkpointing=args.activation_checkpointing, max_seconds=args.max_seconds,
             progress=not args.no_progress)
         s = pretrain(cfg)
-        if int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"]:
+        if int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"] == 0 and s["val"]:
+            vocab = s["config"]["vocab_size"]
+            print(f"{s['run']}: the untrained model (random weights, step 0): validation loss "
+                  f"{s['val']['val_loss']:.4f}; a uniform guess over {vocab:,} tokens scores ln {vocab:,} = "
+                  f"{math.log(vocab):.4f}")
+        elif int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"]:
             print(f"{s['run']}: nothing to train, already at step {s['steps']}")
         elif int(os.environ.get("RANK", "0")) == 0:
             val = s["val"]
@@ -311,15 +317,24 @@ def cmd_next(sub):
             return
         print(f"after {args.prompt!r}:")
         for r in rows:
-            bar = "█" * max(1, round(r["prob"] * 40))
-            print(f"  {r['token']!r:<16} {r['prob']:7.2%}  {bar}")
+            print(f"  {r['token']!r:<16} {_probability(r['prob']):>9}  {_bar(r['prob'])}")
         if named:
-            print("named continuations (several tokens: the product of their probabilities):")
+            print("named words: probability, rank in the vocabulary, share among the named words "
+                  "(several tokens: the product of their probabilities)")
             for r in named:
-                bar = "█" * max(1, round(r["prob"] * 40)) if r["prob"] >= 1 / 80 else ""
-                print(f"  {r['word']!r:<16} {r['prob']:7.2%}  {bar}"
+                print(f"  {r['word']!r:<16} {_probability(r['prob']):>9}  rank {r['rank']:<7,} "
+                      f"share {r['share']:6.1%}  {_bar(r['share'])}"
                       + (f"  ({r['tokens']} tokens)" if r["tokens"] > 1 else ""))
     return run
+
+
+def _probability(p: float) -> str:
+    """A percentage with two decimals, or scientific notation when that would print 0.00%."""
+    return f"{p:.2%}" if p >= 5e-5 else f"{p:.2e}"
+
+
+def _bar(fraction: float, width: int = 40) -> str:
+    return "█" * round(fraction * width)  # no bar for what rounds to zero width
 
 
 def _sampling_args(sub):

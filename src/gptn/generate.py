@@ -80,12 +80,18 @@ def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def next_token_probs(model: GPT, tokenizer, prompt: str, top: int = 5) -> list[dict]:
-    """The `top` most likely next tokens after `prompt`: [{"token", "id", "prob"}, ...]."""
+def next_token_distribution(model: GPT, tokenizer, prompt: str) -> torch.Tensor:
+    """P(next token | prompt) over the whole vocabulary, (V,) float32."""
     require_decoder(model, "predict the next token")
     ids = encode_prompt(tokenizer, prompt)[-model.config.n_ctx:]
     x = torch.tensor([ids], device=_device_of(model))
-    probs = F.softmax(model(x, last_only=True)[0, -1].float(), dim=-1)
+    return F.softmax(model(x, last_only=True)[0, -1].float(), dim=-1)
+
+
+@torch.no_grad()
+def next_token_probs(model: GPT, tokenizer, prompt: str, top: int = 5) -> list[dict]:
+    """The `top` most likely next tokens after `prompt`: [{"token", "id", "prob"}, ...]."""
+    probs = next_token_distribution(model, tokenizer, prompt)
     p, i = probs.topk(min(top, probs.numel()))
     return [{"token": tokenizer.decode([t]), "id": t, "prob": q} for t, q in zip(i.tolist(), p.tolist())]
 
@@ -94,7 +100,12 @@ def next_token_probs(model: GPT, tokenizer, prompt: str, top: int = 5) -> list[d
 def word_probs(model: GPT, tokenizer, prompt: str, words: list[str]) -> list[dict]:
     """P(word | prompt) for named continuations ("tired", "hot", ...): a word of several tokens gets
     the product of its tokens' probabilities, each given the prompt and the tokens before it. A
-    word follows the prompt after one space, unless the prompt already ends with whitespace."""
+    word follows the prompt after one space, unless the prompt already ends with whitespace.
+
+    Each row also has the word's `rank` (its first token's place in the whole vocabulary after the
+    prompt, 1 = most likely) and its `share` of the named words' total probability: the lecture's
+    view ("tired 40%, hot 30%, ...") is the share, since a real model spreads most of its mass over
+    thousands of other tokens."""
     context = encode_prompt(tokenizer, prompt)
     sep = "" if not prompt or prompt[-1].isspace() else " "
     conts = [tokenizer.encode(sep + w) for w in words]
@@ -102,8 +113,13 @@ def word_probs(model: GPT, tokenizer, prompt: str, words: list[str]) -> list[dic
         if not c:
             raise GptnError(f"--words: {w!r} has no tokens")
     scored = loglikelihood_tokens(model, [(context, c) for c in conts])
-    return [{"word": w, "tokens": n, "prob": math.exp(lp), "greedy": greedy}
-            for w, (lp, greedy, n) in zip(words, scored)]
+    first = next_token_distribution(model, tokenizer, prompt)
+    # A sum of exps that underflows (every word below ~1e-308) gives each an equal share.
+    logs = torch.tensor([lp for lp, _, _ in scored], dtype=torch.float64)
+    shares = torch.softmax(logs, 0).tolist()
+    return [{"word": w, "tokens": n, "prob": math.exp(lp), "share": share,
+             "rank": int((first > first[c[0]]).sum()) + 1, "greedy": greedy}
+            for w, c, (lp, greedy, n), share in zip(words, conts, scored, shares)]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

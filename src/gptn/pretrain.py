@@ -74,8 +74,9 @@ class PretrainConfig:
     def __post_init__(self):
         for name in ("steps", "eval_batches", "checkpoint_interval", "log_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
+            least = 0 if name == "steps" else 1  # steps 0: the random start, evaluated and saved
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise GptnError(f"{name} must be a whole number >= {least}, not {value!r}")
         for name in ("lr", "min_lr", "muon_lr", "peak_flops", "max_seconds"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0 or name == "min_lr" and value == 0):
@@ -376,6 +377,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
                 compile=cfg.compile,
                 strategy=cfg.strategy, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
                 log_interval=cfg.log_interval, max_seconds=cfg.max_seconds, progress=cfg.progress, name="pretrain",
+                evaluate_first=True,
                 tokens_per_step=batch_tokens, flops_per_token=training_flops_per_token(config, n_ctx),
                 peak_flops=cfg.peak_flops or peak_flops(device, amp_dtype))
 

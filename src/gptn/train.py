@@ -126,6 +126,9 @@ class Loop:
     log_interval: int = 10
     max_seconds: float | None = None
     progress: bool = True
+    # Evaluate the untrained model before the first update (step 0 in the metrics): pretraining's
+    # loss starts near ln(vocabulary size), the loss of a uniform guess.
+    evaluate_first: bool = False
     name: str = "train"  # the progress bar's and messages' label
     tokens_per_step: int | None = None  # for tokens/s
     flops_per_token: float | None = None  # with peak_flops: MFU
@@ -336,8 +339,20 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
     start_step, losses, last_eval = step, [], None
     train_time = resume.get("train_seconds", 0.0) if resume is not None else 0.0
     interrupted = InterruptFlag(loop.name)
-    wrapped.train()
+
+    def evaluate(step: int):
+        metrics, stop_now = objective.evaluate(wrapped, step, ctx)
+        if metrics:
+            log.write({"step": step, **metrics})
+            if loop.progress and d.is_main:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                      if isinstance(v, float)), file=sys.stderr)
+        return metrics, stop_now
+
     try:
+        if loop.evaluate_first and resume is None and (loop.eval_interval or loop.steps == 0):
+            last_eval = evaluate(0)[0] or None
+        wrapped.train()
         while step < loop.steps:
             t0 = time.perf_counter()
             lr_now = schedule.at(step, train_time)
@@ -394,13 +409,8 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
             bar.update(1)
             stop = loop.max_seconds is not None and train_time >= loop.max_seconds or interrupted.seen
             if loop.eval_interval and (step % loop.eval_interval == 0 or step == loop.steps or stop):
-                metrics, stop_now = objective.evaluate(wrapped, step, ctx)
-                if metrics:
-                    last_eval = metrics
-                    log.write({"step": step, **metrics})
-                    if loop.progress and d.is_main:
-                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                              if isinstance(v, float)), file=sys.stderr)
+                metrics, stop_now = evaluate(step)
+                last_eval = metrics or last_eval
                 stop = stop or stop_now
             if step % loop.checkpoint_interval == 0 or step == loop.steps or stop:
                 checkpoint(step)
