@@ -41,6 +41,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.normalize import normalize  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
+from gptn.runtime import autocast_dtype  # noqa: E402
 
 GLUE = SHARED / "glue"
 IMDB = SHARED / "imdb"
@@ -124,12 +126,14 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> di
             muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=max(1, n_steps // 8), eval_batches=40,
             checkpoint_interval=max(1, n_steps // 8), max_seconds=plan[name]["seconds"], progress=False))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-        train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_loss" in r]
-        summary[name] = {"steps": train[-1]["step"], "planned_steps": n_steps, "tokens": train[-1]["tokens"],
-                         "seconds": round(train[-1]["time"]), "tokens_per_s": round(train[-1]["tokens"] / train[-1]["time"]),
-                         "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"], "final_lr": train[-1]["lr"],
-                         "corpus": str(data.name), "d_ff": json.loads((run / "checkpoint" / "config.json").read_text())["d_ff"]}
+        state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False, map_location="cpu")
+        tokens = state["step"] * LM_BATCH * LM["n_ctx"]
+        summary[name] = {"steps": state["step"], "planned_steps": n_steps, "tokens": tokens,
+                         "seconds": round(state["train_seconds"]), "tokens_per_s": round(tokens / state["train_seconds"]),
+                         "val_loss_step0": val[0]["val_loss"], "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"],
+                         "final_lr": [r for r in records if "lr" in r][-1]["lr"], "min_lr": LM_LR / 10, "corpus": str(data.name),
+                         "d_ff": json.loads((run / "checkpoint" / "config.json").read_text())["d_ff"]}
         init_from = str(run)
     return summary
 
@@ -209,7 +213,7 @@ def tfidf_baseline(train: list[Path], report: Path, normalize_steps) -> list[int
     tr = [x for p in train for x in load(p)]
     te = load(report)
     clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                        LogisticRegressionCV(Cs=[0.3, 1, 3, 10, 30], cv=5, max_iter=2000))
+                        LogisticRegressionCV(Cs=[0.3, 1, 3, 10, 30], cv=5, max_iter=2000, scoring="accuracy"))
     clf.fit([t for t, _ in tr], [y for _, y in tr])
     return [int(p == y) for p, (_, y) in zip(clf.predict([t for t, _ in te]), te)]
 
@@ -238,7 +242,8 @@ def frozen_probe(source: Path, train: Path, report: Path, from_scratch: bool = F
         return out, [str(r["label"]) for r in rows]
 
     (xtr, ytr), (xte, yte) = features(train), features(report)
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1], cv=5, max_iter=3000))
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1], cv=5, max_iter=3000,
+                                                               scoring="accuracy"))
     return float(clf.fit(xtr, ytr).score(xte, yte))
 
 
@@ -264,7 +269,7 @@ def tune(work: Path, source: Path, train: Path, select: Path, report: Path | Non
 
 
 def _tune(work: Path, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
-    from gptn.finetune import load_task_model, run_task_model
+    from gptn.finetune import compute_metrics, load_task_model, run_task_model
     from gptn.tasks import read_task_file
     out = work / "ft"
     shutil.rmtree(out, ignore_errors=True)
@@ -276,12 +281,9 @@ def _tune(work: Path, source: Path, train: Path, select: Path, report: Path | No
         model, tokenizer = load_task_model(out)
         examples = read_task_file(report, r["task"]).examples
         preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
-        if model.spec.regression:
-            from gptn.finetune import compute_metrics
-            result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]
-        else:
+        result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]
+        if not model.spec.regression:  # per item, for the paired bootstrap
             result["correct"] = [int(p == x.label) for p, x in zip(preds, examples)]
-            result["value"] = float(np.mean(result["correct"]))
     result["seconds"] = round(time.time() - t0, 1)
     shutil.rmtree(out, ignore_errors=True)
     print(f"  {json.dumps(options, sort_keys=True)}: select {result['select']:.4f} (epoch {result['epoch']})"
@@ -331,8 +333,9 @@ def main():
     if set(sections) - set(SECTIONS) or ("curve" in sections and "sst2" not in sections) or min(args.seeds, args.subsets) < 1:
         ap.error(f"--sections: a comma list of {', '.join(SECTIONS)} (curve needs sst2); --seeds, --subsets >= 1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # its 1.10 / 1.11 default changes
     work = Path(args.work)
-    t_all = time.time()
+    t_all, started_on = time.time(), machine()  # the commit the run started from, before any later edit
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -437,12 +440,13 @@ def main():
         "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
                                sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
         "pretraining": {**pre, "model": LM, "batch_tokens": LM_BATCH * LM["n_ctx"], "optimizer": "muon",
+                        "precision": str(autocast_dtype("auto", torch.device("cpu"), LM["d_model"]) or "fp32"),
                         "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
                         "tokenizer": "bpe:8192"},
         "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
         "search_grid": SEARCH, "seeds": args.seeds, "subsets": args.subsets, "sections": sections,
         "command": " ".join(["python", *sys.argv]),
-        "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": machine()})
+        "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": started_on})
     print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
 
 

@@ -118,3 +118,17 @@ def test_unknown_preset_is_one_line_error(capsys):
     assert main(["compute", "--preset", "gpt5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown preset 'gpt5'" in err and "\n" not in err
+
+
+def test_sizes_shows_each_generations_norm_and_data_and_the_lectures_slips(capsys):
+    assert main(["sizes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (rows["gpt1"]["norm"], rows["gpt1"]["final_layer_norm"]) == ("post", False)
+    assert all(rows[n]["norm"] == "pre" and rows[n]["final_layer_norm"] for n in ("gpt2", "gpt2-xl", "gpt3-175b"))
+    assert "BooksCorpus" in rows["gpt1"]["data"] and "WebText" in rows["gpt2-medium"]["data"]
+    assert all(t in rows["gpt3-small"]["data"] for t in ("300B", "45 TB", "570 GB"))
+    assert main(["sizes"]) == 0
+    table = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in table.splitlines() if ln.split()}
+    assert lines["gpt1"].endswith("post-LN") and lines["gpt3-175b"].endswith("pre-LN + final LN")
+    assert "5140" in table and "10^15" in table and "570 GB" in table

@@ -53,13 +53,14 @@ def cmd_sizes(sub):
 
     def run(args):
         from .compute import preset_table
+        from .config import DATA, LECTURE_SLIPS
         rows = preset_table(args.tokens)
         if args.json:
             print(json.dumps(rows, indent=2))
             return
         head = f"{'preset':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_head':>6} {'ctx':>5} " \
                f"{'batch':>6} {'paper':>5} {'lr':>8} {'params':>8} {'paper':>8} {'6ND FLOPs':>10} {'paper':>9} " \
-               f"{'PF/s-days':>9} {'paper':>7} {'+attn FLOPs':>11}"
+               f"{'PF/s-days':>9} {'paper':>7} {'+attn FLOPs':>11}  norm"
         print(head)
         for r in rows:
             paper = lambda v, fmt: (fmt(v) if v else "-")  # noqa: E731
@@ -70,12 +71,21 @@ def cmd_sizes(sub):
                   f"{r['learning_rate'] or 0:>8.2e} "
                   f"{_si(r['params']):>8} {paper(r['paper_params'], _si):>8} {r['flops_6nd']:>10.3g} "
                   f"{paper(r['paper_flops'], lambda v: f'{v:.3g}'):>9} {r['pf_days_6nd']:>9.3g} "
-                  f"{paper(r['paper_pf_days'], lambda v: f'{v:.3g}'):>7} {r['flops_with_attention']:>11.3g}")
+                  f"{paper(r['paper_pf_days'], lambda v: f'{v:.3g}'):>7} {r['flops_with_attention']:>11.3g}  "
+                  + ("pre-LN + final LN" if r["final_layer_norm"] else "post-LN"))
         print(f"(compute for {args.tokens:.3g} training tokens; 'paper' = GPT-3 Table 2.1 for the batch, "
               "Table D.1 for parameters and compute; batch = sequences x 2048 tokens, which Table 2.1 rounds)")
         for r in rows:
             if r["paper_shape"]:
                 print(f"* {r['name']}: {r['note']}")
+        print("norm: post-LN is GPT-1's x = LN(x + sublayer(x)); pre-LN + final LN is GPT-2/3's "
+              "x = x + sublayer(LN(x)) with one more LayerNorm after the last block")
+        print("pretraining data:")
+        for family, data in DATA.items():
+            print(f"  {family.upper():<5} {data}")
+        print("the lecture's own slips:")
+        for slip in LECTURE_SLIPS:
+            print(f"  - {slip}")
     return run
 
 

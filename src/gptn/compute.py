@@ -129,7 +129,8 @@ def preset_table(tokens: float = GPT3_TOKENS) -> list[dict]:
         row.update(training_flops(c, tokens))
         row.update(paper_params=preset.paper_params, paper_flops=preset.paper_flops,
                    paper_pf_days=preset.paper_pf_days, paper_batch=preset.paper_batch,
-                   paper_shape=preset.paper_shape, note=preset.note or None)
+                   paper_shape=preset.paper_shape, note=preset.note or None,
+                   final_layer_norm=c.norm == "pre", data=preset.data or None)
         rows.append(row)
     return rows
 

@@ -135,7 +135,24 @@ class Preset:
     note: str = field(default="", compare=False)
     paper_batch: str | None = None  # GPT-3 Table 2.1's batch column as printed ("0.5M")
     paper_shape: dict = field(default_factory=dict, compare=False)  # Table 2.1 figures we corrected (see note)
+    data: str = ""  # what the generation was pretrained on (DATA)
 
+
+# What each generation was pretrained on (GPT-1 §4.1; GPT-2 §2.1; GPT-3 §2.2 and Table 2.2).
+DATA = {
+    "gpt1": "BooksCorpus: ~7,000 unpublished books (~800M words), long contiguous text",
+    "gpt2": "WebText: 8M documents (40 GB) from pages linked on Reddit with 3+ karma, Wikipedia removed",
+    "gpt3": "300B tokens: Common Crawl (45 TB of compressed plaintext filtered to 570 GB, 60% of the mix), "
+            "WebText2 22%, Books1 8%, Books2 8%, Wikipedia 3%",
+}
+# Slips in the lecture's own slides, beside what the papers say (`gptn sizes` lists them).
+LECTURE_SLIPS = (
+    "13B: the lecture's table prints d_model 5140 (as GPT-3's Table 2.1 does); 40 heads x 128 = 5120",
+    "XL: 24 heads of 128 for d_model 2048 (Table 2.1 too); 2048 / 128 = 16 heads",
+    "'peta' is 10^15 operations per second, not the 10^5 the lecture writes",
+    "GPT-3 was not trained on 45 TB: that is Common Crawl's raw plaintext; filtered, it was 570 GB, "
+    "and the model saw 300B tokens of a mix",
+)
 
 GPT3_TOKENS = 300e9  # every GPT-3 model was trained on 300B tokens (paper §2.2)
 # GPT-3 Table 2.1 gives batch sizes as 0.5M/1M/2M/3.2M tokens: 256/512/1024/1536 sequences of 2048.
@@ -149,7 +166,7 @@ def _gpt3(n_layer, d_model, n_head, batch_seqs, lr, params, flops, pf_days, note
     cfg = GPTConfig(vocab_size=50257, n_ctx=2048, n_layer=n_layer, n_head=n_head, d_model=d_model,
                     dropout=0.0, norm="pre")
     return Preset(cfg, batch_seqs * _SEQ, lr, params, flops, pf_days, note, _PAPER_BATCH[batch_seqs],
-                  paper_shape or {})
+                  paper_shape or {}, DATA["gpt3"])
 
 
 PRESETS: dict[str, Preset] = {
@@ -163,13 +180,14 @@ PRESETS: dict[str, Preset] = {
     # GPT-1 (Radford et al. 2018 §4.1): 12 layers, 768 wide, 12 heads, 512 context, post-LN,
     # 40,000 BPE merges + 478 base symbols; trained with batch 64 x 512 and max lr 2.5e-4.
     "gpt1": Preset(GPTConfig(vocab_size=40478, n_ctx=512, n_layer=12, n_head=12, d_model=768,
-                             dropout=0.1, norm="post"), batch_tokens=64 * 512, learning_rate=2.5e-4),
+                             dropout=0.1, norm="post"), batch_tokens=64 * 512, learning_rate=2.5e-4,
+                   data=DATA["gpt1"]),
     # GPT-2 (Radford et al. 2019, Table 2) as released; lr/batch were not published, so we use
     # GPT-3's values for the matching sizes.
-    "gpt2": Preset(GPTConfig(n_layer=12, n_head=12, d_model=768), 512 * 1024, 6e-4),
-    "gpt2-medium": Preset(GPTConfig(n_layer=24, n_head=16, d_model=1024), 512 * 1024, 3e-4),
-    "gpt2-large": Preset(GPTConfig(n_layer=36, n_head=20, d_model=1280), 512 * 1024, 2.5e-4),
-    "gpt2-xl": Preset(GPTConfig(n_layer=48, n_head=25, d_model=1600), 512 * 1024, 2e-4),
+    "gpt2": Preset(GPTConfig(n_layer=12, n_head=12, d_model=768), 512 * 1024, 6e-4, data=DATA["gpt2"]),
+    "gpt2-medium": Preset(GPTConfig(n_layer=24, n_head=16, d_model=1024), 512 * 1024, 3e-4, data=DATA["gpt2"]),
+    "gpt2-large": Preset(GPTConfig(n_layer=36, n_head=20, d_model=1280), 512 * 1024, 2.5e-4, data=DATA["gpt2"]),
+    "gpt2-xl": Preset(GPTConfig(n_layer=48, n_head=25, d_model=1600), 512 * 1024, 2e-4, data=DATA["gpt2"]),
     # GPT-3 (Brown et al. 2020, Table 2.1; parameters and compute from Table D.1).
     "gpt3-small": _gpt3(12, 768, 12, 256, 6.0e-4, 125e6, 2.25e20, 2.60),
     "gpt3-medium": _gpt3(24, 1024, 16, 256, 3.0e-4, 356e6, 6.41e20, 7.42),
