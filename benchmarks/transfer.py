@@ -145,17 +145,22 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _verbatim_in_pretraining(texts: list[str], steps, whole_reviews: bool) -> list[bool]:
-    """Which report texts occur verbatim in the pretraining text (IMDB unsup + train), normalised alike:
-    a whole review equal to one of them, or (SST-2) a sentence found inside one."""
-    pool = [normalize(json.loads(line)["text"], steps) for name in ("unsup.jsonl", "train.jsonl")
-            for line in open(IMDB / name)]
+def verbatim_in(pool: list[str], texts: list[str], steps, whole_texts: bool) -> list[bool]:
+    """Which `texts` occur verbatim in the pretraining texts `pool`, both normalised alike: equal to one
+    of them (whole reviews), or found inside one (sentences)."""
+    pool = [normalize(t, steps) for t in pool]
     mine = [normalize(t, steps) for t in texts]
-    if whole_reviews:
+    if whole_texts:
         seen = set(pool)
         return [t in seen for t in mine]
     joined = "\n".join(pool)
     return [f" {t} " in joined or joined.startswith(t) for t in mine]
+
+
+def _verbatim_in_pretraining(texts: list[str], steps, whole_reviews: bool) -> list[bool]:
+    """verbatim_in the pretraining text: IMDB's unsup + train reviews."""
+    pool = [json.loads(line)["text"] for name in ("unsup.jsonl", "train.jsonl") for line in open(IMDB / name)]
+    return verbatim_in(pool, texts, steps, whole_reviews)
 
 
 def labeled_sets(work: Path, subsets: int, steps) -> dict:
@@ -278,7 +283,7 @@ def _tune(work: Path, source: Path, train: Path, select: Path, report: Path | No
                                 **options))
     result = {"metric": r["metric"], "select": r["best"]["value"], "epoch": r["best"]["epoch"]}
     if report is not None:
-        model, tokenizer = load_task_model(out)
+        model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
         examples = read_task_file(report, r["task"]).examples
         preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
         result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]

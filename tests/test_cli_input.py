@@ -267,3 +267,20 @@ def test_cli_defaults_are_the_config_dataclasses(argv, config):
     assert len(shared) >= 5
     for f in shared:
         assert args[f.name] == f.default, f"--{f.name.replace('_', '-')}: CLI {args[f.name]!r} vs {name} {f.default!r}"
+
+
+def test_generate_reads_a_prompt_from_a_file_or_standard_input(run, tmp_path, capsys, monkeypatch):
+    import io
+    args = ["generate", str(run), "--greedy", "--max-new-tokens", "20", "--no-stream"]
+    assert main([*args, "--prompt", "the quick"]) == 0
+    expected = capsys.readouterr().out
+    (tmp_path / "p.txt").write_text("the quick")
+    assert main([*args, "--prompt-file", str(tmp_path / "p.txt")]) == 0
+    assert capsys.readouterr().out == expected
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"the quick")))
+    assert main([*args, "--prompt-file", "-"]) == 0
+    assert capsys.readouterr().out == expected
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe the")
+    assert main([*args, "--prompt-file", str(tmp_path / "bad.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.txt" in err and "UTF-8" in err and len(err.strip().splitlines()) == 1

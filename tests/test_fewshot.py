@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import random
 
 import pytest
@@ -161,6 +162,9 @@ def test_gptn_lm_eval_runs_the_harness_command_line(tmp_path, run, model, tok, c
     assert main(["lm-eval", run, "--tasks", "gptn_local_mc", "--include_path", str(tmp_path / "tasks"),
                  "--num_fewshot", "1", "--output_path", str(out), "--batch_size", "4", "--model_args", "max_gen_toks=32"]) == 0
     (written,) = out.rglob("results_*.json")
+    # the harness names the folder and model_name after pretrained=RUN (with run= it chose a random name)
+    assert Path(run).name in written.parent.name
+    assert Path(run).name in json.loads(written.read_text())["model_name"]
     res = json.loads(written.read_text())["results"]["gptn_local_mc"]
     ours = evaluate_fewshot(model, tok, load_task_file(tmp_path / "task.json"), 1)
     assert res["acc,none"] == pytest.approx(ours.metrics["accuracy_sum"])

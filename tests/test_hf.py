@@ -191,3 +191,25 @@ def test_a_finetuned_run_hf_cannot_express_is_refused_in_one_line(tmp_path, caps
     assert main(["export-hf", str(tmp_path / "ft"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--pooling extract" in err and not (tmp_path / "hf").exists()
+
+
+def test_export_writes_a_generation_config_and_a_model_card(tmp_path):
+    from gptn.data import prepare
+    from gptn.pretrain import PretrainConfig, pretrain
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    prepare([str(tmp_path / "t.txt")], "char", tmp_path / "c", val_fraction=0.1, progress=False)
+    pretrain(PretrainConfig(corpus=str(tmp_path / "c"), out=str(tmp_path / "run"), preset="tiny",
+                            overrides={"n_ctx": 32}, steps=20, batch_tokens=256, eval_interval=10, progress=False))
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    model, tok = load_model(tmp_path / "run")
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert gen.eos_token_id == gen.pad_token_id == tok.eot_id and gen.max_length == 32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    generated = hf.generate(**hf_tok("the", return_tensors="pt"))  # max_length from generation_config.json
+    assert generated.shape[1] == 32 or generated[0, -1].item() == tok.eot_id
+    card = (tmp_path / "out" / "README.md").read_text()
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x][-1]
+    assert f"validation loss {val['val_loss']:.4f}" in card and "20 steps of 256 tokens: 5,120 training tokens" in card
+    assert f"{model.num_parameters():,} parameters" in card and "AutoModelForCausalLM.from_pretrained" in card
+    assert "pre-LayerNorm" in card and f"{tok.vocab_size:,} tokens" in card

@@ -260,3 +260,54 @@ def test_quickstart_pipeline_on_a_tiny_budget(tmp_path):
     assert abs(sum(r["prob"] for r in result["next"])) <= 1.0
     out = "\n".join(lines)
     assert "written:" in out and str(tmp_path / "qs" / "run") in out
+
+
+def test_loggers_wandb_offline_and_csv_record_config_and_final_metrics(corpus, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb", reason="wandb is in the dev extra")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    assert main(["pretrain", str(corpus), "--out", str(run), "--preset", "tiny", *TINY, "--steps", "20",
+                 "--batch-tokens", "256", "--eval-interval", "10", "--logger", "wandb,csv",
+                 "--no-progress"]) == 0
+    (log,) = run.glob("wandb/offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in records if "val_loss" in r][-1]["val_loss"]
+    wandb_records = list(_wandb_records(log))
+    (started,) = [r.run for r in wandb_records if r.WhichOneof("record_type") == "run"]
+    config = {u.key: json.loads(u.value_json) for u in started.config.update}
+    assert config["batch_tokens"] == 256 and config["steps"] == 20 and config["logger"] == "wandb,csv"
+    summary = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for r in wandb_records
+               if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    assert summary["final/val_loss"] == pytest.approx(last_val)
+    history = [{u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.history.item}
+               for r in wandb_records if r.WhichOneof("record_type") == "history"]
+    assert {h["_step"] for h in history} == {r["step"] for r in records}  # 0 (the untrained model), 10, 20
+    assert history[-1]["val_loss"] == pytest.approx(last_val)
+    import csv
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in records]
+    assert float(rows[-1]["val_loss"]) == pytest.approx(last_val)
+    assert main(["pretrain", str(corpus), "--out", str(tmp_path / "x"), "--logger", "mlflow"]) == 2
+    assert "--logger" in capsys.readouterr().err
+
+
+def _wandb_records(path):
+    """The records of an offline W&B run file (LevelDB's log format: 32 KiB blocks of checksummed,
+    length-prefixed fragments, after a 7-byte ":W&B" header), as wandb's protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+    data, pos, pending = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record

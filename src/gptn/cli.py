@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import GptnError
 from .optim import MUON_LR
+from .train import LOGGER_HELP
 
 COMMANDS = {}
 
@@ -242,6 +243,7 @@ def cmd_pretrain(sub):
     sub.add_argument("--max-seconds", type=float, help="training-time budget: the cosine decays over whichever of "
                      "--steps and this runs out first, and the run stops and saves when it is spent")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_argument("--logger", default=d.logger, help=LOGGER_HELP)
 
     def run(args):
         from .pretrain import PretrainConfig, pretrain
@@ -256,7 +258,7 @@ def cmd_pretrain(sub):
             checkpoint_interval=args.checkpoint_interval, seed=args.seed,
             strategy=args.strategy, precision=args.precision, compile=args.compile, device=args.device,
             activation_checkpointing=args.activation_checkpointing, max_seconds=args.max_seconds,
-            progress=not args.no_progress)
+            progress=not args.no_progress, logger=args.logger)
         s = pretrain(cfg)
         if int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"] == 0 and s["val"]:
             vocab = s["config"]["vocab_size"]
@@ -338,6 +340,16 @@ def cmd_next(sub):
     return run
 
 
+def _read_text_arg(path: str, what: str) -> str:
+    """The UTF-8 text of a file named on the command line (- for standard input), or one line naming the problem."""
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptnError(f"{what} {path}: cannot read it as UTF-8 text ({e})") from None
+
+
 def _probability(p: float) -> str:
     """A percentage with two decimals, or scientific notation when that would print 0.00%."""
     return f"{p:.2%}" if p >= 5e-5 else f"{p:.2e}"
@@ -379,6 +391,8 @@ def cmd_generate(sub):
     sub.add_argument("run", help="run directory")
     sub.add_argument("--prompt", action="append", default=[],
                      help="prompt (repeatable; empty = start of a document)")
+    sub.add_argument("--prompt-file", action="append", default=[],
+                     help="a UTF-8 file whose whole text is a prompt (repeatable; - reads standard input)")
     sub.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     sub.add_argument("--device", default="cpu")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
@@ -389,9 +403,9 @@ def cmd_generate(sub):
         from .generate import generate
         from .model import require_decoder
         sampling = _sampling_from(args)
+        prompts = args.prompt + [_read_text_arg(f, "--prompt-file") for f in args.prompt_file] or [""]
         model, tok = _load_run(args.run, args.device, args.dtype)
         require_decoder(model, "generate text")  # before any output is streamed
-        prompts = args.prompt or [""]
         rows = len(prompts) * args.num_samples
         stream = warn = None
         if rows == 1 and not args.no_stream:
@@ -432,13 +446,7 @@ def cmd_score(sub):
         from .generate import score
         if (args.file is None) == (args.text is None):
             raise GptnError("give either FILE or --text")
-        if args.file is not None:
-            try:
-                text = Path(args.file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise GptnError(f"cannot read {args.file}: {e}") from None
-        else:
-            text = args.text
+        text = _read_text_arg(args.file, "FILE") if args.file is not None else args.text
         model, tok = _load_run(args.run, args.device, args.dtype)
         s = score(model, tok, text, stride=args.stride)
         summary = {"tokens": len(s.tokens), "bytes": s.n_bytes, "log_likelihood": s.total_logprob,
@@ -519,6 +527,7 @@ def cmd_finetune(sub):
     sub.add_argument("--seed", type=int, default=d.seed)
     sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     sub.add_argument("--no-progress", action="store_true")
+    sub.add_argument("--logger", default=d.logger, help=LOGGER_HELP)
 
     def run(args):
         from .finetune import finetune
@@ -533,7 +542,7 @@ def cmd_finetune(sub):
                              activation_checkpointing=args.activation_checkpointing, micro_batch=args.micro_batch,
                              precision=args.precision, compile=args.compile, strategy=args.strategy,
                              checkpoint_interval=args.checkpoint_interval, seed=args.seed,
-                             device=args.device, progress=not args.no_progress)
+                             device=args.device, progress=not args.no_progress, logger=args.logger)
         result = finetune(cfg)
         if int(os.environ.get("RANK", "0")) != 0:
             return
@@ -678,7 +687,7 @@ def cmd_lm_eval(sub):
     sub.add_argument("run", help="run directory")
     sub.add_argument("harness_args", nargs=argparse.REMAINDER, metavar="...",
                      help="passed to lm_eval as given (--tasks, --num_fewshot, --limit, --include_path, "
-                          "--output_path, --batch_size, --device, ...); --model_args are added to run=RUN")
+                          "--output_path, --batch_size, --device, ...); --model_args are added to pretrained=RUN")
 
     def run(args):
         try:
@@ -703,7 +712,7 @@ def cmd_lm_eval(sub):
         if not any(a == "--device" or a.startswith("--device=") for a in rest):  # the harness assumes CUDA
             import torch
             rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
-        argv, sys.argv = sys.argv, ["lm-eval", "--model", "gptn", "--model_args", f"run={args.run}{extra}", *rest]
+        argv, sys.argv = sys.argv, ["lm-eval", "--model", "gptn", "--model_args", f"pretrained={args.run}{extra}", *rest]
         try:
             cli_evaluate()
         finally:

@@ -43,7 +43,7 @@ from .checkpoint import (checkpoint_dir, has_checkpoint, load_model, load_weight
 from .config import GptnError, is_number
 from .model import GPT, next_token_loss
 from .tasks import TASKS, Columns, Example, TaskData, read_task_file
-from .train import Loop, Schedule, fit, run_training
+from .train import Loop, Schedule, fit, parse_loggers, run_training
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 POOLINGS = ("extract", "mean")
@@ -335,6 +335,7 @@ class FinetuneConfig:
     seed: int = 1337
     device: str = "auto"
     progress: bool = True
+    logger: str = "auto"  # trackers beside metrics.jsonl: train.parse_loggers
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "evals_per_epoch"):
@@ -369,6 +370,7 @@ class FinetuneConfig:
             raise GptnError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
         if self.muon_lr is not None and not self.muon_lr > 0:
             raise GptnError(f"muon_lr must be positive, not {self.muon_lr}")
+        parse_loggers(self.logger)
 
 
 def _with_gpt1_tokens(model: GPT, tokenizer: Tokenizer) -> GPT:
@@ -447,7 +449,7 @@ def _save(out: Path, config, state: dict, tokenizer: Tokenizer, spec: TaskSpec, 
 
 
 # Options that may differ between a killed fine-tuning run and its resumption.
-RESUMABLE_CHANGES = ("progress", "device", "checkpoint_interval")
+RESUMABLE_CHANGES = ("progress", "device", "checkpoint_interval", "logger")
 
 
 class TaskObjective:
@@ -608,7 +610,8 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
     loop = Loop(steps=total, grad_clip=cfg.grad_clip, precision=cfg.precision, d_model=gpt.config.d_model,
                 compile=cfg.compile,
                 strategy=cfg.strategy, eval_interval=eval_every, checkpoint_interval=cfg.checkpoint_interval or eval_every,
-                log_interval=1, progress=cfg.progress, name=f"finetune ({task})")
+                log_interval=1, progress=cfg.progress, name=f"finetune ({task})", loggers=parse_loggers(cfg.logger),
+                config=json.loads(json.dumps(asdict(cfg), default=str)))
 
     def optimizer(m):
         return make_optimizer(m, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type, cfg.optimizer,

@@ -205,8 +205,64 @@ def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
             say(note)
         if finetuned:
             _frame_like_gpt1(out, tokenizer, task_model.spec.task)
-            say("the exported tokenizer truncates the end of an over-long input; gptn cuts its start")
+            say("the exported tokenizer truncates the end of an over-long input; gptn "
+                + ("reads it whole in windows" if task_model.spec.long_inputs == "windows" else "cuts its start"))
+    if not finetuned:
+        (out / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
+    (out / "README.md").write_text(model_card(run, out, config, tokenizer, hf_cfg, task_model.spec if finetuned else None))
     return out
+
+
+def generation_config(config: GPTConfig, tokenizer) -> dict:
+    """generation_config.json: what `model.generate` reads (end of text, padding, the context length)."""
+    eot = getattr(tokenizer, "eot_id", None)
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "max_length": config.n_ctx,
+            "do_sample": False}
+
+
+def model_card(run, out: Path, config: GPTConfig, tokenizer, hf_cfg: dict, spec=None) -> str:
+    """The exported folder's README.md: the model, its tokenizer, what it was trained on and how well, how to load it."""
+    ckpt = checkpoint_dir(run)
+    run = Path(run)
+    meta = _json_or_empty(ckpt / "meta.json")
+    train_config = _json_or_empty(run / "train_config.json")
+    metrics = run / "metrics.jsonl"
+    val = [r for r in map(json.loads, metrics.read_text().splitlines()) if "val_loss" in r] if metrics.is_file() else []
+    from .compute import parameter_count
+    norm = "pre-LayerNorm with a final LayerNorm (GPT-2/3)" if config.norm == "pre" else "post-LayerNorm (GPT-1)"
+    lines = [f"# {run.name}", "", f"A GPT trained with [gptn](https://pypi.org/project/gptn/), exported as "
+             f"`{hf_cfg['architectures'][0]}`.", "", "## Model", "",
+             f"- {config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads, d_ff {config.d_ff}, "
+             f"context {config.n_ctx} tokens, {norm}, tied input / output embeddings, "
+             f"{parameter_count(config):,} parameters",
+             f"- tokenizer: {type(tokenizer).__name__ if tokenizer is not None else 'none saved'}, "
+             f"{config.vocab_size:,} tokens" + (f", end of text id {tokenizer.eot_id}" if tokenizer is not None else ""),
+             "", "## Training", ""]
+    steps, batch = meta.get("step"), train_config.get("batch_tokens")
+    if meta.get("kind") == "finetune":
+        lines.append(f"- fine-tuned from `{meta.get('source')}` for {spec.task if spec else meta.get('task')}"
+                     + (f" (labels {', '.join(spec.labels)})" if spec and spec.labels else "")
+                     + (f"; {meta['metric']} {meta['value']:.4f} on its validation set" if "value" in meta else ""))
+    else:
+        lines.append(f"- corpus: `{meta.get('corpus', train_config.get('corpus', 'unknown'))}`")
+        if steps is not None and batch:
+            lines.append(f"- {steps:,} steps of {batch:,} tokens: {steps * batch:,} training tokens")
+        if val:
+            lines.append(f"- validation loss {val[-1]['val_loss']:.4f} nats per token (perplexity "
+                         f"{val[-1]['val_ppl']:.2f}) at step {val[-1]['step']}")
+    load = ("from transformers import pipeline\nclassify = pipeline(\"text-classification\", model=\"PATH\")"
+            if spec else "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
+    lines += ["", "## Loading", "", "```python", load.replace("PATH", str(out)), "```", ""]
+    return "\n".join(lines)
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        return value if isinstance(value, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
 
 
 def _classifier_config(run, spec, model_type: str, tokenizer) -> dict:

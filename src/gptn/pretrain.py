@@ -29,7 +29,7 @@ from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, make_optimizer
 from .runtime import Dist, autocast_dtype, peak_flops
-from .train import Loop, Schedule, fit, lr_at, run_training, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
+from .train import Loop, Schedule, fit, lr_at, parse_loggers, run_training, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
 from .tokenizer import load_tokenizer
 
 
@@ -68,6 +68,7 @@ class PretrainConfig:
     device: str = "auto"
     peak_flops: float | None = None  # for MFU; default: measured (CPU) or the card's table value
     progress: bool = True
+    logger: str = "auto"  # trackers beside metrics.jsonl: train.parse_loggers
     max_seconds: float | None = None  # training-time budget: the schedule decays within it; stop (and save) at it
     stop_at_val_loss: float | None = None  # stop (and save) once validation loss reaches this
 
@@ -96,6 +97,7 @@ class PretrainConfig:
             raise GptnError(f"seed must be a whole number in [0, 2**63), not {self.seed}")
         if self.init_from is not None and (self.preset or self.model_config):
             raise GptnError("--init-from takes the model from its source; drop --preset / --config")
+        parse_loggers(self.logger)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -377,7 +379,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
                 compile=cfg.compile,
                 strategy=cfg.strategy, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
                 log_interval=cfg.log_interval, max_seconds=cfg.max_seconds, progress=cfg.progress, name="pretrain",
-                evaluate_first=True,
+                evaluate_first=True, loggers=parse_loggers(cfg.logger), config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                 tokens_per_step=batch_tokens, flops_per_token=training_flops_per_token(config, n_ctx),
                 peak_flops=cfg.peak_flops or peak_flops(device, amp_dtype))
 

@@ -12,6 +12,7 @@ loss of one, and its evaluation.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import signal
@@ -129,6 +130,8 @@ class Loop:
     # Evaluate the untrained model before the first update (step 0 in the metrics): pretraining's
     # loss starts near ln(vocabulary size), the loss of a uniform guess.
     evaluate_first: bool = False
+    loggers: tuple[str, ...] = ()  # trackers beside metrics.jsonl (parse_loggers)
+    config: dict | None = None  # what the trackers record as the run's config
     name: str = "train"  # the progress bar's and messages' label
     tokens_per_step: int | None = None  # for tokens/s
     flops_per_token: float | None = None  # with peak_flops: MFU
@@ -149,13 +152,46 @@ class Result:
 # Pieces of the loop
 
 
-class MetricsLog:
-    """metrics.jsonl in the run directory (and TensorBoard when it is installed)."""
+LOGGERS = ("tensorboard", "wandb", "csv")
+LOGGER_HELP = ("where to log besides RUN/metrics.jsonl: a comma list of tensorboard (RUN/tensorboard), wandb "
+               "(Weights & Biases; WANDB_MODE=offline writes RUN/wandb), csv (RUN/metrics.csv), or none; "
+               "default auto: tensorboard when it is installed")
 
-    def __init__(self, run: Path, resume_step: int | None, enabled: bool):
-        self.path = run / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
+
+def parse_loggers(spec: str) -> tuple[str, ...]:
+    """The loggers a `--logger` value names ("auto", "none", or a comma list of LOGGERS)."""
+    names = tuple(dict.fromkeys(x.strip() for x in str(spec).split(",") if x.strip()))
+    if names == ("auto",):
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+            return ("tensorboard",)
+        except Exception:  # tensorboard is optional
+            return ()
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or not names:
+        raise GptnError(f"--logger {spec!r}: expected auto, none or a comma list of {', '.join(LOGGERS)}")
+    for name, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
+        if name in names:
+            try:
+                __import__(module)
+            except Exception:
+                raise GptnError(f"--logger {name}: the {name} package is not installed "
+                                f"(pip install {'tensorboard' if name == 'tensorboard' else 'wandb'})") from None
+    return names
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory, and the trackers `loggers` names (parse_loggers): each gets
+    the run's config at the start and every record; at the end, the last value of each metric."""
+
+    def __init__(self, run: Path, resume_step: int | None, enabled: bool, loggers: tuple[str, ...] = (),
+                 config: dict | None = None, name: str = "train"):
+        self.run, self.path = run, run / "metrics.jsonl"
+        self.enabled, self.loggers = enabled, loggers
+        self.tb = self.wandb = None
+        self.last: dict = {}
         if not enabled:
             return
         run.mkdir(parents=True, exist_ok=True)
@@ -164,25 +200,55 @@ class MetricsLog:
             self.path.write_text("".join(k + "\n" for k in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        try:
+        if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
+            if config:
+                self.tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+        if "wandb" in loggers:
+            import wandb
+            self.wandb = wandb.init(dir=str(run), name=run.name, job_type=name, config=config or {},
+                                    resume="allow", id=_wandb_id(run))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.last.update(numbers)
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record["step"])
 
     def close(self):
+        if not self.enabled:
+            return
         if self.tb is not None:
+            if self.last:
+                self.tb.add_text("final_metrics", json.dumps(self.last))
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({f"final/{k}": v for k, v in self.last.items()})
+            self.wandb.finish()
+        if "csv" in self.loggers and self.path.exists():  # one row per record, one column per metric ever seen
+            records = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+            columns = list(dict.fromkeys(k for r in records for k in r))
+            with open(self.run / "metrics.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, columns)
+                writer.writeheader()
+                writer.writerows(records)
+
+
+def _wandb_id(run: Path) -> str:
+    """One W&B run per gptn run, kept across resumptions (written beside the metrics)."""
+    path = run / "wandb_id"
+    if not path.exists():
+        import uuid
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
 
 
 class InterruptFlag:
@@ -330,7 +396,7 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
         if d.world > 1:
             dist.barrier()
 
-    log = MetricsLog(run, step if resume is not None else None, d.is_main)
+    log = MetricsLog(run, step if resume is not None else None, d.is_main, loop.loggers, loop.config, loop.name)
     from tqdm import tqdm
     # Under a time budget the step count is only a cap: the bar counts steps and says the time left.
     bar = tqdm(total=None if loop.max_seconds else loop.steps, initial=step, desc=loop.name, unit="step",

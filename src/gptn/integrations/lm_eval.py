@@ -4,7 +4,9 @@
     from gptn.integrations.lm_eval import GptnLM
     results = lm_eval.simple_evaluate(model=GptnLM(run="runs/quickstart/run"), tasks=["lambada_openai"])
 
-Importing this module registers the class as "gptn", so `model="gptn", model_args="run=PATH"` works too.
+Importing this module registers the class as "gptn", so `model="gptn", model_args="pretrained=PATH"` works
+too (`pretrained=`, the harness's own name, is what it names the results folder and `model_name` after;
+`run=` is the same).
 Requests are scored by the same functions `gptn fewshot` uses (shared contexts read once, the
 vocabulary projection only where a continuation token is predicted).
 """
@@ -23,14 +25,17 @@ from ..generate import SamplingConfig, generate, score
 
 @register_model("gptn")
 class GptnLM(TemplateLM):
-    """A gptn model for lm_eval.simple_evaluate: give `run` (a run directory) or `model` and `tokenizer`."""
+    """A gptn model for lm_eval.simple_evaluate: give `pretrained` (a run directory; `run` is the same) or
+    `model` and `tokenizer`."""
 
     def __init__(self, run: str | None = None, model=None, tokenizer=None, batch_size: int | str = 32,
-                 device: str = "cpu", max_gen_toks: int = 256, dtype: str = "fp32", **_ignored):
+                 device: str = "cpu", max_gen_toks: int = 256, dtype: str = "fp32", pretrained: str | None = None,
+                 **_ignored):
         super().__init__()
+        run = run or pretrained
         if model is None:
             if run is None:
-                raise GptnError("GptnLM needs run=PATH or model= and tokenizer=")
+                raise GptnError("GptnLM needs pretrained=PATH (a run) or model= and tokenizer=")
             model, tokenizer = load_for_inference(run, str(device or "cpu"), dtype)  # the harness CLI may pass None
         if tokenizer is None:
             raise GptnError("GptnLM needs the model's tokenizer")
