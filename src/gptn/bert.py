@@ -47,4 +47,45 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
 
 
-__all__ = ["CLS", "SEP", "MASK", "BERT_SPECIALS", "mask_tokens", "step_generator"]
+MASK_MARK = "[MASK]"  # how a user writes the masked position (Hugging Face's fill-mask habit)
+
+
+@torch.no_grad()
+def fill_mask(model, tokenizer, text: str, top: int = 5, words: list[str] | None = None) -> dict:
+    """BERT's view of a masked word: P(token at [MASK] | the words before *and after* it). `text` holds
+    one [MASK] (or the tokenizer's own mask token). Returns {"top": [{token, id, prob}], "words":
+    [{word, prob, rank, share}]} (a named word by its first token, its share among the named words)."""
+    from .config import GptnError
+    if model.config.causal:
+        raise GptnError("[MASK] filling needs a BERT-style encoder (--arch bert); a GPT predicts the next token")
+    parts = text.replace(MASK, MASK_MARK).split(MASK_MARK)
+    if len(parts) != 2:
+        raise GptnError(f"a BERT-style encoder cannot predict the next token: give a text with exactly one "
+                        f"{MASK_MARK}, e.g. \"the cat {MASK_MARK} on the mat\"")
+    left, right = parts[0].rstrip(), parts[1]
+    specials = tokenizer.special_tokens
+    ids = [specials[CLS], *tokenizer.encode(left), specials[MASK], *tokenizer.encode(right)]
+    at = len(tokenizer.encode(left)) + 1
+    if len(ids) > model.config.n_ctx:
+        raise GptnError(f"the text has {len(ids)} tokens; this model reads at most {model.config.n_ctx}")
+    device = model.wte.weight.device
+    logits = model(torch.tensor([ids], device=device))[0, at].float()
+    logits[tokenizer.base_vocab_size:] = float("-inf")  # a special token is never the answer
+    probs = logits.softmax(-1)
+    p, i = probs.topk(min(top, tokenizer.base_vocab_size))
+    out = {"top": [{"token": tokenizer.decode([t]), "id": t, "prob": q} for t, q in zip(i.tolist(), p.tolist())],
+           "words": []}
+    sep = " " if parts[0][-1:].isspace() else ""
+    firsts = []
+    for w in words or []:
+        ids_w = tokenizer.encode(sep + w)
+        if not ids_w:
+            raise GptnError(f"--words: {w!r} has no tokens")
+        firsts.append(ids_w[0])
+    total = sum(float(probs[t]) for t in firsts) or 1.0
+    out["words"] = [{"word": w, "tokens": 1, "prob": float(probs[t]), "share": float(probs[t]) / total,
+                     "rank": int((probs > probs[t]).sum()) + 1} for w, t in zip(words or [], firsts)]
+    return out
+
+
+__all__ = ["CLS", "SEP", "MASK", "MASK_MARK", "BERT_SPECIALS", "mask_tokens", "step_generator", "fill_mask"]

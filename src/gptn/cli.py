@@ -302,10 +302,12 @@ def _load_run(run: str, device: str = "cpu", dtype: str = "fp32"):
     return load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
 
 
-@command("next", "the most likely next tokens after a prompt, with their probabilities")
+@command("next", "the most likely next tokens after a prompt, with their probabilities (a BERT run: the word "
+                 "at [MASK])")
 def cmd_next(sub):
     sub.add_argument("run", help="run directory")
-    sub.add_argument("prompt", help="the text so far, e.g. \"After running I am\"")
+    sub.add_argument("prompt", help="the text so far, e.g. \"After running I am\" (a BERT run: a text with one "
+                                    "[MASK], e.g. \"the cat [MASK] on the mat\")")
     sub.add_argument("--top", type=int, default=5, help="how many tokens to show (default 5)")
     sub.add_argument("--words", help="comma-separated continuations to score as well, e.g. tired,hot,thirsty "
                      "(a word of several tokens: the product of its tokens' probabilities)")
@@ -322,12 +324,17 @@ def cmd_next(sub):
         if args.words is not None and not words:
             raise GptnError("--words: expected comma-separated words, e.g. --words tired,hot")
         model, tok = _load_run(args.run, args.device, args.dtype)
-        rows = next_token_probs(model, tok, args.prompt, args.top)
-        named = word_probs(model, tok, args.prompt, words) if words else []
+        if not model.config.causal:  # BERT: the masked word, read from both sides
+            from .bert import fill_mask
+            filled = fill_mask(model, tok, args.prompt, args.top, words)
+            rows, named = filled["top"], filled["words"]
+        else:
+            rows = next_token_probs(model, tok, args.prompt, args.top)
+            named = word_probs(model, tok, args.prompt, words) if words else []
         if args.json:
             print(json.dumps({"top": rows, "words": named} if words else rows, ensure_ascii=False))
             return
-        print(f"after {args.prompt!r}:")
+        print(f"after {args.prompt!r}:" if model.config.causal else f"at [MASK] in {args.prompt!r} (both sides read):")
         for r in rows:
             print(f"  {r['token']!r:<16} {_probability(r['prob']):>9}  {_bar(r['prob'])}")
         if named:
@@ -337,6 +344,30 @@ def cmd_next(sub):
                 print(f"  {r['word']!r:<16} {_probability(r['prob']):>9}  rank {r['rank']:<7,} "
                       f"share {r['share']:6.1%}  {_bar(r['share'])}"
                       + (f"  ({r['tokens']} tokens)" if r["tokens"] > 1 else ""))
+    return run
+
+
+@command("inspect", "a run's model as the lecture draws it: h0 = U·W_e + W_p, the blocks, softmax(h_n·W_e^T), "
+                    "parameters per part and the attention mask")
+def cmd_inspect(sub):
+    sub.add_argument("run", help="run directory (pretrained, BERT or fine-tuned)")
+    sub.add_argument("--text", default="After running I am", help="the input whose attention mask is drawn")
+    sub.add_argument("--json", action="store_true")
+
+    def run(args):
+        from .checkpoint import checkpoint_dir, load_model
+        from .describe import describe_model, format_model
+        from .finetune import TASK_FILE, load_task_model
+        if (checkpoint_dir(args.run) / TASK_FILE).is_file():
+            task_model, tok = load_task_model(args.run)
+            model, spec = task_model.gpt, task_model.spec
+        else:
+            (model, tok), spec = load_model(args.run), None
+        info = describe_model(model, tok, args.text, spec)
+        if args.json:
+            print(json.dumps(info, ensure_ascii=False))
+        else:
+            print("\n".join(format_model(info, args.run)))
     return run
 
 
@@ -564,6 +595,9 @@ def cmd_predict(sub):
     sub.add_argument("--choice", action="append", default=[], help="a candidate answer (repeatable), multiple choice")
     _column_args(sub)
     sub.add_argument("--json", action="store_true", help="print one JSON object per example")
+    sub.add_argument("--show-inputs", action="store_true",
+                     help="also print the token sequences built for each example (start, delimiter and extract "
+                          "tokens named; both orders for similarity; one sequence per choice or window)")
     sub.add_argument("--long-inputs", choices=LONG_INPUTS,
                      help="inputs longer than the context (default: what the run was fine-tuned with): "
                           + LONG_INPUTS_HELP)
@@ -591,7 +625,13 @@ def cmd_predict(sub):
                 raise GptnError("a multiple-choice model needs two or more --choice")
             examples = [Example((args.text,) + ((args.text_b,) if pair else ()), None, tuple(args.choice))]
         records = predict(model, tok, examples)
+        if args.show_inputs:
+            from .describe import describe_inputs
+            for x, r in zip(examples, records):
+                r["inputs"] = describe_inputs(spec, x, tok, model.gpt.config)
         for r in records:
+            if args.show_inputs and not args.json:
+                print("\n".join("  " + line for line in r["inputs"]))
             if args.json:
                 print(json.dumps(r, ensure_ascii=False))
             elif spec.regression:

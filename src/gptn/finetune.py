@@ -597,6 +597,10 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
     model.to(device)
 
     train_seqs = [spec.sequences(x, tokenizer, gpt.config) for x in train_data.examples]
+    if cfg.progress and d.is_main:  # what the model actually reads (GPT-1's input transformation)
+        from .describe import describe_inputs
+        print(f"gptn finetune: {task} inputs, e.g. " + "; ".join(
+            describe_inputs(spec, train_data.examples[0], tokenizer, gpt.config)), file=sys.stderr)
     steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
