@@ -10,6 +10,7 @@ from gptn.config import GPTConfig
 from gptn.generate import SamplingConfig, choose_tokens, filter_logits, generate, generate_ids, next_token_probs, score
 from gptn.inference import _CpuInferenceLinear, prepare_for_inference
 from gptn.model import GPT
+from gptn.tokenizer import CharTokenizer
 from gptn.runtime import native_bf16
 
 
@@ -257,3 +258,20 @@ def test_an_extreme_repetition_penalty_still_samples(penalty):
     logits, seen = torch.randn(2, 10), torch.arange(10).repeat(2, 1)  # every token already seen
     tokens, _ = choose_tokens(logits, SamplingConfig(repetition_penalty=penalty), seen=seen)
     assert tokens.shape == (2,) and ((0 <= tokens) & (tokens < 10)).all()
+
+
+def test_the_python_api_refuses_what_would_be_silently_wrong():
+    from gptn.config import GptnError
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=1, d_model=8, dropout=0.0)).eval()
+    with pytest.raises(GptnError, match="list of strings"):
+        generate(model, tok, "the", SamplingConfig(max_new_tokens=2))  # not one prompt per character
+    assert SamplingConfig(stop="END").stop == ["END"]  # one stop string, not E, N and D
+    for bad in (dict(greedy="no"), dict(stop=[""]), dict(stop=[1]), dict(logit_bias=[1])):
+        with pytest.raises(GptnError):
+            SamplingConfig(**bad)
+    with pytest.raises(GptnError, match="outside the vocabulary"):
+        generate(model, tok, [[tok.vocab_size + 5]], SamplingConfig(max_new_tokens=2))
+    with pytest.raises(GptnError, match="num_samples"):
+        generate(model, tok, ["a"], num_samples=0)

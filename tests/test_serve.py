@@ -120,11 +120,18 @@ def test_logprobs_and_echo_match_the_model(client, model, tok):
 
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
-    ({"prompt": "a", "max_tokens": "many"}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),  # a wrong type: 400, as OpenAI answers
     ({"prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
-    ({"prompt": "a", "max_tokens": True}, 422, "max_tokens"),  # not 1
-    ({"prompt": "a", "stream": "yes"}, 422, "stream"),
-    ({"prompt": "a" * 60}, 413, "prompt"),
+    ({"prompt": "a", "max_tokens": True}, 400, "max_tokens"),  # not 1
+    ({"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "a" * 60}, 400, "prompt"),  # longer than the context: code context_length_exceeded
+    ({"prompt": "a", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # "²".isdigit(), but not an int
+    ({"prompt": "a", "logit_bias": {"9" * 4300: 1}}, 400, "logit_bias"),  # too many digits for int()
+    ({"prompt": "a", "logit_bias": {str(i): "x" for i in range(60_000)}}, 400, "logit_bias"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),  # OpenAI allows 4
+    ({"prompt": "a", "stop": [1] * 300_000}, 400, "stop"),
+    ({"prompt": "a", "stop": ""}, 400, "stop"),  # would end every completion at once
+    ({"prompt": "a", "stop": "x" * 257}, 400, "stop"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": [99999]}, 400, "prompt"),
@@ -134,7 +141,9 @@ def test_logprobs_and_echo_match_the_model(client, model, tok):
     ({"prompt": ["a"] * 1000, "n": 16}, 400, "prompt"),  # 16,000 completions in one request
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param):
+    t0 = time.perf_counter()
     code, err = raw(server[1], body)
+    assert time.perf_counter() - t0 < 1.0  # bounded before it is materialised
     assert code == status and set(err["error"]) == {"message", "type", "param", "code"}
     assert err["error"]["param"] == param and err["error"]["message"]
     assert raw(server[1], {"prompt": "ok", "max_tokens": 2})[0] == 200
@@ -440,3 +449,20 @@ def test_a_completion_is_built_without_http(server, model, tok):
     with pytest.raises(ApiError) as bad:
         asyncio.run(run(prompt="ab", top_p=0))
     assert bad.value.param == "top_p" and bad.value.status == 400
+
+
+def test_a_prompt_of_exactly_n_ctx_tokens(server, client, model, tok):
+    """The one context-length rule: n_ctx tokens can be scored whole (echo), not continued; the server,
+    the engine and `generate` agree, and no token is silently dropped."""
+    n_ctx = model.config.n_ctx
+    ids = [tok.encode("a")[0]] * (n_ctx - 1) + [tok.encode("b")[0]]
+    code, err = raw(server[1], {"prompt": ids, "max_tokens": 1})
+    assert code == 400 and err["error"]["code"] == "context_length_exceeded" and err["error"]["param"] == "prompt"
+    e = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert len(e.choices[0].logprobs.token_logprobs) == n_ctx  # every token, the first one included
+    c = client.completions.create(model="tiny", prompt=ids[1:], max_tokens=1, temperature=0)
+    expected = generate(model, tok, [tok.decode(ids[1:])], SamplingConfig(max_new_tokens=1, greedy=True))[0][0]
+    assert c.choices[0].text == expected
+    with pytest.raises(openai.BadRequestError) as info:  # what the client raises: not a bare APIStatusError
+        client.completions.create(model="tiny", prompt=ids, max_tokens=1)
+    assert info.value.code == "context_length_exceeded"

@@ -40,9 +40,22 @@ def _bytes(x: float) -> str:
 
 def _positive_float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 # --- model core ---------------------------------------------------------------------------------
@@ -95,10 +108,10 @@ def cmd_compute(sub):
     sub.add_argument("--preset", default="gpt3-175b", help="model preset (see `gptn sizes`)")
     sub.add_argument("--config", help="a config JSON file instead of a preset")
     sub.add_argument("--tokens", type=_positive_float, default=300e9, help="training tokens")
-    sub.add_argument("--gpus", type=int, default=1, help="number of accelerators")
+    sub.add_argument("--gpus", type=_positive_int, default=1, help="number of accelerators")
     sub.add_argument("--peak", type=_positive_float, default=1e15, help="peak FLOP/s per accelerator (default 1e15)")
     sub.add_argument("--mfu", type=_positive_float, default=1.0, help="sustained fraction of the peak (default 1.0)")
-    sub.add_argument("--micro-batch", type=int, default=1, help="sequences per accelerator per step (memory)")
+    sub.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per accelerator per step (memory)")
     sub.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     sub.add_argument("--json", action="store_true")
 
@@ -279,7 +292,7 @@ def cmd_pretrain(sub):
 @command("quickstart", "prepare an embedded corpus, pretrain a small GPT for a few minutes on CPU, then sample")
 def cmd_quickstart(sub):
     sub.add_argument("--out", default="runs/quickstart", help="where to write (default runs/quickstart)")
-    sub.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    sub.add_argument("--minutes", type=_positive_float, default=4.0, help="training time budget (default 4)")
     sub.add_argument("--source", action="append", dest="sources",
                      help="corpus source instead of the embedded default (repeatable)")
     sub.add_argument("--prompt", default="for i in", help="prompt for the next-token probabilities")
@@ -424,7 +437,7 @@ def cmd_generate(sub):
                      help="prompt (repeatable; empty = start of a document)")
     sub.add_argument("--prompt-file", action="append", default=[],
                      help="a UTF-8 file whose whole text is a prompt (repeatable; - reads standard input)")
-    sub.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    sub.add_argument("--num-samples", type=_positive_int, default=1, help="samples per prompt")
     sub.add_argument("--device", default="cpu")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     sub.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
@@ -467,7 +480,7 @@ def cmd_score(sub):
     sub.add_argument("run", help="run directory")
     sub.add_argument("file", nargs="?", help="a UTF-8 text file")
     sub.add_argument("--text", help="the text itself instead of a file")
-    sub.add_argument("--stride", type=int, help="window step for texts longer than the context (default n_ctx/2)")
+    sub.add_argument("--stride", type=_positive_int, help="window step for texts longer than the context (default n_ctx/2)")
     sub.add_argument("--tokens", action="store_true", help="also print every token's log-probability")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--device", default="cpu")
@@ -671,7 +684,7 @@ def cmd_fewshot(sub):
     sub.add_argument("--normalization", choices=NORMALIZATIONS, help="multiple choice: how answers' "
                      "log-likelihoods are compared (default: the task's)")
     sub.add_argument("--seed", type=int, default=1234, help="seed for drawing demonstrations")
-    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--batch-size", type=_positive_int, default=32, help="requests scored per forward pass")
     sub.add_argument("--data-dir", help="folder with the built-in tasks' data (default $GPTN_DATA_DIR or a "
                                         "shared/data folder above the current one)")
     sub.add_argument("--records", help="write every example's prompt, scores and answer here (JSONL)")

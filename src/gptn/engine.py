@@ -26,6 +26,7 @@ import torch
 
 from .generate import SamplingConfig, _StopWatcher, choose_tokens, generate_ids, logit_bias_tensor, score_continuations
 from .metrics import Histogram, prometheus_text
+from .model import prompt_limit
 
 SCHEDULERS = ("continuous", "static")
 
@@ -390,7 +391,7 @@ class ContinuousEngine(_Engine):
     def _rows_of(self, job: Job) -> list[_Row]:
         rows, s, n_ctx = [], job.sampling, self.config.n_ctx
         for r, prompt in enumerate(job.rows):
-            row = _Row(job, r, list(prompt[-(n_ctx - 1):]))
+            row = _Row(job, r, list(prompt[-prompt_limit(n_ctx, True):]))  # the server refuses longer ones
             if s.seed is not None and not s.greedy:  # the request's rows (n > 1) differ, each reproducibly
                 row.generator = torch.Generator(device=self.device).manual_seed((s.seed + r) % 2**63)
             if s.presence_penalty or s.frequency_penalty:

@@ -354,6 +354,9 @@ class FinetuneConfig:
                 raise GptnError(f"{name} must be a finite number, not {getattr(self, name)!r}")
         if self.lr <= 0:
             raise GptnError(f"lr must be positive, not {self.lr}")
+        for name in ("weight_decay", "grad_clip", "warmup_fraction", "dropout", "head_dropout"):
+            if getattr(self, name) < 0:
+                raise GptnError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.lm_weight < 0:
             raise GptnError(f"lm_weight (λ) must be >= 0, not {self.lm_weight}")
         if self.max_train_examples is not None and self.max_train_examples < 1:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptnError, is_number
-from .model import GPT, KVCache, require_decoder
+from .model import GPT, KVCache, prompt_limit, require_decoder
 
 
 @dataclass
@@ -56,11 +56,19 @@ class SamplingConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 raise GptnError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise GptnError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
         for token, bias in self.logit_bias.items():
             if not (_is_whole(token) and token >= 0):
                 raise GptnError(f"logit_bias: {token!r} is not a token id")
             if not (is_number(bias) and -100 <= bias <= 100):
                 raise GptnError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}")
+        if isinstance(self.stop, str):  # one stop string, as OpenAI's `stop` takes it (not its characters)
+            self.stop = [self.stop]
+        if not (isinstance(self.stop, (list, tuple)) and all(isinstance(x, str) and x for x in self.stop)):
+            raise GptnError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.greedy, bool):
+            raise GptnError(f"greedy must be True or False, got {self.greedy!r}")
         if self.temperature == 0:
             self.greedy = True
 
@@ -74,8 +82,16 @@ def _device_of(model: GPT) -> torch.device:
 
 
 def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
-    """Token ids of a prompt; an empty prompt becomes [end-of-text]."""
-    ids = list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt, allow_special=True)
+    """Token ids of a prompt; an empty prompt becomes [end-of-text]. Ids outside the vocabulary are an error."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, allow_special=True)
+    elif isinstance(prompt, (list, tuple)) and all(_is_whole(i) for i in prompt):
+        ids = list(prompt)
+        bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise GptnError(f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})")
+    else:
+        raise GptnError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
     return ids or [tokenizer.eot_id]
 
 
@@ -214,12 +230,12 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
     keep = max(1, n_ctx - max(1, n_ctx // 4))  # a slid window keeps the last 3/4 of the context
     trimmed = []
     for p in prompts:
-        if len(p) > n_ctx - 1 and sampling.max_new_tokens > 0:
-            say_once(f"the prompt is longer than the context window ({len(p)} > {n_ctx - 1} tokens); "
-                     "only its last tokens are read")
-            p = p[-(n_ctx - 1):]
-        elif len(p) > n_ctx:
-            p = p[-n_ctx:]
+        limit = prompt_limit(n_ctx, sampling.max_new_tokens > 0)
+        if len(p) > limit:
+            if sampling.max_new_tokens > 0:
+                say_once(f"the prompt is longer than the context window allows ({len(p)} > {limit} tokens); "
+                         "only its last tokens are read")
+            p = p[-limit:]
         trimmed.append(p)
     B = len(trimmed)
     S = max(len(p) for p in trimmed)
@@ -298,9 +314,13 @@ class _StopWatcher:
             self._flush(row, final=True)
             return True
         self.ids[row].append(token)
+        before = len(self.text[row])
         self.text[row] = self.tokenizer.decode(self.ids[row])
+        # Only the new tail can hold a stop string that was not there before: a match may start up to
+        # hold characters back, one more for a character the last token completed (its bytes split).
+        start = max(0, before - self.hold - 1)
         for s in self.stop:
-            at = self.text[row].find(s)
+            at = self.text[row].find(s, start)
             if at >= 0:
                 self.text[row] = self.text[row][:at]
                 self._flush(row, final=True)
@@ -336,8 +356,13 @@ def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig
     `warn(message)` receives notices (the prompt or output outgrew the context); default: stderr.
     """
     sampling = sampling or SamplingConfig()
-    if num_samples < 1:
-        raise GptnError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):  # a str would be one prompt per character
+        raise GptnError(f"prompts is a list of strings (or of token-id lists); got {type(prompts).__name__}: "
+                        "write [prompt] for one")
+    if not isinstance(sampling, SamplingConfig):
+        raise GptnError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if not _is_whole(num_samples) or num_samples < 1:
+        raise GptnError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     rows = len(prompts) * num_samples
     texts = []
@@ -495,7 +520,7 @@ def score(model: GPT, tokenizer, text: str, stride: int | None = None, batch_siz
         raise GptnError("nothing to score: the text is empty")
     ids = [tokenizer.eot_id] + tokenizer.encode(text)
     n_ctx = model.config.n_ctx
-    stride = stride or max(1, n_ctx // 2)
+    stride = max(1, n_ctx // 2) if stride is None else stride  # 0 is a mistake, not "the default"
     if not 0 < stride <= n_ctx:
         raise GptnError(f"stride must be in 1..{n_ctx}, got {stride}")
     windows = []  # (context, continuation): each window scores only what the one before it did not

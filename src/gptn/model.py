@@ -108,6 +108,12 @@ class Block(nn.Module):
         return x
 
 
+def prompt_limit(n_ctx: int, generating: bool) -> int:
+    """The longest prompt read whole: n_ctx tokens to score, n_ctx - 1 to continue (the first new token
+    needs a position of its own). The one context-length rule of generate, the engine and the server."""
+    return n_ctx - 1 if generating else n_ctx
+
+
 def require_decoder(model: "GPT", what: str) -> None:
     """A clear error for what only a left-to-right decoder can do (generate, prompt, score text)."""
     if not model.config.causal:

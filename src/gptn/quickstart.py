@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from .checkpoint import has_checkpoint, load_model
-from .config import GPTConfig, GptnError
+from .compute import parameter_count
+from .config import GPTConfig, GptnError, is_number
 from .data import STDLIB, Corpus, prepare
 from .generate import SamplingConfig, generate, next_token_probs
-from .model import GPT
 from .pretrain import PretrainConfig, pretrain
 
 # A GPT-2-style (pre-LN) model small enough to learn something in minutes on two cores.
@@ -24,8 +24,8 @@ BATCH_SEQUENCES = 16
 def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = None, minutes: float = 4.0,
                vocab: int = 4096, prompt: str = "for i in", progress: bool = True, say=print) -> dict:
     """Run the pipeline; returns paths and figures. Re-running reuses the prepared corpus."""
-    if minutes <= 0:
-        raise GptnError(f"--minutes must be > 0, got {minutes}")
+    if not is_number(minutes) or minutes <= 0:  # checked before anything is written or removed
+        raise GptnError(f"--minutes must be a positive number, got {minutes}")
     out = Path(out)
     corpus_dir, run_dir = out / "corpus", out / "run"
     sources = sources or [STDLIB]
@@ -47,7 +47,7 @@ def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = 
     config = GPTConfig(vocab_size=corpus.tokenizer.vocab_size, **QUICKSTART_MODEL)
     # Muon: its steps cost ~35% more here, but in two minutes it reached validation loss 5.04 where AdamW
     # was at 5.55. The time budget sizes the schedule: the cosine decays over the minutes given.
-    say(f"[2/4] pretraining a GPT-2-style model ({GPT(config).num_parameters():,} parameters: "
+    say(f"[2/4] pretraining a GPT-2-style model ({parameter_count(config):,} parameters: "
         f"{config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads, context {config.n_ctx}) "
         f"with Muon for {minutes:g} min")
     summary = pretrain(PretrainConfig(

@@ -11,8 +11,9 @@
 
 Requests are scheduled by gptn.engine (continuous batching: rows join and leave the batch at every
 step, each with its own sampling settings). Errors are OpenAI-style objects: 400 bad values, 401
-missing/wrong key, 404 unknown model or path, 413 prompt longer than the context, 422 wrong types,
-429 queue full (--max-queue).
+missing/wrong key, 404 unknown model or path, 413 a body over --max-body, 429 queue full (--max-queue);
+a prompt longer than the context is 400 with code `context_length_exceeded` (as OpenAI and vLLM answer),
+and so is a value of the wrong type.
 """
 
 from __future__ import annotations
@@ -28,18 +29,20 @@ from typing import Annotated, Any
 from .config import GptnError
 from .engine import SCHEDULERS, Job, QueueFull, make_engine
 from .generate import SamplingConfig, _StopWatcher, encode_prompt
-from .model import require_decoder
+from .model import prompt_limit, require_decoder
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-    from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
+    from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise GptnError("the server needs the `serve` extra: pip install 'gptn[serve]'") from e
 
 MAX_N = 16  # completions per prompt
+MAX_STOP, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's 4), characters per stop string
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 
 
 def _prompt_shape(value):
@@ -51,6 +54,16 @@ def _prompt_shape(value):
             or all(type(x) is list and all(type(t) is int for t in x) for x in value)):
         return value
     raise ValueError("the prompt must be a string, a list of strings, a list of token ids or a list of token-id lists")
+
+
+def _at_most(n: int):
+    """A check on a list's or object's size before its items are validated: pydantic validates every
+    item of a dict first (60k bad logit_bias entries: +57 MB of errors before the size is looked at)."""
+    def check(value):
+        if isinstance(value, (list, dict)) and len(value) > n:
+            raise ValueError(f"at most {n} entries, got {len(value)}")
+        return value
+    return BeforeValidator(check)
 
 
 PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
@@ -69,11 +82,11 @@ class CompletionRequest(BaseModel):
     top_p: float = 1.0
     top_k: int = -1  # vLLM's extension: -1 (or 0) for the whole vocabulary
     repetition_penalty: float = 1.0  # vLLM's extension (CTRL's penalty)
-    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
+    logit_bias: Annotated[dict[str, float] | None, _at_most(MAX_LOGIT_BIAS)] = None  # token id (a JSON key) -> bias
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with usage and no choices
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, _at_most(MAX_STOP)] = None
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
@@ -222,13 +235,16 @@ class Completions:
         else:
             texts = list(p) or [""]
         out = []
+        generating = (16 if req.max_tokens is None else req.max_tokens) > 0
+        limit = prompt_limit(self.n_ctx, generating)
         for t in texts:
             ids = encode_prompt(self.tokenizer, t)
             bad = [i for i in ids if not 0 <= i < self.vocab_size]
             if bad:
                 raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
-            if len(ids) > self.n_ctx:
-                raise ApiError(413, f"the prompt has {len(ids)} tokens; this model's context window is {self.n_ctx}",
+            if len(ids) > limit:  # OpenAI's and vLLM's answer: 400 with this code
+                raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context window is {self.n_ctx}"
+                               + (", and a completion needs one position after the prompt" if generating else ""),
                                "prompt", code="context_length_exceeded")
             out.append(ids)
         return out
@@ -262,12 +278,17 @@ class Completions:
         if not req.repetition_penalty > 0:
             raise ApiError(400, f"repetition_penalty must be > 0, got {req.repetition_penalty}", "repetition_penalty")
         for token, bias in (req.logit_bias or {}).items():
-            if not token.isdigit() or int(token) >= self.vocab_size:
+            # isdigit() alone lets "²" through (int() then fails) and 4,300+ digits (int() refuses them)
+            if not (token.isascii() and token.isdigit() and len(token) <= 10) or int(token) >= self.vocab_size:
                 raise ApiError(400, f"logit_bias: {token!r} is not a token id of this model "
                                f"(0..{self.vocab_size - 1})", "logit_bias")
             if not -100 <= bias <= 100:
                 raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}",
                                "logit_bias")
+        for s in [req.stop] if isinstance(req.stop, str) else req.stop or []:  # matched at every new token
+            if not 0 < len(s) <= MAX_STOP_CHARS:
+                raise ApiError(400, f"stop: each stop string must have 1..{MAX_STOP_CHARS} characters, "
+                               f"got {len(s)}", "stop")
         if req.best_of not in (None, 1, req.n):
             raise ApiError(400, "best_of is not supported by this server", "best_of")
         if req.stream and req.echo and req.logprobs is not None:
@@ -468,8 +489,8 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         first = errors[0] if errors else {}
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        return JSONResponse(error_body(f"invalid value for {param}: {message}",
-                                       param=param), status_code=422)
+        return JSONResponse(error_body(f"invalid value for {param}: {message}",  # OpenAI: 400, not FastAPI's 422
+                                       param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, e: StarletteHTTPException):
