@@ -184,3 +184,13 @@ def test_parquet_source(tmp_path):
     assert m["documents"]["train"] + m["documents"]["val"] == 30
     with pytest.raises(GptnError, match="no column 'text'"):
         prepare([str(tmp_path / "d.parquet")], "char", tmp_path / "c2", progress=False)
+
+
+def test_a_piped_prepare_prints_plain_lines(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "t.txt").write_text("some text to tokenize. " * 500)
+    p = subprocess.run([sys.executable, "-m", "gptn", "prepare", str(tmp_path / "t.txt"), "--tokenizer", "char",
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and p.stderr.startswith("tokenizing: ") and " MB/s)" in p.stderr

@@ -311,3 +311,19 @@ def _wandb_records(path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def test_piped_output_is_one_plain_line_per_log_interval(corpus, tmp_path):
+    common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "300", "--batch-tokens", "64",
+              "--eval-interval", "100", "--eval-batches", "1"]
+    p = _cli(*common, "--out", str(tmp_path / "a"))  # stderr is a pipe, as in a log file or CI
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("pretrain step")]
+    assert [ln.split(":")[0] for ln in lines if "/300" in ln] == [f"pretrain step {s}/300" for s in range(10, 301, 10)]
+    evals = [ln for ln in lines if "val_loss" in ln]
+    assert [ln.split(":")[0] for ln in evals] == [f"pretrain step {s}" for s in (0, 100, 200, 300)]
+    quiet = _cli(*common, "--out", str(tmp_path / "b"), "--no-progress")  # still says how evaluation goes
+    assert [ln.split(":")[0] for ln in quiet.stderr.splitlines() if "val_loss" in ln] == \
+        [f"pretrain step {s}" for s in (0, 100, 200, 300)]
+    assert not any("/300" in ln for ln in quiet.stderr.splitlines())

@@ -26,6 +26,7 @@ import shutil
 import struct
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -468,7 +469,8 @@ def _prepare(sources, tokenizer, out: Path, val_fraction, seed, text_field, dtyp
                 yield batch
 
         n_workers = workers or os.cpu_count() or 1
-        bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress, file=sys.stderr)
+        bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress, file=sys.stderr) \
+            if sys.stderr.isatty() or not progress else _PlainProgress("tokenizing")
         global _worker_tokenizer
         _worker_tokenizer = tokenizer
         if n_workers > 1:
@@ -616,6 +618,28 @@ class BatchLoader:
         for _ in range(n_batches):
             w = torch.from_numpy(self._windows(rng.integers(0, self._cum[-1], size=batch_size)))
             yield w[:, :-1], w[:, 1:]
+
+
+class _PlainProgress:
+    """What a piped `prepare` prints instead of tqdm's \\r frames: a plain line every 10 seconds and at the end."""
+
+    def __init__(self, name: str, every: float = 10.0):
+        self.name, self.every, self.done = name, every, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if time.perf_counter() - self.last >= self.every:
+            self._say()
+            self.last = time.perf_counter()
+
+    def close(self) -> None:
+        self._say()
+
+    def _say(self) -> None:
+        seconds = max(1e-9, time.perf_counter() - self.start)
+        print(f"{self.name}: {self.done / 1e6:,.1f} MB in {seconds:.0f} s ({self.done / 1e6 / seconds:,.1f} MB/s)",
+              file=sys.stderr, flush=True)
 
 
 def read_records(path: str | Path) -> list[dict]:

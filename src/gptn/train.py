@@ -399,8 +399,11 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
     log = MetricsLog(run, step if resume is not None else None, d.is_main, loop.loggers, loop.config, loop.name)
     from tqdm import tqdm
     # Under a time budget the step count is only a cap: the bar counts steps and says the time left.
+    # A bar on a terminal; piped (a log file, CI), one plain line per log interval instead of tqdm's
+    # \r frames, as litgpt and the HF Trainer print.
+    plain = loop.progress and d.is_main and not sys.stderr.isatty()
     bar = tqdm(total=None if loop.max_seconds else loop.steps, initial=step, desc=loop.name, unit="step",
-               file=sys.stderr, disable=not (loop.progress and d.is_main), dynamic_ncols=True)
+               file=sys.stderr, disable=not (loop.progress and d.is_main) or plain, dynamic_ncols=True)
     # The time budget is the run's: a resumed run goes on from the training time already spent.
     start_step, losses, last_eval = step, [], None
     train_time = resume.get("train_seconds", 0.0) if resume is not None else 0.0
@@ -410,9 +413,9 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
         metrics, stop_now = objective.evaluate(wrapped, step, ctx)
         if metrics:
             log.write({"step": step, **metrics})
-            if loop.progress and d.is_main:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                      if isinstance(v, float)), file=sys.stderr)
+            if d.is_main:  # evaluations are printed with or without --no-progress
+                bar.write(f"{loop.name} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                  if isinstance(v, float)), file=sys.stderr)
         return metrics, stop_now
 
     try:
@@ -466,13 +469,16 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
                 log.write({**record, "grad_norm": float(grad_norm) if grad_norm is not None else None})
-            bar.set_postfix_str(f"loss {loss_value:.4f}" +
-                                (f"  {record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record else "") +
-                                (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "") +
-                                (f"  val {_headline(last_eval)}" if last_eval else "") +
-                                (f"  {max(0.0, loop.max_seconds - train_time):.0f} s left" if loop.max_seconds else ""),
-                                refresh=False)
+            status = (f"loss {loss_value:.4f}" +
+                      (f"  {record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record else "") +
+                      (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "") +
+                      (f"  val {_headline(last_eval)}" if last_eval else "") +
+                      (f"  {max(0.0, loop.max_seconds - train_time):.0f} s left" if loop.max_seconds else ""))
+            bar.set_postfix_str(status, refresh=False)
             bar.update(1)
+            if plain and (step % loop.log_interval == 0 or step == loop.steps):
+                print(f"{loop.name} step {step}" + ("" if loop.max_seconds else f"/{loop.steps}") + f": {status}",
+                      file=sys.stderr, flush=True)
             stop = loop.max_seconds is not None and train_time >= loop.max_seconds or interrupted.seen
             if loop.eval_interval and (step % loop.eval_interval == 0 or step == loop.steps or stop):
                 metrics, stop_now = evaluate(step)
