@@ -48,9 +48,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, machine, seconds_per_step, table, write_results  # noqa: E402
+from common import SHARED, machine, table, write_results  # noqa: E402
 
-from gptn.config import GPTConfig  # noqa: E402
 from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.normalize import normalize  # noqa: E402
@@ -115,21 +114,22 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> di
     summary, init_from = {}, None
     for name, data, budget in stages:
         run = work / f"pretrained-{name}"
-        config = GPTConfig(vocab_size=Corpus(data).tokenizer.vocab_size, **LM)
-        if name not in plan:
-            plan[name] = {"steps": int(budget / seconds_per_step(config, LM_BATCH, "muon")), "seconds": budget}
+        if name not in plan:  # the budget of the first start, kept for a resumed run
+            plan[name] = {"seconds": budget}
             plan_path.write_text(json.dumps(plan, indent=1))
-        n_steps = plan[name]["steps"]
+        # The clock ends the run: the step count is only a cap, and the cosine decays over the time budget,
+        # so the run ends annealed whatever the machine's speed (precision auto: bf16 where it is faster).
+        n_steps = 10 ** 7
         pretrain(PretrainConfig(  # resumes an interrupted run; a finished one returns at once
             corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
             steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",
-            muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=max(1, n_steps // 8), eval_batches=40,
-            checkpoint_interval=max(1, n_steps // 8), max_seconds=plan[name]["seconds"], progress=False))
+            muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=500, eval_batches=40, checkpoint_interval=500,
+            max_seconds=plan[name]["seconds"], progress=False))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         val = [r for r in records if "val_loss" in r]
         state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False, map_location="cpu")
         tokens = state["step"] * LM_BATCH * LM["n_ctx"]
-        summary[name] = {"steps": state["step"], "planned_steps": n_steps, "tokens": tokens,
+        summary[name] = {"steps": state["step"], "budget_seconds": plan[name]["seconds"], "tokens": tokens,
                          "seconds": round(state["train_seconds"]), "tokens_per_s": round(tokens / state["train_seconds"]),
                          "val_loss_step0": val[0]["val_loss"], "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"],
                          "final_lr": [r for r in records if "lr" in r][-1]["lr"], "min_lr": LM_LR / 10, "corpus": str(data.name),
