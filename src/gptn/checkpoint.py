@@ -82,6 +82,32 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
                     "and model.safetensors)")
 
 
+def run_kind(run_dir: str | Path) -> str | None:
+    """What a run directory holds: "pretrain", "finetune", "import-hf" (meta.json's kind), "model" for a
+    checkpoint without one, or None when it holds no checkpoint."""
+    if not has_checkpoint(run_dir):
+        return None
+    try:
+        meta = json.loads((checkpoint_dir(run_dir) / "meta.json").read_text(encoding="utf-8"))
+        return str(meta.get("kind", "model")) if isinstance(meta, dict) else "model"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "model"
+
+
+def claim_out(out: str | Path, writer: str, source: str | Path | None = None, resumable: Path | None = None) -> None:
+    """Refuse, before anything is written, an output folder a command would destroy: its own source,
+    or one that holds a run already (unless `resumable`, the writer's own unfinished state, is there
+    to resume). `writer` names the command for the message."""
+    out = Path(out)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise GptnError(f"{writer}: --out {out} is the source run itself; write to another folder")
+    kind = run_kind(out) if out.exists() else None
+    if kind is not None and not (resumable is not None and resumable.exists()):
+        what = {"pretrain": "a pretraining run", "finetune": "a fine-tuned run", "import-hf": "an imported model",
+                "pretrain-snapshot": "a pretraining snapshot"}.get(kind, "a model")
+        raise GptnError(f"{writer}: {out} already holds {what}; choose another --out (or remove it first)")
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     try:
         checkpoint_dir(run_dir)

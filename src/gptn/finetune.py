@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bert import CLS, SEP
-from .checkpoint import (checkpoint_dir, has_checkpoint, load_model, load_weights, read_train_state, read_weights,
-                         save_checkpoint)
+from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_train_state,
+                         read_weights, save_checkpoint)
 from .config import GptnError, is_number
 from .model import GPT, next_token_loss
 from .tasks import TASKS, Columns, Example, TaskData, read_task_file
@@ -576,6 +576,7 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
                 raise GptnError(f"{cfg.val}: labels {unknown[:5]} never occur in the training set {cfg.train}")
     spec = TaskSpec(task, labels, train_data.regression, cfg.pooling, cfg.long_inputs)
     out = Path(cfg.out)
+    claim_out(out, "finetune", source=cfg.run, resumable=out / "resume")
     resume = _resume_state(cfg, out)
 
     torch.manual_seed(cfg.seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import checkpoint_dir, load_model, load_weights, save_checkpoint
+from .checkpoint import checkpoint_dir, claim_out, load_model, load_weights, run_lock, save_checkpoint
 from .config import GPTConfig, GptnError
 from .model import GPT
 from .tokenizer import DELIM, EOT, EXTRACT, START, copy_hf_tokenizer_files, load_tokenizer
@@ -138,10 +138,14 @@ def load_hf(src: str) -> tuple[GPT, object]:
 
 
 def import_hf(src: str, out: str | Path) -> Path:
-    """`gptn import-hf SRC OUT`: convert a Hugging Face checkpoint into a gptn run directory."""
-    model, tokenizer = load_hf(src)
-    return save_checkpoint(out, model.config, {k: v.contiguous() for k, v in model.state_dict().items()},
-                           tokenizer=tokenizer, meta={"kind": "import-hf", "source": str(src)})
+    """`gptn import-hf SRC OUT`: convert a Hugging Face checkpoint into a gptn run directory (a new
+    one: an existing run in OUT is refused, and OUT is locked while it is written)."""
+    claim_out(out, "import-hf")
+    with run_lock(out):
+        claim_out(out, "import-hf")  # again under the lock: another process may have written it meanwhile
+        model, tokenizer = load_hf(src)
+        return save_checkpoint(out, model.config, {k: v.contiguous() for k, v in model.state_dict().items()},
+                               tokenizer=tokenizer, meta={"kind": "import-hf", "source": str(src)})
 
 
 def hf_config(config: GPTConfig, tokenizer=None) -> dict:

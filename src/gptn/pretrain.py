@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from .bert import BERT_SPECIALS, mask_tokens, step_generator
-from .checkpoint import (checkpoint_dir, has_checkpoint, load_config, load_weights, read_train_state,
-                         read_weights, save_checkpoint)
+from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_config, load_weights, read_train_state,
+                         read_weights, run_kind, save_checkpoint)
 from .compute import softmax_share, training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
@@ -291,6 +291,9 @@ class NextTokenObjective:
 def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     run = Path(cfg.out)
     corpus = Corpus(cfg.corpus)
+    kind = run_kind(run)
+    claim_out(run, "pretrain", source=cfg.init_from,
+              resumable=checkpoint_dir(run) / "train_state.pt" if kind == "pretrain" else None)
     resuming = has_checkpoint(run) and (checkpoint_dir(run) / "train_state.pt").is_file()
     if has_checkpoint(run) and not resuming:
         raise GptnError(f"{run} holds a model but no training state; pretrain into a new --out")

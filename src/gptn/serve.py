@@ -320,6 +320,7 @@ class Completion:
 
     def __init__(self, service: Completions, req: CompletionRequest, prompts: list[list[int]], is_disconnected=None):
         self.service, self.req, self.prompts, self.is_disconnected = service, req, prompts, is_disconnected
+        self._checked = time.monotonic()
         self.max_tokens = 16 if req.max_tokens is None else req.max_tokens
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         sampling = SamplingConfig(max_new_tokens=self.max_tokens, temperature=req.temperature,
@@ -400,12 +401,18 @@ class Completion:
         """The engine's next event. A client that went away (seen between events, or when a write
         fails) cancels the job: the engine drops its rows at the next step."""
         while True:
+            # Checked every 0.25 s whether or not events keep coming: a row decoding faster than that
+            # would otherwise never give the check a turn, and run to max_tokens for nobody.
+            now = time.monotonic()
+            if now - self._checked >= 0.25 and self.is_disconnected is not None:
+                self._checked = now
+                if await self.is_disconnected():
+                    self.job.cancelled = True
+                    raise _ClientGone
             try:
                 return await asyncio.wait_for(self.events.get(), timeout=0.25)
             except asyncio.TimeoutError:
-                if self.is_disconnected is not None and await self.is_disconnected():
-                    self.job.cancelled = True
-                    raise _ClientGone from None
+                continue
 
     async def result(self) -> dict:
         """OpenAI's text_completion object, once every row has finished."""

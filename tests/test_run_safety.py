@@ -1,0 +1,58 @@
+"""No command destroys a run: writing onto the source, onto another run, or onto a run of another kind
+is refused in one line (exit 2) before anything is written, and the run is byte-identical afterwards."""
+
+import hashlib
+
+import pytest
+
+from gptn.cli import main
+from gptn.data import prepare
+from gptn.pretrain import PretrainConfig, pretrain
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 300
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    (root / "t.txt").write_text(TEXT)
+    prepare([str(root / "t.txt")], "char", root / "c", val_fraction=0.1, progress=False)
+    pretrain(PretrainConfig(corpus=str(root / "c"), out=str(root / "pre"), preset="tiny", overrides={"n_ctx": 32},
+                            steps=3, batch_tokens=128, eval_interval=0, progress=False))
+    (root / "t.tsv").write_text("sentence\tlabel\n" + "".join(f"the {w} dog\t{i % 2}\n" for i, w in
+                                                           enumerate(["quick", "lazy"] * 4)))
+    assert main(["finetune", str(root / "pre"), "--train", str(root / "t.tsv"), "--out", str(root / "ft"),
+                 "--epochs", "1", "--no-progress"]) == 0
+    hf = pytest.importorskip("transformers")
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(root / "hf")
+    return root
+
+
+@pytest.mark.parametrize("command", [
+    lambda r: ["finetune", str(r / "pre"), "--train", str(r / "t.tsv"), "--out", str(r / "pre")],  # onto its source
+    lambda r: ["finetune", str(r / "pre"), "--train", str(r / "t.tsv"), "--out", str(r / "ft")],  # a finished run
+    lambda r: ["import-hf", str(r / "hf"), str(r / "pre")],  # an import onto a pretraining run
+    lambda r: ["import-hf", str(r / "hf"), str(r / "ft")],
+    lambda r: ["pretrain", str(r / "c"), "--out", str(r / "ft")],  # pretraining onto a fine-tuned run
+    lambda r: ["pretrain", str(r / "c"), "--out", str(r / "pre"), "--init-from", str(r / "pre")],
+])
+def test_a_command_that_would_destroy_a_run_is_refused_and_the_run_is_unchanged(runs, command, capsys):
+    before = {name: _snapshot(runs / name) for name in ("pre", "ft")}
+    assert main(command(runs)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("already holds" in err or "source run itself" in err), err
+    assert {name: _snapshot(runs / name) for name in ("pre", "ft")} == before
+
+
+def test_import_hf_takes_the_run_lock(runs, capsys):
+    from gptn.checkpoint import run_lock
+    with run_lock(runs / "new"):
+        assert main(["import-hf", str(runs / "hf"), str(runs / "new")]) == 2
+    assert "being written by another gptn process" in capsys.readouterr().err
+    assert main(["import-hf", str(runs / "hf"), str(runs / "new")]) == 0  # and then works
