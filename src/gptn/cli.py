@@ -384,6 +384,64 @@ def cmd_inspect(sub):
     return run
 
 
+@command("detect", "is a text machine-generated? GLTR's token ranks under a run's model, and a calibrated "
+                   "probability (--fit HUMAN MACHINE trains the classifier)")
+def cmd_detect(sub):
+    sub.add_argument("run", help="run directory (the scoring model)")
+    sub.add_argument("file", nargs="?", help="a text file (one document), a .jsonl of {\"text\"} (one per line) "
+                                             "or a folder of .txt files")
+    sub.add_argument("--text", help="the text itself instead of a file")
+    sub.add_argument("--fit", nargs=2, metavar=("HUMAN", "MACHINE"),
+                     help="fit the classifier on human and machine-generated documents (same formats as FILE) "
+                          "and save it as RUN/detector.json (or --detector)")
+    sub.add_argument("--detector", help="the classifier to use or write (default RUN/detector.json, else the default)")
+    sub.add_argument("--tokens", action="store_true", help="also print every token with its rank bucket")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--device", default="cpu")
+
+    def run(args):
+        from .detect import DETECTOR_FILE, Detector, detector_for, read_documents, token_stats
+        if args.fit:
+            if args.file or args.text:
+                raise GptnError("--fit takes the HUMAN and MACHINE documents only")
+            model, tok = _load_run(args.run, args.device, "fp32")
+            rows = [[token_stats(model, tok, d).features() for d in read_documents(f)] for f in args.fit]
+            detector = Detector.fit(*rows, fitted_on=f"{len(rows[0])} human ({args.fit[0]}), {len(rows[1])} "
+                                                     f"machine ({args.fit[1]}) documents")
+            out = Path(args.detector or Path(args.run) / DETECTOR_FILE)
+            detector.save(out)
+            train_acc = (sum(detector.probability(r) < 0.5 for r in rows[0]) +
+                         sum(detector.probability(r) >= 0.5 for r in rows[1])) / (len(rows[0]) + len(rows[1]))
+            print(f"fitted on {detector.fitted_on}: training accuracy {train_acc:.1%}; saved {out}")
+            return
+        if (args.file is None) == (args.text is None):
+            raise GptnError("give either FILE or --text (or --fit HUMAN MACHINE)")
+        docs = read_documents(args.file) if args.file else [args.text]
+        detector = detector_for(args.run, args.detector)
+        model, tok = _load_run(args.run, args.device, "fp32")
+        for i, doc in enumerate(docs):
+            stats = token_stats(model, tok, doc)
+            feats = stats.features()
+            p = detector.probability(feats)
+            if args.json:
+                record = {"document": i, "machine_probability": p, **feats, "tokens": len(stats.tokens)}
+                if args.tokens:
+                    record["per_token"] = [{"token": tok.decode([t]), "rank": r, "logprob": lp}
+                                           for t, r, lp in zip(stats.tokens, stats.ranks, stats.logprobs)]
+                print(json.dumps(record, ensure_ascii=False))
+                continue
+            print(f"document {i}: P(machine-generated) {p:.1%}  ({len(stats.tokens)} tokens: top-10 {feats['top10']:.0%}, "
+                  f"top-100 {feats['top100']:.0%}, top-1000 {feats['top1000']:.0%}, rest {feats['rest']:.0%}; "
+                  f"mean log-prob {feats['mean_logprob']:.2f}, mean entropy {feats['mean_entropy']:.2f})")
+            if args.tokens:
+                marks = {1: "[10]", 2: "[100]", 3: "[1k]", 4: "[rest]"}
+                print("  " + " ".join(f"{tok.decode([t])!r}{marks[1 + sum(r > b for b in (10, 100, 1000))]}"
+                                      for t, r in zip(stats.tokens, stats.ranks)))
+        if not args.json:
+            print(f"(detector: {detector.fitted_on})")
+    return run
+
+
 def _read_text_arg(path: str, what: str) -> str:
     """The UTF-8 text of a file named on the command line (- for standard input), or one line naming the problem."""
     try:
