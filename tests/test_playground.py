@@ -79,3 +79,29 @@ def test_the_playground_shows_next_token_probabilities_and_streams(model, tok, t
     finally:
         browser.quit()
         srv.should_exit = True
+
+
+def test_the_playground_colours_each_token_by_its_rank(model, tok):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from gptn.detect import token_stats
+    browser = _browser()
+    srv, port = _start(create_app(model, tok, model_name="tiny"))
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        box = browser.find_element(By.ID, "prompt")
+        box.clear()
+        box.send_keys("the cat sat on the mat")
+        browser.find_element(By.ID, "detect").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "ranks").get_attribute("data-done") == "true")
+        spans = browser.find_elements(By.CSS_SELECTOR, "#ranks .tok")
+        stats = token_stats(model, tok, "the cat sat on the mat")  # what `gptn detect` computes
+        assert [int(s.get_attribute("data-rank")) for s in spans] == stats.ranks
+        buckets = [s.get_attribute("class").split()[1] for s in spans]
+        assert buckets == [("top10" if r <= 10 else "top100" if r <= 100 else "top1000" if r <= 1000 else "rest")
+                           for r in stats.ranks]
+        assert "P(machine-generated)" in browser.find_element(By.ID, "verdict").text
+    finally:
+        browser.quit()
+        srv.should_exit = True

@@ -135,7 +135,7 @@ def test_logprobs_and_echo_match_the_model(client, model, tok):
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": [99999]}, 400, "prompt"),
-    ({"prompt": "caf\u00e9 \U0001f600 \u0000"}, 400, None),  # outside the character tokenizer's alphabet
+    ({"prompt": "caf\u00e9 \U0001f600 \u0000"}, 400, "prompt"),  # outside the character tokenizer's alphabet
     (b'{"prompt": "a", "temperature": NaN}', 400, None),
     ({"prompt": "a", "seed": 2**70}, 400, None),
     ({"prompt": ["a"] * 1000, "n": 16}, 400, "prompt"),  # 16,000 completions in one request
@@ -466,3 +466,13 @@ def test_a_prompt_of_exactly_n_ctx_tokens(server, client, model, tok):
     with pytest.raises(openai.BadRequestError) as info:  # what the client raises: not a bare APIStatusError
         client.completions.create(model="tiny", prompt=ids, max_tokens=1)
     assert info.value.code == "context_length_exceeded"
+
+
+def test_detect_endpoint_gives_gltr_ranks_off_the_event_loop(server, model, tok):
+    from gptn.detect import token_stats
+    code, body = raw(server[1], {"text": "the cat sat"}, path="/v1/detect")
+    stats = token_stats(model, tok, "the cat sat")
+    assert code == 200 and [t["rank"] for t in body["tokens"]] == stats.ranks
+    assert 0 <= body["machine_probability"] <= 1 and set(body["features"]) >= {"top10", "rest"}
+    assert raw(server[1], {"text": ""}, path="/v1/detect")[0] == 400
+    assert raw(server[1], {"text": 5}, path="/v1/detect")[0] == 400

@@ -140,8 +140,13 @@ class _Engine:
 
     def prompt_logprobs(self, ids: list[int], top: int | None):
         """For echo: each prompt token's log-probability (None for the first) and its top alternatives."""
+        return self.call(lambda: self._prompt_logprobs(ids, top))
+
+    def call(self, fn):
+        """fn() on the engine thread, between two steps (the model is never run by two threads at once);
+        blocks the calling thread until it is done, and returns its value or raises its error."""
         out = {}
-        call = _Call(lambda: out.update(value=self._prompt_logprobs(ids, top)), threading.Event())
+        call = _Call(lambda: out.update(value=fn()), threading.Event())
         self.inbox.put(call)
         call.done.wait()
         if call.error is not None:

@@ -5,6 +5,7 @@
     GET  /v1/models        the one model served
     GET  /health           liveness
     /tokenize, /detokenize, /tokenizer_info   vLLM-style, for lm-evaluation-harness's local-completions
+    POST /v1/detect        gptn's own: GLTR's per-token ranks and P(machine-generated) of a text
 
     GET  /metrics          Prometheus text: requests, tokens, queue, batch size, latency histograms
     GET  /                 the playground: next-token probabilities as bars, streamed continuations
@@ -43,6 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 MAX_N = 16  # completions per prompt
 MAX_STOP, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's 4), characters per stop string
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+MAX_DETECT_TOKENS = 4096  # tokens /v1/detect scores in one request
 
 
 def _prompt_shape(value):
@@ -99,6 +101,11 @@ class CompletionRequest(BaseModel):
 class TokenizeRequest(BaseModel):
     prompt: str
     add_special_tokens: bool = False
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str
 
 
 class DetokenizeRequest(BaseModel):
@@ -238,10 +245,10 @@ class Completions:
         generating = (16 if req.max_tokens is None else req.max_tokens) > 0
         limit = prompt_limit(self.n_ctx, generating)
         for t in texts:
-            ids = encode_prompt(self.tokenizer, t)
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
+            try:
+                ids = encode_prompt(self.tokenizer, t)  # refuses token ids outside the vocabulary
+            except GptnError as e:
+                raise ApiError(400, str(e), "prompt") from None
             if len(ids) > limit:  # OpenAI's and vLLM's answer: 400 with this code
                 raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context window is {self.n_ctx}"
                                + (", and a completion needs one position after the prompt" if generating else ""),
@@ -298,7 +305,7 @@ class Completions:
         """Validate `req` and put it on the engine; the returned Completion yields its results.
         `is_disconnected` (an async callable) tells whether the client went away."""
         self.validate(req)
-        completion = Completion(self, req, self.prompts(req), is_disconnected)
+        completion = Completion(self, req, await asyncio.to_thread(self.prompts, req), is_disconnected)
         await completion.submit()
         return completion
 
@@ -462,8 +469,9 @@ class Completion:
 
 def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = 32,
                max_tokens_limit: int | None = None, max_body: int | None = None, scheduler: str = "continuous",
-               max_queue: int = 128, prefill_chunk: int = 256) -> FastAPI:
-    """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does)."""
+               max_queue: int = 128, prefill_chunk: int = 256, detector=None) -> FastAPI:
+    """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does). `detector`
+    (gptn.detect.Detector, default DEFAULT_DETECTOR) answers /v1/detect."""
     require_decoder(model, "serve completions")
     check_options(scheduler, max_batch, max_queue, prefill_chunk)
     n_ctx = model.config.n_ctx
@@ -528,9 +536,22 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
         return {"eos_token": eot, "bos_token": eot, "pad_token": eot, "model_max_length": n_ctx}
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        ids = tokenizer.encode(req.prompt, allow_special=True)
+    async def tokenize(req: TokenizeRequest):  # off the event loop: a long text must not stall /health
+        ids = await asyncio.to_thread(tokenizer.encode, req.prompt, allow_special=True)
         return {"tokens": ids, "count": len(ids), "max_model_len": n_ctx}
+
+    @app.post("/v1/detect")
+    async def detect(req: DetectRequest):
+        """gptn's own: GLTR's per-token ranks and P(machine-generated) (`gptn detect`), for the playground."""
+        from .detect import DEFAULT_DETECTOR, token_stats
+        ids = await asyncio.to_thread(tokenizer.encode, req.text)
+        if not ids or len(ids) > MAX_DETECT_TOKENS:
+            raise ApiError(400, f"the text must have 1..{MAX_DETECT_TOKENS} tokens, got {len(ids)}", "text")
+        stats = await asyncio.to_thread(engine.call, lambda: token_stats(model, tokenizer, req.text))
+        features = stats.features()
+        return {"machine_probability": (detector or DEFAULT_DETECTOR).probability(features), "features": features,
+                "tokens": [{"text": tokenizer.decode([t]), "rank": r, "logprob": lp}
+                           for t, r, lp in zip(stats.tokens, stats.ranks, stats.logprobs)]}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
@@ -570,8 +591,9 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     check_options(scheduler, max_batch, max_queue, prefill_chunk)
     model, tokenizer = load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
     name = model_name or Path(run).resolve().name
+    from .detect import detector_for
     app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body, scheduler=scheduler,
-                     max_queue=max_queue, prefill_chunk=prefill_chunk)
+                     max_queue=max_queue, prefill_chunk=prefill_chunk, detector=detector_for(run))
     print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
           f"{'API key required' if api_key else 'no API key'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
