@@ -177,8 +177,7 @@ def parse_loggers(spec: str) -> tuple[str, ...]:
             try:
                 __import__(module)
             except Exception:
-                raise GptnError(f"--logger {name}: the {name} package is not installed "
-                                f"(pip install {'tensorboard' if name == 'tensorboard' else 'wandb'})") from None
+                raise GptnError(f"--logger {name}: the {name} package is not installed (pip install {name})") from None
     return names
 
 
