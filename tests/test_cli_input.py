@@ -284,3 +284,13 @@ def test_generate_reads_a_prompt_from_a_file_or_standard_input(run, tmp_path, ca
     assert main([*args, "--prompt-file", str(tmp_path / "bad.txt")]) == 2
     err = capsys.readouterr().err
     assert "bad.txt" in err and "UTF-8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    import argparse
+    from gptn.cli import build_parser
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.choices.items()
+              for action in sub._actions if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert silent == []

@@ -112,8 +112,8 @@ def cmd_compute(sub):
     sub.add_argument("--peak", type=_positive_float, default=1e15, help="peak FLOP/s per accelerator (default 1e15)")
     sub.add_argument("--mfu", type=_positive_float, default=1.0, help="sustained fraction of the peak (default 1.0)")
     sub.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per accelerator per step (memory)")
-    sub.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="the precision of the memory estimate (weights, gradients, activations)")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     def run(args):
         from .compute import plan
@@ -236,18 +236,18 @@ def cmd_pretrain(sub):
     sub.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     sub.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
     sub.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 2%% of steps)")
-    sub.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    sub.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the weight matrices (biases, LayerNorm and embeddings: none)")
     sub.add_argument("--optimizer", choices=["adamw", "muon"],
                      help="adamw (default; GPT-1/2/3's) or muon: Muon for the linear layers' weights, AdamW for "
                      "embeddings, biases and LayerNorm; reaches a given loss in fewer tokens (default: the run's)")
     sub.add_argument("--muon-lr", type=float, help=f"Muon's peak learning rate (default {MUON_LR:g})")
-    sub.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    sub.add_argument("--eval-interval", type=int, default=d.eval_interval)
-    sub.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    sub.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval)
-    sub.add_argument("--seed", type=int, default=d.seed)
+    sub.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: no clipping)")
+    sub.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between validation evaluations (0: none; step 0 and the last step are evaluated too)")
+    sub.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation (the same windows each time)")
+    sub.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval, help="steps between checkpoints (one is also written at the end and on Ctrl-C)")
+    sub.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, the batches and dropout (a run is a function of it)")
     sub.add_argument("--strategy", default=d.strategy, choices=["ddp", "fsdp"], help="under torchrun")
-    sub.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    sub.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast: auto is bf16 on GPUs (fp16 without it) and on CPUs where bf16 measures faster")
     sub.add_argument("--compile", action="store_true", help="torch.compile the model")
     sub.add_argument("--activation-checkpointing", action="store_true",
                      help="keep only each block's input and recompute the block in backward: less activation "
@@ -296,7 +296,7 @@ def cmd_quickstart(sub):
     sub.add_argument("--source", action="append", dest="sources",
                      help="corpus source instead of the embedded default (repeatable)")
     sub.add_argument("--prompt", default="for i in", help="prompt for the next-token probabilities")
-    sub.add_argument("--no-progress", action="store_true")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines (evaluations are still printed)")
 
     def run(args):
         from .quickstart import quickstart
@@ -326,7 +326,7 @@ def cmd_next(sub):
                      "(a word of several tokens: the product of its tokens' probabilities)")
     sub.add_argument("--json", action="store_true", help="print [{token, id, prob}, ...] (with --words: "
                      "{\"top\": [...], \"words\": [{word, tokens, prob}, ...]})")
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
@@ -365,7 +365,7 @@ def cmd_next(sub):
 def cmd_inspect(sub):
     sub.add_argument("run", help="run directory (pretrained, BERT or fine-tuned)")
     sub.add_argument("--text", default="After running I am", help="the input whose attention mask is drawn")
-    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     def run(args):
         from .checkpoint import checkpoint_dir, load_model
@@ -396,8 +396,8 @@ def cmd_detect(sub):
                           "and save it as RUN/detector.json (or --detector)")
     sub.add_argument("--detector", help="the classifier to use or write (default RUN/detector.json, else the default)")
     sub.add_argument("--tokens", action="store_true", help="also print every token with its rank bucket")
-    sub.add_argument("--json", action="store_true")
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
     def run(args):
         from .detect import DETECTOR_FILE, Detector, detector_for, read_documents, token_stats
@@ -464,12 +464,12 @@ def _bar(fraction: float, width: int = 40) -> str:
 def _sampling_args(sub):
     from .generate import SamplingConfig
     d = SamplingConfig()
-    sub.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    sub.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate per sample")
     sub.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    sub.add_argument("--top-k", type=int, default=d.top_k)
+    sub.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens only")
     sub.add_argument("--top-p", type=float, default=d.top_p,
                      help="nucleus sampling: keep the smallest set of tokens with this mass")
-    sub.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    sub.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="divide the logits of tokens already present (CTRL's penalty; 1 = off)")
     sub.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sub.add_argument("--greedy", action="store_true", help="always take the most likely token")
     sub.add_argument("--seed", type=int, help="seed for reproducible sampling")
@@ -496,7 +496,7 @@ def cmd_generate(sub):
     sub.add_argument("--prompt-file", action="append", default=[],
                      help="a UTF-8 file whose whole text is a prompt (repeatable; - reads standard input)")
     sub.add_argument("--num-samples", type=_positive_int, default=1, help="samples per prompt")
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     sub.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     _sampling_args(sub)
@@ -540,8 +540,8 @@ def cmd_score(sub):
     sub.add_argument("--text", help="the text itself instead of a file")
     sub.add_argument("--stride", type=_positive_int, help="window step for texts longer than the context (default n_ctx/2)")
     sub.add_argument("--tokens", action="store_true", help="also print every token's log-probability")
-    sub.add_argument("--json", action="store_true")
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
@@ -596,10 +596,10 @@ def cmd_finetune(sub):
     _column_args(sub)
     sub.add_argument("--regression", action="store_true", default=None,
                      help="the label is a score (e.g. similarity 0-5), predicted with mean squared error")
-    sub.add_argument("--epochs", type=int, default=d.epochs)
-    sub.add_argument("--batch-size", type=int, default=d.batch_size)
-    sub.add_argument("--lr", type=float, default=d.lr)
-    sub.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    sub.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training examples (GPT-1: 3)")
+    sub.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step (GPT-1: 32)")
+    sub.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (GPT-1: 6.25e-5), warm-up then linear decay")
+    sub.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="share of the steps for the linear warm-up (GPT-1: 0.002)")
     sub.add_argument("--lm-weight", type=float, default=d.lm_weight, help="λ of the auxiliary LM loss (0 disables)")
     sub.add_argument("--pooling", choices=["extract", "mean"], default=d.pooling,
                      help="what the linear head reads: h_n at the extract token (GPT-1, default) or h_n "
@@ -609,11 +609,11 @@ def cmd_finetune(sub):
                      help="adamw (GPT-1's) or muon: Muon for the blocks' matrices (at --muon-lr), AdamW for "
                           "embeddings, LayerNorm and the head")
     sub.add_argument("--muon-lr", type=float, help=f"Muon's peak rate (default {MUON_LR / 10:g})")
-    sub.add_argument("--dropout", type=float, default=d.dropout)
-    sub.add_argument("--head-dropout", type=float, default=d.head_dropout)
-    sub.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    sub.add_argument("--dropout", type=float, default=d.dropout, help="residual, attention and embedding dropout during fine-tuning")
+    sub.add_argument("--head-dropout", type=float, default=d.head_dropout, help="dropout before the linear head")
+    sub.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the weight matrices (biases, LayerNorm and embeddings: none)")
     sub.add_argument("--max-train-examples", type=int, help="fine-tune on a random subset of this size")
-    sub.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
+    sub.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch, help="validation evaluations per epoch (the best is kept)")
     sub.add_argument("--from-scratch", action="store_true",
                      help="random initial weights of the same shape: the no-pretraining baseline")
     sub.add_argument("--activation-checkpointing", action="store_true",
@@ -626,9 +626,9 @@ def cmd_finetune(sub):
     sub.add_argument("--checkpoint-interval", type=int,
                      help="steps between resumable checkpoints in OUT/resume (default: at each evaluation); "
                           "a killed run started again with the same options resumes exactly")
-    sub.add_argument("--seed", type=int, default=d.seed)
+    sub.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, the batches and dropout (a run is a function of it)")
     sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    sub.add_argument("--no-progress", action="store_true")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines (evaluations are still printed)")
     sub.add_argument("--logger", default=d.logger, help=LOGGER_HELP)
 
     def run(args):
@@ -672,7 +672,7 @@ def cmd_predict(sub):
     sub.add_argument("--long-inputs", choices=LONG_INPUTS,
                      help="inputs longer than the context (default: what the run was fine-tuned with): "
                           + LONG_INPUTS_HELP)
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
     def run(args):
         from .finetune import compute_metrics, load_task_model, predict
@@ -748,7 +748,7 @@ def cmd_fewshot(sub):
     sub.add_argument("--records", help="write every example's prompt, scores and answer here (JSONL)")
     sub.add_argument("--plot", help="write a PNG of the metric against K here")
     sub.add_argument("--json", action="store_true", help="print one JSON object per K")
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
@@ -837,7 +837,7 @@ def cmd_lm_eval(sub):
 def cmd_serve(sub):
     sub.add_argument("run", help="run directory")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on")
     sub.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but /health "
                      "(the API docs included)")
     sub.add_argument("--model-name", help="the model id clients ask for (default: the run folder's name)")
@@ -853,7 +853,7 @@ def cmd_serve(sub):
     sub.add_argument("--prefill-chunk", type=int, default=256,
                      help="most prompt tokens prefilled per step, so a long prompt does not stall running "
                      "streams (default 256)")
-    sub.add_argument("--device", default="cpu")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
