@@ -421,7 +421,8 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
         if loop.evaluate_first and resume is None and (loop.eval_interval or loop.steps == 0):
             last_eval = evaluate(0)[0] or None
         wrapped.train()
-        while step < loop.steps:
+        # A resumed run whose time budget is spent already has nothing left to do (not one more step).
+        while step < loop.steps and not (loop.max_seconds is not None and train_time >= loop.max_seconds):
             t0 = time.perf_counter()
             lr_now = schedule.at(step, train_time)
             for group in optimizer.param_groups:
