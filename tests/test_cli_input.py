@@ -41,7 +41,7 @@ def _one_line_error(capsys, code):
     ["--lr", "nan"], ["--lr", "-1"], ["--checkpoint-interval", "0"], ["--checkpoint-interval", "-1"],
     ["--micro-batch", "-2"], ["--micro-batch", "0"], ["--batch-tokens", "0"], ["--seed", "-1"],
     ["--set", "dropout=nan"], ["--set", "bias=maybe"], ["--warmup-steps", "-1"], ["--grad-clip", "nan"],
-    ["--max-seconds", "nan"], ["--eval-batches", "0"], ["--steps", "0"], ["--steps", "-1"],
+    ["--max-seconds", "nan"], ["--eval-batches", "0"], ["--steps", "-1"],  # --steps 0: the random start
 ])
 def test_bad_pretrain_flags_are_one_line(corpus, tmp_path, capsys, flags):
     code = main(["pretrain", str(corpus), "--out", str(tmp_path / "r"), "--preset", "tiny", "--no-progress", *flags])

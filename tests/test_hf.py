@@ -188,6 +188,7 @@ def test_a_finetuned_run_hf_cannot_express_is_refused_in_one_line(tmp_path, caps
     (tmp_path / "train.tsv").write_text("sentence\tlabel\nthe good\tpos\nthe bad\tneg\n")
     finetune(FinetuneConfig(run=str(tmp_path / "pre"), out=str(tmp_path / "ft"), train=str(tmp_path / "train.tsv"),
                             epochs=1, pooling="mean", progress=False))
+    capsys.readouterr()  # fine-tuning's evaluation line
     assert main(["export-hf", str(tmp_path / "ft"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--pooling extract" in err and not (tmp_path / "hf").exists()

@@ -141,9 +141,9 @@ def import_hf(src: str, out: str | Path) -> Path:
     """`gptn import-hf SRC OUT`: convert a Hugging Face checkpoint into a gptn run directory (a new
     one: an existing run in OUT is refused, and OUT is locked while it is written)."""
     claim_out(out, "import-hf")
+    model, tokenizer = load_hf(src)  # a bad source is refused before OUT is created
     with run_lock(out):
         claim_out(out, "import-hf")  # again under the lock: another process may have written it meanwhile
-        model, tokenizer = load_hf(src)
         return save_checkpoint(out, model.config, {k: v.contiguous() for k, v in model.state_dict().items()},
                                tokenizer=tokenizer, meta={"kind": "import-hf", "source": str(src)})
 
