@@ -24,9 +24,9 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd in ci  # verbatim
 
 
-def _blocks():
-    """(language, line, text) of every fenced block in the README."""
-    text = (ROOT / "README.md").read_text()
+def _blocks(doc: str = "README.md"):
+    """(language, line, text) of every fenced block in a document."""
+    text = (ROOT / doc).read_text()
     return [(m.group(1), text[:m.start()].count("\n") + 1, m.group(2))
             for m in re.finditer(r"```(\w*)\n(.*?)```", text, flags=re.S)]
 
@@ -40,7 +40,8 @@ NOT_RUN = {
 }
 # The README's budgets, cut to seconds: same commands and flags otherwise.
 TINY = [(r"--steps \d+", "--steps 4"), (r"\bsteps=\d+", "steps=4"), (r"--max-new-tokens \d+", "--max-new-tokens 8"),
-        (r"max_tokens=\d+", "max_tokens=4"), (r"--max-train-examples \d+", "--max-train-examples 48")]
+        (r"max_tokens=\d+", "max_tokens=4"), (r"--max-train-examples \d+", "--max-train-examples 48"),
+        (r"--minutes [\d.]+", "--minutes 0.05"), (r"--max-seconds \d+", "--max-seconds 2"), (r"--limit \d+", "--limit 4")]
 
 
 def _tiny(command: str, shared: str) -> str:
@@ -81,6 +82,17 @@ def _walkthrough_inputs(work, shared):
 
 
 def test_every_readme_example_runs_on_a_tiny_budget(tmp_path):
+    ran = _walk("README.md", tmp_path)
+    assert len(ran) >= 7, ran  # Shakespeare, Python API, fine-tuning, continued pretraining, lm-eval x2, serving x2
+
+
+def test_every_command_of_the_lecture_walkthrough_runs_on_a_tiny_budget(tmp_path):
+    ran = _walk("docs/lecture.md", tmp_path)
+    assert len(ran) >= 10, ran
+
+
+def _walk(doc: str, tmp_path) -> list[int]:
+    """Run every block of `doc` in order, on a tiny budget, in one working folder; the lines that ran."""
     import os
     import shutil
     import socket
@@ -104,8 +116,8 @@ def test_every_readme_example_runs_on_a_tiny_budget(tmp_path):
     server = None
     ran = []
     try:
-        for lang, line, text in _blocks():
-            if any(text.lstrip().startswith(k) or k in text for k in NOT_RUN):
+        for lang, line, text in _blocks(doc):
+            if lang not in ("bash", "python") or any(text.lstrip().startswith(k) or k in text for k in NOT_RUN):
                 continue
             if lang == "python":
                 code = text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
@@ -113,7 +125,7 @@ def test_every_readme_example_runs_on_a_tiny_budget(tmp_path):
                 code = re.sub(r"max_tokens=\d+", "max_tokens=4", code)
                 out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
                                      timeout=600)
-                assert out.returncode == 0, f"README line {line}:\n{code}\n{out.stderr[-2000:]}"
+                assert out.returncode == 0, f"{doc} line {line}:\n{code}\n{out.stderr[-2000:]}"
                 ran.append(line)
                 continue
             commands = [c.strip() for c in re.sub(r"\\\n\s*", " ", text).splitlines()]
@@ -134,10 +146,10 @@ def test_every_readme_example_runs_on_a_tiny_budget(tmp_path):
                     continue
                 out = subprocess.run(command.replace("gptn", gptn, 1), shell=True, cwd=work, env=env,
                                      capture_output=True, text=True, timeout=600)
-                assert out.returncode == 0, f"README line {line}: {command}\n{out.stderr[-2000:]}"
+                assert out.returncode == 0, f"{doc} line {line}: {command}\n{out.stderr[-2000:]}"
             ran.append(line)
     finally:
         if server is not None:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
-    assert len(ran) >= 7, ran  # Shakespeare, Python API, fine-tuning, continued pretraining, lm-eval x2, serving x2
+    return ran

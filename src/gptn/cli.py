@@ -295,7 +295,8 @@ def cmd_quickstart(sub):
     sub.add_argument("--minutes", type=_positive_float, default=4.0, help="training time budget (default 4)")
     sub.add_argument("--source", action="append", dest="sources",
                      help="corpus source instead of the embedded default (repeatable)")
-    sub.add_argument("--prompt", default="for i in", help="prompt for the next-token probabilities")
+    sub.add_argument("--prompt", help="prompt for the next-token probabilities (default \"for i in\" on the "
+                                      "embedded corpus, \"After running I am\" on another)")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines (evaluations are still printed)")
 
     def run(args):

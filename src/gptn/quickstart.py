@@ -22,13 +22,16 @@ BATCH_SEQUENCES = 16
 
 
 def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = None, minutes: float = 4.0,
-               vocab: int = 4096, prompt: str = "for i in", progress: bool = True, say=print) -> dict:
+               vocab: int = 4096, prompt: str | None = None, progress: bool = True, say=print) -> dict:
     """Run the pipeline; returns paths and figures. Re-running reuses the prepared corpus."""
     if not is_number(minutes) or minutes <= 0:  # checked before anything is written or removed
         raise GptnError(f"--minutes must be a positive number, got {minutes}")
     out = Path(out)
     corpus_dir, run_dir = out / "corpus", out / "run"
     sources = sources or [STDLIB]
+    # The embedded corpus is Python source; any other is taken to be prose, sampled after the prompt.
+    sample_prompts = ["def ", "import ", "class "] if sources == [STDLIB] else [prompt or "It was"]
+    prompt = prompt or ("for i in" if sources == [STDLIB] else "After running I am")
     t_start = time.perf_counter()
     if (corpus_dir / "manifest.json").exists():
         say(f"[1/4] reusing the prepared corpus in {corpus_dir}")
@@ -62,7 +65,7 @@ def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = 
 
     model, tokenizer = load_model(run_dir)
     say("[3/4] samples (temperature 0.8, top-k 50):")
-    prompts = ["def ", "import ", "class "]
+    prompts = sample_prompts
     samples = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=0))
     for p, (text,) in zip(prompts, samples):
         say("      " + (p + text).replace("\n", "\n      "))
@@ -77,6 +80,6 @@ def quickstart(out: str | Path = "runs/quickstart", sources: list[str] | None = 
     for k, v in written.items():
         if v:
             say(f"      {k:<11} {v}")
-    say(f"done in {time.perf_counter() - t_start:.0f} s. Next: gptn generate {run_dir} --prompt 'def ' ; "
-        f"gptn next {run_dir} 'import '")
+    say(f"done in {time.perf_counter() - t_start:.0f} s. Next: gptn generate {run_dir} --prompt {prompts[0]!r} ; "
+        f"gptn next {run_dir} {prompt!r}")
     return {"summary": summary, "samples": samples, "next": top, "written": written}
