@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     assert main(["finetune", str(root / "pre"), "--train", str(root / "t.tsv"), "--out", str(root / "ft"),
                  "--epochs", "1", "--no-progress"]) == 0
     hf = pytest.importorskip("transformers")
-    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=500, n_positions=16, n_embd=64, n_layer=1, n_head=2))  # > 96 KiB
     model.save_pretrained(root / "hf")
     return root
 
@@ -56,3 +56,34 @@ def test_import_hf_takes_the_run_lock(runs, capsys):
         assert main(["import-hf", str(runs / "hf"), str(runs / "new")]) == 2
     assert "being written by another gptn process" in capsys.readouterr().err
     assert main(["import-hf", str(runs / "hf"), str(runs / "new")]) == 0  # and then works
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KiB filesystem (tmpfs): what a full disk looks like to every writer."""
+    import os
+    import subprocess
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI runs as root and must mount a tmpfs: {mounted.stderr.decode()}")
+        pytest.skip("mounting a small tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_space_for_every_writer(runs, small_disk, capsys):
+    commands = [
+        ["pretrain", str(runs / "c"), "--out", str(small_disk / "p"), "--preset", "tiny", "--set", "n_ctx=32",
+         "--steps", "2", "--batch-tokens", "128", "--eval-interval", "0"],
+        ["finetune", str(runs / "pre"), "--train", str(runs / "t.tsv"), "--out", str(small_disk / "f"), "--epochs", "1"],
+        ["export-hf", str(runs / "pre"), str(small_disk / "e")],
+        ["import-hf", str(runs / "hf"), str(small_disk / "i")],
+    ]
+    for command in commands:
+        capsys.readouterr()
+        assert main([*command, "--no-progress"] if command[0] in ("pretrain", "finetune") else command) == 2, command
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+        assert len(err) == 1 and "MiB are free" in err[0] and str(small_disk) in err[0], (command, err)

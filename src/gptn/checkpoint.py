@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig, GptnError
@@ -132,6 +133,17 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in raw_model(model).state_dict().items()}
 
 
+# What a full or failing disk raises, in whichever library met it (torch.save: RuntimeError).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_error(folder: Path, e: Exception, needed: int, what: str, after: str) -> GptnError:
+    """One line for a write that failed: the folder, the reason, the space needed and free."""
+    free = shutil.disk_usage(next((p for p in [Path(folder), *Path(folder).parents] if p.exists()), Path("/"))).free
+    return GptnError(f"cannot write {what} in {folder}: {getattr(e, 'strerror', None) or e} (it needs about "
+                     f"{needed / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free there); {after}")
+
+
 def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str, torch.Tensor],
                     tokenizer=None, train_state: dict | None = None, meta: dict | None = None,
                     extra_files: dict[str, str] | None = None,
@@ -144,6 +156,25 @@ def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp, final, old = run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, config, state_dict, tokenizer, train_state, meta, extra_files, extra_tensors)
+    except WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tensors = [*state_dict.values(), *(t for group in (extra_tensors or {}).values() for t in group.values())]
+        needed = sum(t.numel() * t.element_size() for t in tensors) * (3 if train_state is not None else 1)
+        raise write_error(run_dir, e, needed, "the checkpoint" + (" with its optimizer state" if train_state else ""),
+                          "the previous checkpoint, if any, is intact") from None
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, config, state_dict, tokenizer, train_state, meta, extra_files, extra_tensors) -> None:
+    """save_checkpoint's files, written and synced in `tmp`."""
     tmp.mkdir()
     config.save(tmp / "config.json")
     save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt", "writer": "gptn"})
@@ -162,13 +193,6 @@ def save_checkpoint(run_dir: str | Path, config: GPTConfig, state_dict: dict[str
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _sha256(path: Path) -> str:

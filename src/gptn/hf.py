@@ -8,13 +8,15 @@ GPT-1 calls the embeddings `tokens_embed` / `positions_embed`.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import checkpoint_dir, claim_out, load_model, load_weights, run_lock, save_checkpoint
+from .checkpoint import (WRITE_ERRORS, checkpoint_dir, claim_out, load_model, load_weights, run_lock, save_checkpoint,
+                         write_error)
 from .config import GPTConfig, GptnError
 from .model import GPT
 from .tokenizer import DELIM, EOT, EXTRACT, START, copy_hf_tokenizer_files, load_tokenizer
@@ -199,21 +201,26 @@ def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise GptnError(f"{out} already exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    score = {"score.weight": state.pop("score.weight")} if finetuned else {}
-    save_file({**state_dict_to_hf(state, hf_cfg["model_type"]), **score}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    if tokenizer is not None:
-        for note in copy_hf_tokenizer_files(tokenizer, out, config.n_ctx):
-            say(note)
-        if finetuned:
-            _frame_like_gpt1(out, tokenizer, task_model.spec.task)
-            say("the exported tokenizer truncates the end of an over-long input; gptn "
-                + ("reads it whole in windows" if task_model.spec.long_inputs == "windows" else "cuts its start"))
-    if not finetuned:
-        (out / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
-    (out / "README.md").write_text(model_card(run, out, config, tokenizer, hf_cfg, task_model.spec if finetuned else None))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        score = {"score.weight": state.pop("score.weight")} if finetuned else {}
+        save_file({**state_dict_to_hf(state, hf_cfg["model_type"]), **score}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            for note in copy_hf_tokenizer_files(tokenizer, out, config.n_ctx):
+                say(note)
+            if finetuned:
+                _frame_like_gpt1(out, tokenizer, task_model.spec.task)
+                say("the exported tokenizer truncates the end of an over-long input; gptn "
+                    + ("reads it whole in windows" if task_model.spec.long_inputs == "windows" else "cuts its start"))
+        if not finetuned:
+            (out / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
+        (out / "README.md").write_text(model_card(run, out, config, tokenizer, hf_cfg, task_model.spec if finetuned else None))
+    except WRITE_ERRORS as e:
+        shutil.rmtree(out, ignore_errors=True)  # it was empty or absent: nothing of the user's is lost
+        needed = sum(t.numel() * t.element_size() for t in state.values())
+        raise write_error(out, e, needed, "the Hugging Face export", "nothing was left half-written") from None
     return out
 
 
