@@ -282,3 +282,13 @@ def test_a_task_file_can_join_a_separate_labels_file(tmp_path, run, capsys):
     (tmp_path / "labels.lst").write_text("0\n1\n")
     assert main(["fewshot", run, "--task", str(tmp_path / "split.json"), "--shots", "0"]) == 2
     assert "has 2 labels for 24 examples" in capsys.readouterr().err
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path, run, capsys):
+    _mc_files(tmp_path)
+    task = tmp_path / "task.json"
+    for flag, path in (("--records", "/no/such/folder/r.jsonl"), ("--plot", str(tmp_path)),
+                       ("--records", str(tmp_path / "nope" / "r.jsonl"))):
+        assert main(["fewshot", run, "--task", str(task), "--shots", "0", flag, path]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and flag in err  # nothing was evaluated

@@ -443,6 +443,18 @@ def cmd_detect(sub):
     return run
 
 
+def _check_output(path: str, flag: str) -> None:
+    """An output file the command will write at its end: refused now if it cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise GptnError(f"{flag} {path} is a folder; give a file name")
+    folder = p.parent
+    if not folder.is_dir():
+        raise GptnError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise GptnError(f"{flag} {path}: cannot write there")
+
+
 def _read_text_arg(path: str, what: str) -> str:
     """The UTF-8 text of a file named on the command line (- for standard input), or one line naming the problem."""
     try:
@@ -756,6 +768,9 @@ def cmd_fewshot(sub):
         from .fewshot import evaluate_fewshot, load_task, plot_metric_vs_shots
         if args.limit is not None and args.limit < 1:
             raise GptnError(f"--limit must be >= 1, got {args.limit}")
+        for flag, path in (("--records", args.records), ("--plot", args.plot)):
+            if path:
+                _check_output(path, flag)  # before the evaluation, not after it
         task = load_task(args.task, args.data_dir)
         model, tok = _load_run(args.run, args.device, args.dtype)
         results = []
