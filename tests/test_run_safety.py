@@ -87,3 +87,11 @@ def test_a_full_disk_is_one_line_naming_the_space_for_every_writer(runs, small_d
         assert main([*command, "--no-progress"] if command[0] in ("pretrain", "finetune") else command) == 2, command
         err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
         assert len(err) == 1 and "MiB are free" in err[0] and str(small_disk) in err[0], (command, err)
+
+
+def test_resuming_with_another_rate_is_refused_saying_what_changed(runs, capsys):
+    before = _snapshot(runs / "pre")
+    assert main(["pretrain", str(runs / "c"), "--out", str(runs / "pre"), "--lr", "0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lr 0.001 -> 0.5" in err
+    assert _snapshot(runs / "pre") == before

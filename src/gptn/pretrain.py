@@ -306,6 +306,11 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         if cfg.optimizer not in (None, saved_opt):
             raise GptnError(f"{run} was trained with --optimizer {saved_opt}; resume it with that one "
                             "(or use another --out)")
+        changed = [f"{k} {saved_cfg.get(k)} -> {getattr(cfg, k)}" for k in ("lr", "min_lr", "warmup_steps", "batch_tokens")
+                   if getattr(cfg, k) is not None and saved_cfg.get(k) is not None and getattr(cfg, k) != saved_cfg[k]]
+        if changed:  # applied silently, these would make the resumed run a different one than it says it is
+            raise GptnError(f"{run} was trained with other settings ({', '.join(changed)}); resume it with its own "
+                            "(drop those flags; --steps may grow) or start a new --out, e.g. with --init-from")
         for key in ("batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps", "seed", "optimizer", "muon_lr",
                     "init_from"):
             setattr(cfg, key, saved_cfg.get(key) if getattr(cfg, key) is None or key in ("seed", "init_from")
