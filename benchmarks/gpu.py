@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import socket
 import subprocess
@@ -109,11 +107,6 @@ class Runner:
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
-
-
-def _gptn(*args, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptn", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

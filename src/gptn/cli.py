@@ -401,7 +401,7 @@ def cmd_detect(sub):
     sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
     def run(args):
-        from .detect import DETECTOR_FILE, Detector, detector_for, read_documents, token_stats
+        from .detect import DETECTOR_FILE, Detector, bucket, detector_for, read_documents, token_stats
         if args.fit:
             if args.file or args.text:
                 raise GptnError("--fit takes the HUMAN and MACHINE documents only")
@@ -435,9 +435,7 @@ def cmd_detect(sub):
                   f"top-100 {feats['top100']:.0%}, top-1000 {feats['top1000']:.0%}, rest {feats['rest']:.0%}; "
                   f"mean log-prob {feats['mean_logprob']:.2f}, mean entropy {feats['mean_entropy']:.2f})")
             if args.tokens:
-                marks = {1: "[10]", 2: "[100]", 3: "[1k]", 4: "[rest]"}
-                print("  " + " ".join(f"{tok.decode([t])!r}{marks[1 + sum(r > b for b in (10, 100, 1000))]}"
-                                      for t, r in zip(stats.tokens, stats.ranks)))
+                print("  " + " ".join(f"{tok.decode([t])!r}[{bucket(r)}]" for t, r in zip(stats.tokens, stats.ranks)))
         if not args.json:
             print(f"(detector: {detector.fitted_on})")
     return run

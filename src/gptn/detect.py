@@ -41,9 +41,14 @@ class TokenStats:
 
     def features(self) -> dict[str, float]:
         n = max(1, len(self.ranks))
-        bounds = (0, *BUCKETS, math.inf)
-        shares = [sum(lo < r <= hi for r in self.ranks) / n for lo, hi in zip(bounds, bounds[1:])]
+        buckets = [bucket(r) for r in self.ranks]
+        shares = [buckets.count(name) / n for name in FEATURES[:len(BUCKETS) + 1]]
         return dict(zip(FEATURES, [*shares, sum(self.logprobs) / n, sum(self.entropies) / n]))
+
+
+def bucket(rank: int) -> str:
+    """GLTR's colour of a token's rank: "top10", "top100", "top1000" or "rest"."""
+    return next((f"top{b}" for b in BUCKETS if rank <= b), "rest")
 
 
 @torch.no_grad()
@@ -164,5 +169,5 @@ def read_documents(path: str | Path) -> list[str]:
     return docs
 
 
-__all__ = ["BUCKETS", "FEATURES", "TokenStats", "token_stats", "Detector", "DEFAULT_DETECTOR", "detector_for",
+__all__ = ["BUCKETS", "FEATURES", "bucket", "TokenStats", "token_stats", "Detector", "DEFAULT_DETECTOR", "detector_for",
            "read_documents"]
