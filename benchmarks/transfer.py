@@ -3,18 +3,22 @@
 The protocol (also written into the JSON's `protocol`):
 
 1. Pretrain once, at this commit, a 4 x 256 GPT (d_ff 1024, context 128, Muon) for --pretrain-seconds
-   (default 45 min, ending annealed: the cosine decays over the time budget) on IMDB's unlabeled + train
-   reviews (never test), normalised like SST-2 (`gptn prepare --normalize sst`). --books-seconds N
-   pretrains on Gutenberg first and continues on IMDB from it. Every section below uses this one run.
+   (default 40 min, ending annealed: the cosine decays over the time budget) on IMDB's unlabeled + train
+   reviews (never test), normalised like SST-2 (`gptn prepare --normalize sst`), then continue it for
+   --tapt-seconds (default 5 min; 45 in all) on SST-2's unlabeled training sentences (task-adaptive
+   pretraining, Gururangan et al. 2020; never dev), its own run. --books-seconds N pretrains on Gutenberg
+   first. Every section below uses these runs; which of the two SST-2 starts from is a selection choice.
 2. Data. SST-2: whole training sentences (dev holds whole sentences; the training rows are every phrase
    of the parse trees), shuffled once: 500 form the selection set, and label subsets of 2,000 are drawn
    from the rest (subset k: its own seeded draw). IMDB: the same from the train reviews. Reported once on
    SST-2 dev (872) and on 5,000 IMDB test reviews, minus every report item that occurs verbatim in the
    pretraining text (the JSON says how many).
 3. Selection, on the selection set only. Each arm (pretrained, scratch: the same shape, randomly
-   initialised) runs the same grid (SEARCH: rate x λ for SST-2; long-input handling x λ for IMDB at the
-   rate SST-2 chose for that arm), one seed on label subset 0; the epoch kept in every run is the best on
-   the selection set. The best grid point is frozen as the arm's recipe.
+   initialised) runs a grid of 12 points (SEARCH: for SST-2 the pretrained arm's is source run x rate x λ,
+   the scratch arm's 6 rates x λ; for IMDB long-input handling x λ at SST-2's recipe), then from its best
+   point each of REFINE's changes (head pooling "extract" instead of "mean"; 5 epochs instead of 3), one
+   seed on label subset 0; the epoch kept in every run is the best on the selection set. The best of all
+   tried is frozen as the arm's recipe.
 4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets; TF-IDF (words + bigrams) +
    logistic regression (C by 5-fold cross-validation) is fitted on the same labeled examples the model
    sees (its label subset plus the selection set). Differences come with paired bootstrap 95% intervals
@@ -28,7 +32,7 @@ Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keye
 checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
 stopped when started again with the same --work.
 
-    python benchmarks/transfer.py [--pretrain-seconds 2700] [--books-seconds 0] [--work /tmp/gptn-transfer]
+    python benchmarks/transfer.py [--pretrain-seconds 2400] [--tapt-seconds 300] [--books-seconds 0] [--work /tmp/gptn-transfer]
                                   [--seeds 5] [--subsets 2] [--sections sst2,imdb,curve,glue] [--fresh]
 """
 
@@ -66,12 +70,23 @@ ARMS = ("pretrained", "scratch")
 # 4 x 256 (d_ff 4 x 256), context 128 (IMDB reviews are long; SST-2's sentences fit in 64), no biases.
 LM = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0, bias=False)
 LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
-# Fine-tuning: what is fixed for both arms, and the grid each arm searches on the selection set.
-FIXED = dict(pooling="mean", epochs=3, batch_size=32)
+TAPT_LR_SCALE = 1 / 3  # task-adaptive pretraining continues an annealed model: a gentler peak
+# Fine-tuning: what is fixed for both arms, and what each arm searches on the selection set: a grid, then
+# one change at a time from its best point (REFINE). The pretrained arm's SST-2 grid includes which
+# pretraining to start from (IMDB only, or IMDB then SST-2's own unlabeled sentences); the scratch arm has
+# no source to choose, so it gets as many grid points as rates instead.
+FIXED = dict(batch_size=32)
+DEFAULTS = dict(pooling="mean", epochs=3)
+RATES = (2.5e-4, 6.25e-4, 1.5e-3)
+LAMBDAS = (0.0, 0.5)
 SEARCH = {
-    "SST-2": [dict(lr=lr, lm_weight=lam) for lr in (2.5e-4, 6.25e-4, 1.5e-3) for lam in (0.0, 0.5)],
-    "IMDB": [dict(long_inputs=li, lm_weight=lam) for li in ("windows", "tail") for lam in (0.0, 0.5)],
+    ("SST-2", "pretrained"): [dict(source=src, lr=lr, lm_weight=lam) for src in ("imdb", "sst2") for lr in RATES
+                              for lam in LAMBDAS],
+    ("SST-2", "scratch"): [dict(lr=lr, lm_weight=lam) for lr in (1e-4, *RATES, 3e-3, 6e-3) for lam in LAMBDAS],
+    **{("IMDB", init): [dict(long_inputs=li, lm_weight=lam) for li in ("windows", "tail") for lam in LAMBDAS]
+       for init in ARMS},
 }
+REFINE = [dict(pooling="extract"), dict(epochs=5)]
 
 
 def full_sentences(phrases: list[str]) -> list[int]:
@@ -92,10 +107,21 @@ def full_sentences(phrases: list[str]) -> list[int]:
     return out
 
 
-def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> dict:
+def sst2_sentences() -> list[dict]:
+    """SST-2's whole training sentences, shuffled once (seed 0): the selection set and label subsets are
+    drawn from them, and, unlabeled, they are the task-adaptive pretraining text. Dev is never among them."""
+    sst = read_records(GLUE / "SST-2" / "train.tsv")
+    whole = full_sentences([r["sentence"].strip() for r in sst])
+    random.Random(0).shuffle(whole)
+    return [sst[i] for i in whole]
+
+
+def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_seconds: float = 0.0) -> dict:
     """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2, optionally pretrain
-    on Gutenberg first and continue on IMDB through init_from. The step count sized from the time budget
-    is written to WORK/plan.json the first time, so an interrupted run resumes the same schedule."""
+    on Gutenberg first and continue on IMDB through init_from; with tapt_seconds, continue from the IMDB
+    run on SST-2's unlabeled training sentences (task-adaptive pretraining, its own run: both sources stay
+    for the selection). The budgets of the first start are written to WORK/plan.json, so an interrupted
+    run resumes the same schedule."""
     corpus = work / "imdb-corpus"
     if not (corpus / "manifest.json").exists():
         t0 = time.time()
@@ -107,12 +133,18 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> di
         books = work / "books-corpus"
         if not (books / "manifest.json").exists():
             prepare([str(GUTENBERG)], str(corpus / "tokenizer"), books, val_fraction=0.02, progress=False)
-        stages.append(("books", books, books_seconds))
-    stages.append(("imdb", corpus, seconds))
+        stages.append(("books", books, books_seconds, 1.0))
+    stages.append(("imdb", corpus, seconds, 1.0))
+    if tapt_seconds > 0:
+        sst = work / "sst2-corpus"
+        if not (sst / "manifest.json").exists():
+            text = _write_jsonl(work / "sst2_unlabeled.jsonl", [{"text": r["sentence"].strip()} for r in sst2_sentences()])
+            prepare([str(text)], str(corpus / "tokenizer"), sst, val_fraction=0.02, progress=False)
+        stages.append(("sst2", sst, tapt_seconds, TAPT_LR_SCALE))
     plan_path = work / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
     summary, init_from = {}, None
-    for name, data, budget in stages:
+    for name, data, budget, lr_scale in stages:
         run = work / f"pretrained-{name}"
         if name not in plan:  # the budget of the first start, kept for a resumed run
             plan[name] = {"seconds": budget}
@@ -122,9 +154,9 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> di
         n_steps = 10 ** 7
         pretrain(PretrainConfig(  # resumes an interrupted run; a finished one returns at once
             corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
-            steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR, min_lr=LM_LR / 10, optimizer="muon",
-            muon_lr=LM_MUON_LR, warmup_steps=100, eval_interval=500, eval_batches=40, checkpoint_interval=500,
-            max_seconds=plan[name]["seconds"], progress=False))
+            steps=n_steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR * lr_scale, min_lr=LM_LR * lr_scale / 10,
+            optimizer="muon", muon_lr=LM_MUON_LR * lr_scale, warmup_steps=100, eval_interval=500, eval_batches=40,
+            checkpoint_interval=500, max_seconds=plan[name]["seconds"], progress=False))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         val = [r for r in records if "val_loss" in r]
         state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False, map_location="cpu")
@@ -132,7 +164,8 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0) -> di
         summary[name] = {"steps": state["step"], "budget_seconds": plan[name]["seconds"], "tokens": tokens,
                          "seconds": round(state["train_seconds"]), "tokens_per_s": round(tokens / state["train_seconds"]),
                          "val_loss_step0": val[0]["val_loss"], "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"],
-                         "final_lr": [r for r in records if "lr" in r][-1]["lr"], "min_lr": LM_LR / 10, "corpus": str(data.name),
+                         "lr": LM_LR * lr_scale, "final_lr": [r for r in records if "lr" in r][-1]["lr"],
+                         "min_lr": LM_LR * lr_scale / 10, "corpus": str(data.name),
                          "d_ff": json.loads((run / "checkpoint" / "config.json").read_text())["d_ff"]}
         init_from = str(run)
     return summary
@@ -158,8 +191,9 @@ def verbatim_in(pool: list[str], texts: list[str], steps, whole_texts: bool) -> 
 
 
 def _verbatim_in_pretraining(texts: list[str], steps, whole_reviews: bool) -> list[bool]:
-    """verbatim_in the pretraining text: IMDB's unsup + train reviews."""
+    """verbatim_in the pretraining text: IMDB's unsup + train reviews and SST-2's training sentences."""
     pool = [json.loads(line)["text"] for name in ("unsup.jsonl", "train.jsonl") for line in open(IMDB / name)]
+    pool += [r["sentence"].strip() for r in sst2_sentences()]
     return verbatim_in(pool, texts, steps, whole_reviews)
 
 
@@ -168,10 +202,7 @@ def labeled_sets(work: Path, subsets: int, steps) -> dict:
     report set with what occurs verbatim in the pretraining text removed."""
     cache = work / "report_overlap.json"
     overlap = json.loads(cache.read_text()) if cache.exists() else {}
-    sst = read_records(GLUE / "SST-2" / "train.tsv")
-    whole = full_sentences([r["sentence"].strip() for r in sst])
-    random.Random(0).shuffle(whole)
-    sst_rows = [{"text": sst[i]["sentence"].strip(), "label": sst[i]["label"]} for i in whole]
+    sst_rows = [{"text": r["sentence"].strip(), "label": r["label"]} for r in sst2_sentences()]
     imdb_train = [{"text": r["text"], "label": r["label"]} for r in map(json.loads, open(IMDB / "train.jsonl"))]
     imdb_test = [{"text": r["text"], "label": r["label"]} for r in map(json.loads, open(IMDB / "test.jsonl"))]
     random.Random(0).shuffle(imdb_train)
@@ -326,7 +357,9 @@ def summary(runs: list[dict]) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/gptn-transfer")
-    ap.add_argument("--pretrain-seconds", type=float, default=2700, help="IMDB pretraining budget (default 45 min)")
+    ap.add_argument("--pretrain-seconds", type=float, default=2400, help="IMDB pretraining budget (default 40 min)")
+    ap.add_argument("--tapt-seconds", type=float, default=300,
+                    help="then pretrain on SST-2's unlabeled training sentences this long (default 5 min; 0: none)")
     ap.add_argument("--books-seconds", type=float, default=0,
                     help="pretrain on Gutenberg this long first, then on IMDB from it (--init-from)")
     ap.add_argument("--fresh", action="store_true", help="delete --work first (default: resume what it holds)")
@@ -344,8 +377,8 @@ def main():
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds)
-    source = work / "pretrained-imdb"
+    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, args.tapt_seconds)
+    sources = {name: work / f"pretrained-{name}" for name in ("imdb", "sst2") if name in pre}
     print("pretraining: " + json.dumps(pre), flush=True)
     t_ft = time.time()
     steps = Corpus(work / "imdb-corpus").tokenizer.normalize
@@ -353,19 +386,28 @@ def main():
     runs_of = [(seed, k) for k in range(args.subsets) for seed in range(1, args.seeds + 1)]
     results, recipes, searches, cells, bow = {}, {}, {}, {}, {}
 
-    def arm_options(init: str, recipe: dict) -> dict:
-        return {**FIXED, **recipe, "from_scratch": init == "scratch"}
+    def run(init: str, recipe: dict, train: Path, select: Path, report: Path | None, seed: int, **change) -> dict:
+        """One fine-tuning of an arm's recipe: its source run (the scratch arm reads only the shape from
+        IMDB's) and the fine-tuning options."""
+        options = {**FIXED, **DEFAULTS, **recipe, **change}
+        source = sources[options.pop("source", "imdb") if init == "pretrained" else "imdb"]
+        return tune(work, source, train, select, report, seed=seed, from_scratch=init == "scratch", **options)
 
     def search(task: str, base: dict) -> None:
-        """Each arm's grid, one seed on subset 0, scored on the selection set; the best is frozen."""
+        """Each arm's grid, then REFINE's changes one at a time from its best point: one seed on subset 0,
+        scored on the selection set; the best of everything tried is frozen as the arm's recipe."""
         s = sets[task]
         for init in ARMS:
             print(f"{task}, {init}: search on the selection set", flush=True)
-            tried = [{"options": {**base.get(init, {}), **point},
-                      **{k: v for k, v in tune(work, source, s["subsets"][0], s["select"], None, seed=1,
-                                               **arm_options(init, {**base.get(init, {}), **point})).items()
-                         if k in ("select", "epoch", "seconds")}}
-                     for point in SEARCH[task]]
+
+            def trial(point: dict) -> dict:
+                scored = run(init, point, s["subsets"][0], s["select"], None, seed=1)
+                return {"options": point, **{k: scored[k] for k in ("select", "epoch", "seconds")}}
+
+            grid = [point for point in SEARCH[(task, init)] if sources.get(point.get("source", "imdb"))]
+            tried = [trial({**base.get(init, {}), **point}) for point in grid]
+            best = max(tried, key=lambda t: t["select"])["options"]
+            tried += [trial({**best, **change}) for change in REFINE if task == "SST-2"]
             searches[f"{task}: {init}"] = tried
             recipes[f"{task}: {init}"] = max(tried, key=lambda t: t["select"])["options"]
 
@@ -376,14 +418,18 @@ def main():
 
     def report(task: str, init: str, n: int = N_LABELED) -> list[dict]:
         s, recipe = sets[task], recipes[f"{task}: {init}"]
-        steps_alike = {"epochs": round(FIXED["epochs"] * N_LABELED / n)}  # as many optimizer steps as 2,000 labels
+        epochs = round({**DEFAULTS, **recipe}["epochs"] * N_LABELED / n)  # as many optimizer steps as 2,000 labels
         print(f"{task}, {init}, {n} labels: {len(runs_of)} runs of {json.dumps(recipe)}", flush=True)
-        return [tune(work, source, labels(task, k, n), s["select"], s["report"], seed=seed,
-                     **{**arm_options(init, recipe), **steps_alike}) for seed, k in runs_of]
+        return [run(init, recipe, labels(task, k, n), s["select"], s["report"], seed, epochs=epochs)
+                for seed, k in runs_of]
+
+    def probe_source(task: str) -> Path:
+        """The pretrained run the frozen probe reads: the one the task's pretrained recipe starts from."""
+        return sources[recipes[f"{task}: pretrained"].get("source", "imdb")]
 
     def tfidf(task: str, n: int = N_LABELED) -> list[list[int]]:
         s = sets[task]
-        return [cached(work, {"name": "tfidf", "source": source, "train": labels(task, k, n)},
+        return [cached(work, {"name": "tfidf", "source": sources["imdb"], "train": labels(task, k, n)},
                        lambda: tfidf_baseline([labels(task, k, n), s["select"]], s["report"], steps))
                 for k in range(args.subsets)]
 
@@ -392,7 +438,9 @@ def main():
             continue
         if task == "IMDB" and "SST-2: pretrained" not in recipes:
             search("SST-2", {})
-        search(task, {init: {"lr": recipes[f"SST-2: {init}"]["lr"]} for init in ARMS} if task == "IMDB" else {})
+        # IMDB starts from SST-2's recipe of each arm (all but λ, and the IMDB-only source) and searches the rest
+        search(task, {init: {k: v for k, v in recipes[f"SST-2: {init}"].items() if k not in ("source", "lm_weight")}
+                      for init in ARMS} if task == "IMDB" else {})
         for init in ARMS:
             cells[(task, init)] = report(task, init)
         bow[task] = tfidf(task)
@@ -426,9 +474,10 @@ def main():
         for task in ("RTE", "MRPC", "STS-B"):
             paths = glue_sets(work, task)
             for init in ARMS:
-                recipe = recipes.get(f"SST-2: {init}") or SEARCH["SST-2"][0]
-                runs = [tune(work, source, paths["train"], paths["select"], paths["report"], seed=seed,
-                             **arm_options(init, recipe)) for seed in range(1, args.seeds + 1)]
+                recipe = {k: v for k, v in (recipes.get(f"SST-2: {init}") or SEARCH[("SST-2", init)][0]).items()
+                          if k != "source"}  # the SST-2 task-adaptive run is not GLUE's
+                runs = [run(init, recipe, paths["train"], paths["select"], paths["report"], seed)
+                        for seed in range(1, args.seeds + 1)]
                 glue[f"{task}: {init}"] = {"metric": runs[0]["metric"], **summary(runs)}
         results["glue"] = glue
         print("\nGLUE (2,000 train, 500 selection, dev): " + ", ".join(f"{k} {v['metric']} {v['mean']:.3f}" for k, v in glue.items()))
@@ -439,8 +488,9 @@ def main():
         "cells": {f"{task}: {init}": {k: v for k, v in summary(runs).items()} for (task, init), runs in cells.items()},
         "recipes": recipes, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
         "pretrained_search": {k: v for k, v in searches.items() if "pretrained" in k}, "fixed": FIXED,
-        "frozen_probe": {task: cached(work, {"name": "probe", "source": source, "train": sets[task]["subsets"][0]},
-                                      lambda: frozen_probe(source, sets[task]["subsets"][0], sets[task]["report"]))
+        "defaults_before_refine": DEFAULTS, "refine": REFINE,
+        "frozen_probe": {task: cached(work, {"name": "probe", "source": probe_source(task), "train": sets[task]["subsets"][0]},
+                                      lambda: frozen_probe(probe_source(task), sets[task]["subsets"][0], sets[task]["report"]))
                          for task in bow},
         "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
                                sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
@@ -449,7 +499,7 @@ def main():
                         "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
                         "tokenizer": "bpe:8192"},
         "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
-        "search_grid": SEARCH, "seeds": args.seeds, "subsets": args.subsets, "sections": sections,
+        "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds, "subsets": args.subsets, "sections": sections,
         "command": " ".join(["python", *sys.argv]),
         "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": started_on})
     print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
