@@ -394,7 +394,6 @@ def levers(r: Runner) -> dict:
 
 
 def transfer_tier(r: Runner) -> dict:
-
     import transfer as t
 
     from gptn.data import Corpus, prepare, read_records

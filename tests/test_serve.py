@@ -17,16 +17,17 @@ openai = pytest.importorskip("openai", reason="the openai client is in the dev e
 import uvicorn  # noqa: E402
 
 from gptn.generate import SamplingConfig, generate  # noqa: E402
-from gptn.serve import create_app  # noqa: E402
+from gptn.serve import create_app, uvicorn_config  # noqa: E402
 
 KEY = "sk-test"
 
 
-def _start(app):
+def _start(app, **limits):
+    """Serve `app` on a free port in a thread, configured as `gptn serve` configures uvicorn."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="error", **limits))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -476,3 +477,64 @@ def test_detect_endpoint_gives_gltr_ranks_off_the_event_loop(server, model, tok)
     assert 0 <= body["machine_probability"] <= 1 and set(body["features"]) >= {"top10", "rest"}
     assert raw(server[1], {"text": ""}, path="/v1/detect")[0] == 400
     assert raw(server[1], {"text": 5}, path="/v1/detect")[0] == 400
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes) -> float | None:
+    """Send `trickle` a byte at a time (0.2 s apart) until the server closes the socket: the seconds that
+    took, or None if it was still open after `seconds`."""
+    t0 = time.time()
+    sock.settimeout(0.2)
+    for i in range(10 ** 6):
+        if time.time() - t0 > seconds:
+            return None
+        try:
+            sock.sendall(trickle[i % len(trickle):i % len(trickle) + 1])
+            if sock.recv(1024) == b"":
+                return time.time() - t0
+        except socket.timeout:
+            continue
+        except OSError:  # reset or broken pipe: closed
+            return time.time() - t0
+
+
+def test_slow_clients_are_cut_off_and_the_server_keeps_serving(model, tok):
+    """A client sending its headers, or its body, a byte at a time is disconnected once the request
+    deadline passes (uvicorn alone would hold it for ever); meanwhile and afterwards others are served,
+    a keep-alive connection may take longer than the deadline between requests, and beyond
+    --max-connections new connections get 503."""
+    app = create_app(model, tok, model_name="tiny")
+    srv, port = _start(app, request_seconds=1.0, max_connections=8)
+    try:
+        headers = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as slow_headers:
+            took = _closed_within(slow_headers, 6, headers)
+        assert took is not None and 0.8 < took < 4, took
+        with socket.create_connection(("127.0.0.1", port)) as slow_body:
+            slow_body.sendall(headers + b"Content-Length: 500\r\n\r\n")
+            took = _closed_within(slow_body, 6, b'{"prompt": "' + b"a" * 480)
+        assert took is not None and 0.8 < took < 4, took
+        status, body = raw(port, {"model": "tiny", "prompt": "ab", "max_tokens": 2}, key=None)
+        assert status == 200 and len(body["choices"]) == 1
+        # a kept-alive connection idle longer than the request deadline serves its next request
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(2):
+            conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "ab", "max_tokens": 2}),
+                         {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())["choices"]
+            time.sleep(1.5)
+        conn.close()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        try:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+            assert refused.value.code == 503
+        finally:
+            for c in idle:
+                c.close()
+        time.sleep(1.5)  # the idle ones were cut off at the deadline anyway
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        srv.should_exit = True

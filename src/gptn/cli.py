@@ -165,6 +165,21 @@ def cmd_export_hf(sub):
     return run
 
 
+@command("export-gguf", "write a gptn run as a GGUF file for llama.cpp (ollama, LM Studio, llama-cpp-python)")
+def cmd_export_gguf(sub):
+    from .gguf_export import TYPES
+    sub.add_argument("run", help="gptn run directory (a pre-LN GPT with a byte-level BPE tokenizer)")
+    sub.add_argument("out", help="the .gguf file to write (must not exist)")
+    sub.add_argument("--type", default="f16", choices=TYPES,
+                     help="weight type: f32, f16 (default) or q8_0 (8-bit blocks of 32; vectors stay f32)")
+
+    def run(args):
+        from .gguf_export import export_gguf
+        path = export_gguf(args.run, args.out, args.type)
+        print(f"exported {args.run} -> {path} ({args.type}, {path.stat().st_size / 2**20:,.1f} MiB)")
+    return run
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 @command("prepare", "tokenize text files, folders, globs, .jsonl or .parquet (or `stdlib`) into token shards")
@@ -849,26 +864,34 @@ def cmd_lm_eval(sub):
 
 @command("serve", "serve a run over HTTP with the OpenAI completions API (the `serve` extra)")
 def cmd_serve(sub):
+    from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, SCHEDULER, SCHEDULERS
+    from .protocol import KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, REQUEST_SECONDS
     sub.add_argument("run", help="run directory")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sub.add_argument("--port", type=int, default=8000, help="port to listen on")
     sub.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but /health "
                      "(the API docs included)")
     sub.add_argument("--model-name", help="the model id clients ask for (default: the run folder's name)")
-    sub.add_argument("--max-batch", type=int, default=32,
-                     help="most rows decoded together, and most completions (prompts x n) in one request (default 32)")
+    sub.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                     help=f"most rows decoded together, and most completions (prompts x n) in one request (default {MAX_BATCH})")
     sub.add_argument("--max-body", type=int, help="largest request body in bytes, refused with 413 before "
                      "parsing (default 1 KiB per context token, at least 1 MiB)")
-    sub.add_argument("--max-queue", type=int, default=128,
-                     help="most requests waiting to start; more get 429 (default 128)")
-    sub.add_argument("--scheduler", default="continuous", choices=("continuous", "static"),
+    sub.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                     help=f"most requests waiting to start; more get 429 (default {MAX_QUEUE})")
+    sub.add_argument("--scheduler", default=SCHEDULER, choices=SCHEDULERS,
                      help="continuous: rows join and leave the batch at every step (default); static: a batch "
                      "runs until its longest request ends (for comparison)")
-    sub.add_argument("--prefill-chunk", type=int, default=256,
+    sub.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                      help="most prompt tokens prefilled per step, so a long prompt does not stall running "
-                     "streams (default 256)")
+                     f"streams (default {PREFILL_CHUNK})")
     sub.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    sub.add_argument("--request-timeout", type=float, default=REQUEST_SECONDS, metavar="SECONDS",
+                     help=f"close a connection whose request (headers and body) has not fully arrived this long "
+                     f"after it began (default {REQUEST_SECONDS:g}); idle keep-alive connections close after "
+                     f"{KEEP_ALIVE_SECONDS:g} s")
+    sub.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                     help=f"open connections beyond which new ones get 503 (default {MAX_CONNECTIONS})")
 
     def run(args):
         from .serve import serve
@@ -877,7 +900,8 @@ def cmd_serve(sub):
         if args.max_body is not None and args.max_body < 1:
             raise GptnError(f"--max-body must be >= 1, got {args.max_body}")
         serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device, args.dtype,
-              args.max_body, args.scheduler, args.max_queue, args.prefill_chunk)
+              args.max_body, args.scheduler, args.max_queue, args.prefill_chunk, args.request_timeout,
+              args.max_connections)
     return run
 
 

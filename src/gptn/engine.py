@@ -29,6 +29,8 @@ from .metrics import Histogram, prometheus_text
 from .model import prompt_limit
 
 SCHEDULERS = ("continuous", "static")
+SCHEDULER = "continuous"  # rows join and leave the batch at every step
+MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK = 32, 128, 256  # rows decoded together, requests waiting, prompt tokens per step
 
 
 class QueueFull(Exception):
@@ -67,7 +69,7 @@ class _Engine:
     """What both schedulers share: the submission queue with its bound, prompt log-probabilities,
     per-token bookkeeping (stop strings, max_tokens, metrics) and the /metrics text."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 128):
+    def __init__(self, model, tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE):
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.device = model.wte.weight.device
         self.inbox: queue.Queue = queue.Queue()
@@ -332,7 +334,8 @@ class _Row:
 class ContinuousEngine(_Engine):
     """Iteration-level scheduling over a slot cache (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 128, prefill_chunk: int = 256):
+    def __init__(self, model, tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.prefill_chunk = prefill_chunk
         self.config = model.config
         self.cache = SlotCache(model.config, max_batch, model.wte.weight.device, model.wte.weight.dtype)
@@ -534,8 +537,8 @@ class ContinuousEngine(_Engine):
             self.queued.appendleft(row)
 
 
-def make_engine(scheduler: str, model, tokenizer, max_batch: int = 32, max_queue: int = 128,
-                prefill_chunk: int = 256) -> _Engine:
+def make_engine(scheduler: str, model, tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
+                prefill_chunk: int = PREFILL_CHUNK) -> _Engine:
     """The engine `gptn serve --scheduler` names."""
     if scheduler == "static":
         return StaticEngine(model, tokenizer, max_batch, max_queue)

@@ -27,10 +27,12 @@ import uuid
 from importlib import resources
 from typing import Annotated, Any
 
-from .config import GptnError
-from .engine import SCHEDULERS, Job, QueueFull, make_engine
+from .config import GptnError, is_number
+from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, SCHEDULER, SCHEDULERS, Job, QueueFull, make_engine
 from .generate import SamplingConfig, _StopWatcher, encode_prompt
 from .model import prompt_limit, require_decoder
+from .protocol import (KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, MAX_DETECT_TOKENS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP,
+                       MAX_STOP_CHARS, MAX_TOKENS, REQUEST_SECONDS)
 
 try:
     from fastapi import FastAPI, Request
@@ -41,10 +43,6 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise GptnError("the server needs the `serve` extra: pip install 'gptn[serve]'") from e
 
-MAX_N = 16  # completions per prompt
-MAX_STOP, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's 4), characters per stop string
-MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
-MAX_DETECT_TOKENS = 4096  # tokens /v1/detect scores in one request
 
 
 def _prompt_shape(value):
@@ -79,7 +77,7 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: Annotated[Any, AfterValidator(_prompt_shape), WithJsonSchema(PROMPT_SCHEMA)] = ""
-    max_tokens: int | None = 16
+    max_tokens: int | None = MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # vLLM's extension: -1 (or 0) for the whole vocabulary
@@ -242,7 +240,7 @@ class Completions:
         else:
             texts = list(p) or [""]
         out = []
-        generating = (16 if req.max_tokens is None else req.max_tokens) > 0
+        generating = (MAX_TOKENS if req.max_tokens is None else req.max_tokens) > 0
         limit = prompt_limit(self.n_ctx, generating)
         for t in texts:
             try:
@@ -261,7 +259,7 @@ class Completions:
         if req.model not in (None, self.model_name):
             raise ApiError(404, f"the model {req.model!r} does not exist; this server has {self.model_name!r}", "model",
                            "not_found_error", "model_not_found")
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        max_tokens = MAX_TOKENS if req.max_tokens is None else req.max_tokens
         if not 0 <= max_tokens <= self.max_tokens_limit:
             raise ApiError(400, f"max_tokens must be in 0..{self.max_tokens_limit}, got {max_tokens}", "max_tokens")
         if not 1 <= req.n <= MAX_N:
@@ -328,7 +326,7 @@ class Completion:
     def __init__(self, service: Completions, req: CompletionRequest, prompts: list[list[int]], is_disconnected=None):
         self.service, self.req, self.prompts, self.is_disconnected = service, req, prompts, is_disconnected
         self._checked = time.monotonic()
-        self.max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        self.max_tokens = MAX_TOKENS if req.max_tokens is None else req.max_tokens
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         sampling = SamplingConfig(max_new_tokens=self.max_tokens, temperature=req.temperature,
                                   top_p=req.top_p if req.top_p < 1 else None, top_k=req.top_k if req.top_k > 0 else None,
@@ -467,9 +465,9 @@ class Completion:
             self.job.cancelled = True  # a client that went away stops its rows at the next token
 
 
-def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = 32,
-               max_tokens_limit: int | None = None, max_body: int | None = None, scheduler: str = "continuous",
-               max_queue: int = 128, prefill_chunk: int = 256, detector=None) -> FastAPI:
+def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = MAX_BATCH,
+               max_tokens_limit: int | None = None, max_body: int | None = None, scheduler: str = SCHEDULER,
+               max_queue: int = MAX_QUEUE, prefill_chunk: int = PREFILL_CHUNK, detector=None) -> FastAPI:
     """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does). `detector`
     (gptn.detect.Detector, default DEFAULT_DETECTOR) answers /v1/detect."""
     require_decoder(model, "serve completions")
@@ -577,10 +575,67 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
     return app
 
 
+def request_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline on receiving each request: uvicorn times out only idle
+    keep-alive connections, so a client that sends its request a byte at a time would hold its socket
+    (and a file descriptor) for ever (uvicorn#157). The deadline covers the request's receipt only —
+    a long streamed response is never cut — and an expired connection is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class RequestDeadline(H11Protocol):
+        _deadline = None
+
+        def _arm(self):
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self):
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data):
+            if self._deadline is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # the next request on a kept-alive connection starts its own clock
+            super().data_received(data)
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self._disarm()  # received whole (or the connection is done): the answer may take its time
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return RequestDeadline
+
+
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, request_seconds: float = REQUEST_SECONDS,
+                   max_connections: int = MAX_CONNECTIONS, log_level: str = "warning"):
+    """How `gptn serve` runs `app` in uvicorn: a deadline on receiving each request, idle keep-alive
+    connections closed, and a cap on open connections (503 beyond it)."""
+    import uvicorn
+
+    if not (is_number(request_seconds) and request_seconds > 0):
+        raise GptnError(f"--request-timeout must be a positive number of seconds, not {request_seconds!r}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise GptnError(f"--max-connections must be a whole number >= 1, not {max_connections!r}")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=request_deadline_protocol(request_seconds),
+                          timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=max_connections)
+
+
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_batch: int = 32, device: str = "cpu", dtype: str = "fp32",
-          max_body: int | None = None, scheduler: str = "continuous", max_queue: int = 128,
-          prefill_chunk: int = 256) -> None:
+          model_name: str | None = None, max_batch: int = MAX_BATCH, device: str = "cpu", dtype: str = "fp32",
+          max_body: int | None = None, scheduler: str = SCHEDULER, max_queue: int = MAX_QUEUE,
+          prefill_chunk: int = PREFILL_CHUNK, request_seconds: float = REQUEST_SECONDS,
+          max_connections: int = MAX_CONNECTIONS) -> None:
     """Load a run and serve it until interrupted; `dtype` as in gptn.inference.prepare_for_inference."""
     import sys
     from pathlib import Path
@@ -589,6 +644,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
     from .inference import load_for_inference
     check_options(scheduler, max_batch, max_queue, prefill_chunk)
+    uvicorn_config(None, request_seconds=request_seconds, max_connections=max_connections)  # refused before loading
     model, tokenizer = load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
     name = model_name or Path(run).resolve().name
     from .detect import detector_for
@@ -596,7 +652,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
                      max_queue=max_queue, prefill_chunk=prefill_chunk, detector=detector_for(run))
     print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
           f"{'API key required' if api_key else 'no API key'})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, host, port, request_seconds, max_connections)).run()
 
 
 PLAYGROUND = resources.files("gptn").joinpath("playground.html").read_text(encoding="utf-8")
