@@ -1,8 +1,9 @@
 """Decode speed of the `gpt2` (124M) config on CPU, greedy: gptn at fp32 / bf16 / fp16 / int8 beside Hugging Face
-`generate` (fp32) and CTranslate2 (fp32, int8: the CPU engine people pick), all in one run.
+`generate` (fp32), CTranslate2 (fp32, int8) and llama.cpp (F16, Q8_0: the CPU engines people pick), all in one run.
 
 Prompt 16 tokens, 256 new tokens, batch 1 and batch 8, the same random weights everywhere (exported with
-`gptn export-hf`, converted by CTranslate2's own converter); gptn as `gptn generate --dtype D` runs it
+`gptn export-hf`, converted by CTranslate2's own converter; `gptn export-gguf` for llama.cpp, run through
+llama-cpp-python at batch 1 only: its Python API decodes one sequence); gptn as `gptn generate --dtype D` runs it
 (gptn.inference.prepare_for_inference). The batch-1 bandwidth limit of each dtype is the copy bandwidth
 measured in this run over the weight bytes read per token. Also: a 1 x 1024 prefill (last-position
 logits) at each dtype beside Hugging Face fp32 and bf16.
@@ -14,12 +15,14 @@ alternation spreads this machine's slow and fast phases over every engine alike.
 
 Quality, on a model trained in this run (a 4 x 256 GPT, `bpe:8192`, --quality-minutes of pretraining on
 the first Gutenberg books; or --quality-run RUN --quality-corpus CORPUS): validation perplexity and
-greedy-token agreement of bf16 / fp16 / int8 against fp32, and HellaSwag zero-shot accuracy on the same items.
+greedy-token agreement of bf16 / fp16 / int8 against fp32, and HellaSwag zero-shot accuracy on the same items;
+llama.cpp's validation perplexity at F16 and Q8_0 on the same windows, from the same model exported to GGUF.
 On a CPU without native bf16, bf16 is judged a second time with its prompt path computing what it computes on a
 CPU with it (emulated), since that path rounds activations too.
 
-Targets (issue 22): int8 >= 1.0x CTranslate2 int8 and fp32 >= 1.1x CTranslate2 fp32 at batch 1 and 8;
-bf16 >= 1.7x fp32 at batch 1 (fp16, the other 2-byte path, reported beside it); fp32 >= 1.25x / 1.5x Hugging Face; prefill no slower than Hugging Face's.
+Targets (issues 22, 39): int8 >= 1.0x CTranslate2 int8 and fp32 >= 1.1x CTranslate2 fp32 at batch 1 and 8;
+bf16 >= 1.7x fp32 at batch 1 (fp16, the other 2-byte path, reported beside it); fp32 >= 1.25x / 1.5x Hugging Face;
+prefill no slower than Hugging Face's; int8 >= 1.0x llama.cpp Q8_0 and fp16 >= 1.0x llama.cpp F16 at batch 1.
 
     python benchmarks/generate.py [--quality-minutes 6 | --quality-run RUN --quality-corpus CORPUS] [--dtypes fp32,bf16,fp16,int8]
 """
@@ -41,6 +44,7 @@ from common import SHARED, machine, table, write_results  # noqa: E402
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
 from gptn.generate import SamplingConfig, generate_ids  # noqa: E402
+from gptn.gguf_export import export_gguf  # noqa: E402
 from gptn.hf import export_hf  # noqa: E402
 from gptn.inference import prepare_for_inference  # noqa: E402
 from gptn.runtime import native_bf16  # noqa: E402
@@ -48,6 +52,7 @@ from gptn.model import GPT  # noqa: E402
 from gptn.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT, NEW, REPS = 16, 256, 5
+GGUF_TYPES = {"F16": "f16", "Q8_0": "q8_0"}  # llama.cpp's name -> export-gguf --type
 
 
 def copy_bandwidth(nbytes=512 * 2**20, reps=10) -> float:
@@ -100,6 +105,8 @@ def engine(kind: str, work: Path, dtypes: list[str]) -> dict:
                                min_new_tokens=NEW, use_cache=True, pad_token_id=0)[:, PROMPT:].tolist()
         return {"HF fp32": (decode, lambda ids: hf(ids, logits_to_keep=1)),
                 "HF bf16": (None, lambda ids: hf_bf16(ids, logits_to_keep=1))}
+    if kind == "llama":
+        return llama_engine(work)
     import ctranslate2
     generators = {ct: ctranslate2.Generator(str(work / f"ct2-{ct}"), device="cpu", compute_type=ct, intra_threads=2)
                   for ct in ("float32", "int8")}
@@ -112,6 +119,51 @@ def engine(kind: str, work: Path, dtypes: list[str]) -> dict:
         return decode
     return {"CTranslate2 fp32": (ct2_decode(generators["float32"]), None),
             "CTranslate2 int8": (ct2_decode(generators["int8"]), None)}
+
+
+def llama_engine(work: Path) -> dict:
+    """llama.cpp at F16 and Q8_0 through llama-cpp-python, 2 threads, greedy; batch 1 (its Python API
+    decodes one sequence: a batch is refused rather than run row by row)."""
+    import llama_cpp
+    fns = {}
+    for name in GGUF_TYPES:
+        llm = llama_cpp.Llama(model_path=str(work / f"model-{name}.gguf"), n_ctx=1024, n_batch=1024, n_threads=2,
+                              n_threads_batch=2, verbose=False)
+
+        def decode(ids, toks, llm=llm):
+            assert len(ids) == 1, "llama-cpp-python decodes one sequence"
+            out = []
+            for token in llm.generate(ids[0], top_k=1, temp=0.0, reset=True):
+                out.append(token)
+                if len(out) == NEW:
+                    break
+            return [out]
+
+        def prefill(ids, llm=llm):
+            llm.reset()
+            llm.eval(ids[0].tolist())
+        fns[f"llama.cpp {name}"] = (decode, prefill)
+    return fns
+
+
+def llama_perplexity(run: str, windows) -> dict:
+    """llama.cpp's validation perplexity of `run` exported to GGUF, on the windows gptn's dtypes are judged on."""
+    import llama_cpp
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kind in GGUF_TYPES.items():
+            path = export_gguf(run, Path(tmp) / f"{name}.gguf", kind)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows[0][0].shape[1], logits_all=True, n_threads=2,
+                                  verbose=False)
+            nll = []
+            for x, y in windows:
+                for row, target in zip(x.tolist(), y.tolist()):
+                    llm.reset()
+                    llm.eval(row)
+                    logits = torch.tensor(llm.scores[:len(row)], dtype=torch.float64)
+                    nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(target)).item())
+            out[f"llama.cpp {name}"] = {"val_ppl": math.exp(sum(nll) / len(nll))}
+    return out
 
 
 def worker(conn, kind: str, work: Path, dtypes: list[str]):
@@ -203,6 +255,9 @@ def quality(run: str, corpus: str, dtypes: list[str]) -> dict:
         out[name]["greedy_agreement_vs_fp32"] = agreement(greedy, ref["greedy"])
         out[name]["argmax_agreement_vs_fp32"] = (argmax == ref["argmax"]).float().mean().item()
         print(f"quality {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in out[name].items()), flush=True)
+    for name, r in llama_perplexity(run, windows).items():
+        out[name] = {**r, "ppl_vs_fp32": r["val_ppl"] / ref["val_ppl"] - 1}
+        print(f"quality {name}: val_ppl {r['val_ppl']:.4f}, vs gptn fp32 {out[name]['ppl_vs_fp32']:+.4f}", flush=True)
     return {"run": run, "corpus": corpus, "val_windows": 25 * 16, "greedy_prompts": len(prompts), **out}
 
 
@@ -212,7 +267,7 @@ class Workers:
     def __init__(self, work: Path, dtypes: list[str]):
         ctx = mp.get_context("spawn")
         self.procs, self.conns, self.has = [], {}, {}
-        for kind in ("gptn", "hf", "ct2"):
+        for kind in ("gptn", "hf", "ct2", "llama"):
             here, there = ctx.Pipe()
             proc = ctx.Process(target=worker, args=(there, kind, work, dtypes), daemon=True)
             proc.start()
@@ -253,6 +308,8 @@ def main():
     save_checkpoint(work / "run", config, base.state_dict(), tokenizer=tok)
     export_hf(work / "run", work / "hf", say=lambda m: None)
     convert_ct2(work / "hf", work)
+    for name, kind in GGUF_TYPES.items():
+        export_gguf(work / "run", work / f"model-{name}.gguf", kind)
     n_weights = sum(p.numel() for n, p in base.named_parameters() if n != "wpe.weight")
     del base
     bandwidth = copy_bandwidth()
@@ -266,11 +323,12 @@ def main():
     for batch in (1, 8):
         ids = torch.randint(0, config.vocab_size, (batch, PROMPT), generator=g).tolist()
         request = (ids, [[id_to_token[i] for i in row] for row in ids])
-        for name in decoders:  # warm-up: first-call allocations and kernel choices
+        engines = [n for n in decoders if batch == 1 or not n.startswith("llama.cpp")]
+        for name in engines:  # warm-up: first-call allocations and kernel choices
             workers.run("decode", name, request)
-        seconds, outputs = {n: [] for n in decoders}, {}
+        seconds, outputs = {n: [] for n in engines}, {}
         for _ in range(args.reps):
-            for name in decoders:
+            for name in engines:
                 t, outputs[name] = workers.run("decode", name, request)
                 seconds[name].append(t)
         ref = outputs.get("gptn fp32", outputs["HF fp32"])
@@ -296,6 +354,8 @@ def main():
                        f"ratio_fp32_vs_ct2_batch{b}": r.get("gptn fp32", 0) / r["CTranslate2 fp32"],
                        f"ratio_batch{b}": r.get("gptn fp32", 0) / r["HF fp32"]})
     r1 = {k: v["tokens_per_s"] for k, v in res["batch1"].items()}
+    ratios.update({"ratio_int8_vs_llamacpp_q8_batch1": r1.get("gptn int8", 0) / r1["llama.cpp Q8_0"],
+                   "ratio_fp16_vs_llamacpp_f16_batch1": r1.get("gptn fp16", 0) / r1["llama.cpp F16"]})
     for half in ("bf16", "fp16"):
         if f"gptn {half}" in r1 and "gptn fp32" in r1:
             ratios[f"ratio_{half}_vs_fp32_batch1"] = r1[f"gptn {half}"] / r1["gptn fp32"]
@@ -307,13 +367,17 @@ def main():
         "fraction_of_bandwidth_limit_batch1": {d: r1[f"gptn {d}"] / limits[d] for d in dtypes},
         "prefill_1x1024_seconds": {d: prefill[f"gptn {d}"] for d in dtypes},
         "hf_prefill_1x1024_seconds": prefill["HF fp32"], "hf_bf16_prefill_1x1024_seconds": prefill["HF bf16"],
+        "llamacpp_prefill_1x1024_seconds": {n: prefill[f"llama.cpp {n}"] for n in GGUF_TYPES},
         "prompt_tokens": PROMPT, "new_tokens": NEW, "reps": args.reps,
         "targets": {"ratio_int8_vs_ct2_batch1": 1.0, "ratio_int8_vs_ct2_batch8": 1.0, "ratio_fp32_vs_ct2_batch1": 1.1,
                     "ratio_fp32_vs_ct2_batch8": 1.1, "ratio_bf16_vs_fp32_batch1": 1.7, "ratio_fp16_vs_fp32_batch1": 1.7,
-                    "ratio_batch1": 1.25, "ratio_batch8": 1.5},
+                    "ratio_batch1": 1.25, "ratio_batch8": 1.5, "ratio_int8_vs_llamacpp_q8_batch1": 1.0,
+                    "ratio_fp16_vs_llamacpp_f16_batch1": 1.0},
         "native_bf16": native_bf16(), "machine": machine()})
     import ctranslate2
+    import llama_cpp
     res["machine"]["ctranslate2"] = ctranslate2.__version__
+    res["machine"]["llama_cpp_python"] = llama_cpp.__version__
     print(table(rows, ("greedy decode", "engine", "tok/s", "same tokens as gptn fp32 (share)")))
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print("batch-1 bandwidth limit: " + ", ".join(f"{d} {limits[d]:.1f} tok/s ({res['fraction_of_bandwidth_limit_batch1'][d]:.0%} reached)"

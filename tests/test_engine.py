@@ -9,7 +9,7 @@ import torch
 
 from gptn.config import GPTConfig
 from gptn.engine import ContinuousEngine, Job, StaticEngine, _Call
-from gptn.generate import SamplingConfig, _StopWatcher, generate_ids
+from gptn.generate import SamplingConfig, StopWatcher, generate_ids
 from gptn.model import GPT
 
 
@@ -37,7 +37,7 @@ class Collector:
 def submit(engine, tok, prompts, sampling, max_tokens, logprobs=None, log=None, name=""):
     out = Collector(len(prompts), log, name)
     job = Job([tok.encode(p) if isinstance(p, str) else p for p in prompts], sampling, max_tokens, logprobs, out,
-              _StopWatcher(tok, len(prompts), [], None))
+              StopWatcher(tok, len(prompts), [], None))
     engine.submit(job)
     return job, out
 
@@ -194,7 +194,7 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model, tok):
     eng = ContinuousEngine(model, tok, max_batch=4)
     out = Collector(1)
     job = Job([tok.encode("cancel me")], SamplingConfig(greedy=True), 40, None, None,
-              _StopWatcher(tok, 1, [], None))
+              StopWatcher(tok, 1, [], None))
 
     def emit(ev):
         out(ev)
@@ -212,7 +212,7 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model, tok):
 def test_logprobs_per_row_are_the_models(engine, model, tok):
     events, done = [], threading.Event()
     job = Job([tok.encode("the")], SamplingConfig(greedy=True), 1, 2,
-              lambda ev: done.set() if ev.get("done") else events.append(ev), _StopWatcher(tok, 1, [], None))
+              lambda ev: done.set() if ev.get("done") else events.append(ev), StopWatcher(tok, 1, [], None))
     engine.submit(job)
     assert done.wait(30)
     with torch.no_grad():
@@ -247,3 +247,23 @@ def test_a_half_precision_model_serves(tok):
     greedy = no_eot(tok)
     _, out = submit(eng, tok, ["the cat"], greedy, 20)
     assert wait(out)[0][0] == alone(model, tok, "the cat", greedy, 20)
+
+
+def test_the_batching_key_is_derived_from_the_sampling_fields():
+    """A new sampling option needs no edit of the engine's batching: rows that differ in any field but
+    the per-row ones (length, stop strings, seed) never share a key — shown with a field the engine
+    has never heard of."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class WithNewOption(SamplingConfig):
+        min_p: float = 0.0  # an option added later
+
+    base = WithNewOption(temperature=0.7)
+    assert base.batch_key() != WithNewOption(temperature=0.7, min_p=0.1).batch_key()
+    for name, value in (("temperature", 0.8), ("top_k", 5), ("top_p", 0.9), ("repetition_penalty", 1.2),
+                        ("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("logit_bias", {3: 1.0})):
+        assert dataclasses.replace(base, **{name: value}).batch_key() != base.batch_key(), name
+    for name, value in (("max_new_tokens", 9), ("stop", ["x"]), ("seed", 3)):
+        assert dataclasses.replace(base, **{name: value}).batch_key() == base.batch_key(), name
+    assert {f.name for f in dataclasses.fields(SamplingConfig)} >= set(SamplingConfig.PER_ROW)

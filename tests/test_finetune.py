@@ -13,7 +13,7 @@ from gptn.cli import main
 from gptn.config import GPTConfig, GptnError
 from gptn.finetune import (MAX_WINDOWS, Example, FinetuneConfig, TaskModel, TaskSpec, _truncate, _with_gpt1_tokens,
                            collate, windows,
-                           compute_metrics, finetune, input_sequences, load_task_model, objective, predict,
+                           compute_metrics, finetune, input_sequences, load_task_model, l3_loss, predict,
                            read_task_file)
 from gptn.model import GPT
 from gptn.tokenizer import DELIM, EXTRACT, START, CharTokenizer
@@ -147,9 +147,9 @@ def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
 
     def grad(lm_weight):
         model.zero_grad()
-        loss, task_loss, lm_loss = objective(model, batch, targets, lm_weight)
+        loss, parts = l3_loss(model, batch, targets, lm_weight)
         loss.backward()
-        return model.gpt.h[0].mlp.c_fc.weight.grad.clone(), loss, task_loss, lm_loss
+        return model.gpt.h[0].mlp.c_fc.weight.grad.clone(), loss, parts["task_loss"], parts.get("lm_loss")
 
     g0, loss0, task0, lm0 = grad(0.0)
     g5, loss5, task5, lm5 = grad(0.5)
@@ -157,7 +157,7 @@ def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
     torch.testing.assert_close(loss5, task5 + 0.5 * lm5)
     assert not torch.allclose(g0, g5)
     model.zero_grad()
-    objective(model, batch, targets, 0.5)[1].backward()  # L2 alone gives the λ = 0 gradient
+    l3_loss(model, batch, targets, 0.5)[1]["task_loss"].backward()  # L2 alone gives the λ = 0 gradient
     torch.testing.assert_close(model.gpt.h[0].mlp.c_fc.weight.grad, g0)
 
 

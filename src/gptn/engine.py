@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import SamplingConfig, _StopWatcher, choose_tokens, generate_ids, logit_bias_tensor, score_continuations
+from .generate import SamplingConfig, StopWatcher, choose_tokens, generate_ids, logit_bias_tensor, score_continuations
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit
 
@@ -48,7 +48,7 @@ class Job:
     max_tokens: int
     logprobs: int | None
     emit: callable
-    watcher: _StopWatcher = None
+    watcher: StopWatcher = None
     cancelled: bool = False
     batch_key: tuple = ()  # StaticEngine: jobs with equal keys share a batch
     submitted: float = 0.0
@@ -191,9 +191,7 @@ class StaticEngine(_Engine):
     def submit(self, job: Job) -> None:
         s = job.sampling
         seeded_sampling = s.seed is not None and not s.greedy  # alone, so that its seed reproduces it
-        job.batch_key = (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.presence_penalty,
-                         s.frequency_penalty, tuple(sorted(s.logit_bias.items())), job.logprobs is not None,
-                         next(self._unique) if seeded_sampling else None)
+        job.batch_key = (s.batch_key(), job.logprobs is not None, next(self._unique) if seeded_sampling else None)
         super().submit(job)
 
     def _loop(self) -> None:
@@ -327,8 +325,7 @@ class _Row:
         """Rows with equal groups sample as one batch: same settings, no state of their own."""
         s = self.job.sampling
         alone = self.generator is not None or s.repetition_penalty != 1.0 or self.bias is not None
-        return (s.greedy, s.temperature, s.top_p, s.top_k, s.presence_penalty, s.frequency_penalty,
-                self.job.logprobs, id(self) if alone else None)
+        return (s.batch_key(), self.job.logprobs, id(self) if alone else None)
 
 
 class ContinuousEngine(_Engine):

@@ -250,12 +250,18 @@ def task_loss(spec: TaskSpec, out: torch.Tensor, targets: torch.Tensor) -> torch
     return F.mse_loss(out.float(), targets.float()) if spec.regression else F.cross_entropy(out.float(), targets)
 
 
-def objective(model: TaskModel, batch: Batch, targets: torch.Tensor, lm_weight: float):
-    """(L3, L2, L1) with L3 = L2 + λ·L1: the task loss plus λ times the LM loss on the same inputs.
-    At λ = 0 the LM loss is not computed at all (L1 is None)."""
-    out, lm_loss = model(batch, with_lm_loss=lm_weight > 0 and model.gpt.config.causal)
-    l2 = task_loss(model.spec, out, targets)
-    return (l2 + lm_weight * lm_loss if lm_loss is not None else l2), l2, lm_loss
+def l3_loss(model: TaskModel, batch: Batch, targets: torch.Tensor, lm_weight: float, example_share: float = 1.0,
+            token_share: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """GPT-1's L3 = L2 + λ·L1: the task loss plus λ times the LM loss on the same inputs, and its parts.
+    At λ = 0 the LM loss is not computed at all (fine-tuning sets λ = 0 for an encoder). The shares weight
+    a micro-batch's mean by its part of the step's examples (L2) and tokens (L1). `model` may be wrapped
+    (DDP, FSDP)."""
+    out, lm_loss = model(batch, with_lm_loss=lm_weight > 0)
+    l2 = task_loss(model.spec, out, targets) * example_share
+    if lm_loss is None:
+        return l2, {"task_loss": l2}
+    l1 = lm_loss * token_share
+    return l2 + lm_weight * l1, {"task_loss": l2, "lm_loss": l1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,12 +507,7 @@ class TaskObjective:
 
     def loss(self, model, batch, ctx):
         inputs, targets, example_share, token_share = batch
-        out, lm_loss = model(inputs, with_lm_loss=self.lm_weight > 0)
-        l2 = task_loss(self.spec, out, targets) * example_share
-        if lm_loss is None:
-            return l2, {"task_loss": l2}
-        l1 = lm_loss * token_share
-        return l2 + self.lm_weight * l1, {"task_loss": l2, "lm_loss": l1}
+        return l3_loss(model, inputs, targets, self.lm_weight, example_share, token_share)
 
     def evaluate(self, model, step: int, ctx):
         examples = self.val_examples
@@ -677,5 +678,5 @@ def predict(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], bat
 
 
 __all__ = ["TASKS", "Example", "Columns", "TaskData", "read_task_file", "input_sequences", "collate", "Batch",
-           "TaskSpec", "TaskModel", "objective", "task_loss", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
+           "TaskSpec", "TaskModel", "l3_loss", "task_loss", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
            "predict", "evaluate_task"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -71,6 +71,16 @@ class SamplingConfig:
             raise GptnError(f"greedy must be True or False, got {self.greedy!r}")
         if self.temperature == 0:
             self.greedy = True
+
+    # Fields that do not change how a step chooses among the logits: when a row ends, and its random stream.
+    PER_ROW = ("max_new_tokens", "stop", "seed")
+
+    def batch_key(self) -> tuple:
+        """What rows must share to choose their next tokens in one batched call: every field but
+        PER_ROW, read from the dataclass's fields, so that a new sampling option is part of it by itself."""
+        def hashable(v):
+            return tuple(sorted(v.items())) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+        return tuple((f.name, hashable(getattr(self, f.name))) for f in fields(self) if f.name not in self.PER_ROW)
 
 
 def _is_whole(value) -> bool:
@@ -299,7 +309,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
     return out
 
 
-class _StopWatcher:
+class StopWatcher:
     """Decodes each row incrementally; stops a row at end-of-text or when a stop string appears."""
 
     def __init__(self, tokenizer, rows: int, stop: list[str], stream: Callable[[int, str], None] | None):
@@ -369,7 +379,7 @@ def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig
     for start in range(0, rows, batch_size):
         ids = [encoded[r // num_samples] for r in range(start, min(rows, start + batch_size))]
         chunk_stream = None if stream is None else (lambda row, text, start=start: stream(start + row, text))
-        watcher = _StopWatcher(tokenizer, len(ids), sampling.stop, chunk_stream)
+        watcher = StopWatcher(tokenizer, len(ids), sampling.stop, chunk_stream)
         chunk_sampling = sampling if sampling.seed is None or not start else \
             replace(sampling, seed=(sampling.seed + start) % 2**63)  # later chunks must not repeat the first's draws
         generate_ids(model, ids, chunk_sampling, pad_id=tokenizer.eot_id, on_token=watcher, warn=warn)

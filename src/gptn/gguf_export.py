@@ -47,9 +47,9 @@ def check_exportable(config, tokenizer) -> None:
     if config.attention != "dense":
         raise GptnError("a model with sparse attention layers cannot be exported to GGUF: llama.cpp's GPT-2 is dense")
     if not isinstance(tokenizer, BPETokenizer):
-        kind = getattr(tokenizer, "kind", "no")
-        raise GptnError(f"a run with {'a ' + kind if tokenizer is not None else 'no'} tokenizer cannot be exported to "
-                        "GGUF: llama.cpp's GPT-2 reads a byte-level BPE vocabulary")
+        what = {"char": "a character", None: "no"}.get(getattr(tokenizer, "kind", None), f"a {tokenizer.kind}")
+        raise GptnError(f"a run with {what} tokenizer cannot be exported to GGUF: llama.cpp's GPT-2 reads a "
+                        "byte-level BPE vocabulary")
     if tokenizer.normalize:
         raise GptnError(f"this run's tokenizer normalises text first ({', '.join(tokenizer.normalize)}), which "
                         "llama.cpp would not do: its tokens would differ from the ones the model was trained on")

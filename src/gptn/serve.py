@@ -29,7 +29,7 @@ from typing import Annotated, Any
 
 from .config import GptnError, is_number
 from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, SCHEDULER, SCHEDULERS, Job, QueueFull, make_engine
-from .generate import SamplingConfig, _StopWatcher, encode_prompt
+from .generate import SamplingConfig, StopWatcher, encode_prompt
 from .model import prompt_limit, require_decoder
 from .protocol import (KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, MAX_DETECT_TOKENS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP,
                        MAX_STOP_CHARS, MAX_TOKENS, REQUEST_SECONDS)
@@ -341,7 +341,7 @@ class Completion:
         # token's event (emit runs there too), so the event loop never reads a list being written.
         self.deltas: list[list[str]] = [[] for _ in self.rows]
         self.job = Job(self.rows, sampling, self.max_tokens, req.logprobs, emit=self._emit,
-                       watcher=_StopWatcher(service.tokenizer, len(self.rows), stop, self._stream_text))
+                       watcher=StopWatcher(service.tokenizer, len(self.rows), stop, self._stream_text))
         self.tokens: list[list[int]] = [[] for _ in self.rows]
         self.token_info: list[list] = [[] for _ in self.rows]
         self.finish: list[str | None] = [None] * len(self.rows)

@@ -142,9 +142,6 @@ class Tokenizer:
         """Text of `ids`; a byte sequence cut inside a UTF-8 character shows as U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def token_text(self, i: int) -> str:
-        return self.decode([i])
-
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
