@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig, GptnError
+from .config import GPTConfig, GptnError, read_json
 
 CHECKPOINT = "checkpoint"
 
@@ -88,11 +88,7 @@ def run_kind(run_dir: str | Path) -> str | None:
     checkpoint without one, or None when it holds no checkpoint."""
     if not has_checkpoint(run_dir):
         return None
-    try:
-        meta = json.loads((checkpoint_dir(run_dir) / "meta.json").read_text(encoding="utf-8"))
-        return str(meta.get("kind", "model")) if isinstance(meta, dict) else "model"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return "model"
+    return str(read_meta(checkpoint_dir(run_dir)).get("kind", "model"))
 
 
 def claim_out(out: str | Path, writer: str, source: str | Path | None = None, resumable: Path | None = None) -> None:
@@ -177,7 +173,9 @@ def _write_checkpoint(tmp: Path, config, state_dict, tokenizer, train_state, met
     """save_checkpoint's files, written and synced in `tmp`."""
     tmp.mkdir()
     config.save(tmp / "config.json")
-    save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt", "writer": "gptn"})
+    # One metadata key: safetensors writes the metadata map in hash order, so two keys made identical
+    # runs differ byte for byte (and in their checksums).
+    save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer")
     if train_state is not None:
@@ -185,9 +183,11 @@ def _write_checkpoint(tmp: Path, config, state_dict, tokenizer, train_state, met
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     for name, tensors in (extra_tensors or {}).items():
-        save_file(tensors, str(tmp / name), metadata={"format": "pt", "writer": "gptn"})
-    meta = {**(meta or {}), "weights_sha256": _sha256(tmp / "model.safetensors")}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+    meta = {**(meta or {}), "weights_sha256": _sha256(tmp / "model.safetensors"),
+            "files_sha256": {name: _sha256(tmp / name) for name in files if name != "model.safetensors"}}
+    (tmp / "meta.json").write_text(json.dumps({**meta, "meta_sha256": _seal(meta)}, indent=2) + "\n")
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -203,16 +203,67 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_meta(ckpt: Path) -> dict:
+    """A checkpoint's meta.json ({} when it has none): its kind, source and the checksums of its files.
+    It is sealed with a checksum of its own content, so a damaged or edited meta.json is named, not
+    trusted (a meta.json written before the seal is read as it is)."""
+    path = Path(ckpt) / "meta.json"
+    if not path.is_file():
+        return {}
+    meta = read_json(path)
+    seal = meta.pop("meta_sha256", None)
+    if seal is not None and seal != _seal(meta):
+        raise GptnError(f"{path} does not match its own checksum: the file was changed or damaged after it was saved")
+    return meta
+
+
+def _seal(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl. It is a log: a line cut short by a crash, or damaged, is
+    skipped rather than made an error (the checkpoint, not the log, is what a run resumes from)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def verify_files(ckpt: Path, names: list[str] | None = None) -> None:
+    """Check the checkpoint's files (all but the weights, which read_weights checks as it reads them, and
+    the training state, checked when resumed; or `names`) against the checksums meta.json holds: a
+    changed tokenizer or config would otherwise load silently and decode or compute wrongly."""
+    meta_file = ckpt / "meta.json"
+    sums = read_meta(ckpt).get("files_sha256") or {}  # none: a bare model folder, or a run saved before checksums
+    if not isinstance(sums, dict):
+        raise GptnError(f"{meta_file}: files_sha256 is not a mapping of file -> checksum")
+    for name, expected in sums.items():
+        if (names is None and name == "train_state.pt") or (names is not None and name not in names):
+            continue
+        path = ckpt / name
+        if not path.is_file():
+            raise GptnError(f"{path} is missing from the checkpoint ({meta_file.name} lists it)")
+        if _sha256(path) != expected:
+            raise GptnError(f"{path} does not match the checksum in {meta_file.name}: the file was changed or "
+                            "damaged after it was saved")
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; a truncated, empty or altered file is a one-line error naming it
     (checked against the checksum meta.json holds, when the checkpoint was written with one)."""
     path = Path(path)
     meta_file = path.parent / "meta.json"
     if path.name == "model.safetensors" and meta_file.is_file():
-        try:
-            expected = json.loads(meta_file.read_text(encoding="utf-8")).get("weights_sha256")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise GptnError(f"{meta_file} is not a readable JSON object ({e})") from None
+        expected = read_meta(path.parent).get("weights_sha256")
         if expected and _sha256(path) != expected:
             raise GptnError(f"{path} does not match the checksum in {meta_file.name}: the file was altered or "
                             "damaged after it was saved")
@@ -224,6 +275,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_train_state(path: str | Path) -> dict:
     """The training state saved beside a checkpoint (optimizer, RNG, loader, schedule)."""
+    verify_files(Path(path).parent, [Path(path).name])
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, EOFError, unpickling errors
@@ -235,7 +287,9 @@ def read_train_state(path: str | Path) -> dict:
 
 
 def load_config(run_dir: str | Path) -> GPTConfig:
-    return GPTConfig.load(checkpoint_dir(run_dir) / "config.json")
+    ckpt = checkpoint_dir(run_dir)
+    verify_files(ckpt, ["config.json"])
+    return GPTConfig.load(ckpt / "config.json")
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -244,6 +298,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", dtype: t
     from .tokenizer import load_tokenizer
 
     ckpt = checkpoint_dir(run_dir)
+    verify_files(ckpt)
     config = GPTConfig.load(ckpt / "config.json")
     model = GPT(config)
     load_weights(model, read_weights(ckpt / "model.safetensors"), source=str(ckpt))

@@ -13,6 +13,19 @@ class GptnError(Exception):
     """A user mistake: the CLI prints its message on one line and exits with code 2."""
 
 
+def read_json(path: str | Path, kind: type = dict):
+    """The JSON value of a file gptn or another tool wrote (an object unless `kind` says otherwise), or
+    one line naming the file when it is unreadable, cut short, not UTF-8 or of the wrong type."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptnError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, kind):
+        raise GptnError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
 def is_number(value) -> bool:
     """A finite int or float (not a bool, not NaN or infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -115,11 +128,9 @@ class GPTConfig:
     @classmethod
     def load(cls, path: str | Path) -> "GPTConfig":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GptnError(f"config: cannot read {path}: {e}") from None
-        except TypeError:  # a JSON value that is not an object
-            raise GptnError(f"config: {path} does not hold a JSON object of GPTConfig fields") from None
+            return cls.from_dict(read_json(path))
+        except GptnError as e:
+            raise GptnError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import GptnError
+from .config import GptnError, read_json
 from .checkpoint import exclusive_lock
 from .normalize import normalize as normalize_text, parse_steps
 from .tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
@@ -533,12 +533,14 @@ class Corpus:
         path = self.folder / "manifest.json"
         if not path.is_file():
             raise GptnError(f"{self.folder} is not a prepared corpus (no manifest.json); run `gptn prepare` first")
-        try:
-            self.manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GptnError(f"{path}: invalid JSON ({e})") from None
+        self.manifest = read_json(path)
         if self.manifest.get("format") != "gptn-corpus":
             raise GptnError(f"{path}: not a gptn corpus manifest")
+        shards, counts = self.manifest.get("shards"), [self.manifest.get(k) for k in ("tokens", "bytes")]
+        if not (isinstance(shards, dict) and all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                                                 for v in shards.values())
+                and all(isinstance(c, dict) and all(isinstance(v, int) for v in c.values()) for c in counts)):
+            raise GptnError(f"{path} is damaged: its shards, tokens or bytes are missing or of the wrong type")
         self.tokenizer = load_tokenizer(self.folder / "tokenizer")
         self._splits: dict[str, list[np.ndarray]] = {}
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .bert import CLS, SEP
 from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_train_state,
                          read_weights, save_checkpoint)
-from .config import GptnError, is_number
+from .config import GptnError, is_number, read_json
 from .model import GPT, next_token_loss
 from .tasks import TASKS, Columns, Example, TaskData, read_task_file
 from .train import Loop, Schedule, fit, parse_loggers, run_training
@@ -650,8 +650,8 @@ def load_task_model(run: str | Path, device: str = "cpu") -> tuple[TaskModel, To
         raise GptnError(f"{run} is not a fine-tuned run (no {TASK_FILE} / {HEAD_FILE}); make one with `gptn finetune`")
     gpt, tokenizer = load_model(run, device=device)
     try:
-        spec = TaskSpec(**json.loads((ckpt / TASK_FILE).read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        spec = TaskSpec(**read_json(ckpt / TASK_FILE))
+    except TypeError as e:
         raise GptnError(f"{ckpt / TASK_FILE} is not a readable task description ({e})") from None
     model = TaskModel(gpt, spec, sep_id=tokenizer.special_tokens.get(SEP) if tokenizer else None)
     head = {k.removeprefix("head."): v for k, v in read_weights(ckpt / HEAD_FILE).items()}

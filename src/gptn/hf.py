@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import (WRITE_ERRORS, checkpoint_dir, claim_out, load_model, load_weights, run_lock, save_checkpoint,
-                         write_error)
-from .config import GPTConfig, GptnError
+from .checkpoint import (WRITE_ERRORS, checkpoint_dir, claim_out, load_model, load_weights, read_meta, read_metrics,
+                         read_weights, run_lock, save_checkpoint, write_error)
+from .config import GPTConfig, GptnError, read_json
 from .model import GPT
 from .tokenizer import DELIM, EOT, EXTRACT, START, copy_hf_tokenizer_files, load_tokenizer
 
@@ -69,19 +69,31 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
 
 
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face folder (one file, an index of shards, or pytorch_model.bin); a
+    damaged file, or an index naming a file outside the folder, is one line naming it."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     bin_file = folder / "pytorch_model.bin"
     if single.is_file():
-        return load_file(str(single))
+        return read_weights(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise GptnError(f"{index} is damaged: no weight_map of tensor name -> shard file")
         out = {}
-        for shard in shards:
-            out.update(load_file(str(folder / shard)))
+        for shard in sorted(set(weight_map.values())):
+            path = (folder / shard).resolve()
+            if folder.resolve() not in path.parents:
+                raise GptnError(f"{index} names {shard!r}, a file outside {folder}")
+            if not path.is_file():
+                raise GptnError(f"{index} names {shard!r}, which {folder} does not hold")
+            out.update(read_weights(path))
         return out
     if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip, or a pickle that is not plain tensors
+            raise GptnError(f"{bin_file} is not a readable PyTorch weights file ({type(e).__name__})") from None
     raise GptnError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -123,10 +135,7 @@ def load_hf(src: str) -> tuple[GPT, object]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise GptnError(f"{folder} is not a Hugging Face checkpoint: no config.json")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise GptnError(f"{cfg_path}: invalid JSON ({e})") from None
+    hf_cfg = read_json(cfg_path)
     config = config_from_hf(hf_cfg, str(cfg_path))
     model = GPT(config)
     state = state_dict_from_hf(_read_hf_weights(folder), hf_cfg["model_type"])
@@ -235,10 +244,9 @@ def model_card(run, out: Path, config: GPTConfig, tokenizer, hf_cfg: dict, spec=
     """The exported folder's README.md: the model, its tokenizer, what it was trained on and how well, how to load it."""
     ckpt = checkpoint_dir(run)
     run = Path(run)
-    meta = _json_or_empty(ckpt / "meta.json")
+    meta = read_meta(ckpt)
     train_config = _json_or_empty(run / "train_config.json")
-    metrics = run / "metrics.jsonl"
-    val = [r for r in map(json.loads, metrics.read_text().splitlines()) if "val_loss" in r] if metrics.is_file() else []
+    val = [r for r in read_metrics(run) if "val_loss" in r]
     from .compute import parameter_count
     norm = "pre-LayerNorm with a final LayerNorm (GPT-2/3)" if config.norm == "pre" else "post-LayerNorm (GPT-1)"
     lines = [f"# {run.name}", "", f"A GPT trained with [gptn](https://pypi.org/project/gptn/), exported as "

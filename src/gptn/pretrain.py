@@ -24,7 +24,7 @@ from .bert import BERT_SPECIALS, mask_tokens, step_generator
 from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_config, load_weights, read_train_state,
                          read_weights, run_kind, save_checkpoint)
 from .compute import softmax_share, training_flops_per_token
-from .config import GPTConfig, GptnError, get_preset
+from .config import GPTConfig, GptnError, get_preset, read_json
 from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, make_optimizer
@@ -298,7 +298,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     if has_checkpoint(run) and not resuming:
         raise GptnError(f"{run} holds a model but no training state; pretrain into a new --out")
     if resuming:
-        saved_cfg = json.loads((run / "train_config.json").read_text())
+        saved_cfg = read_json(run / "train_config.json")
         config = _check_resume(cfg, run, corpus, saved_cfg)
         _check_tokenizer(checkpoint_dir(run) / "tokenizer", corpus, _run_tokenizer(corpus, config))
         # The schedule and batch are part of the run; the user may extend `steps` or change logging.

@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from .config import GptnError
+from .config import GptnError, read_json
 from .normalize import normalize, parse_steps
 
 EOT = "<|endoftext|>"
@@ -317,13 +317,6 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptnError(f"cannot read {path}: {e}") from None
-
-
 def load_tokenizer(source: str | Path) -> Tokenizer:
     """A tokenizer from a folder: gptn's own, GPT-2's originals (encoder.json + vocab.bpe),
     Hugging Face's (vocab.json + merges.txt, or tokenizer.json)."""
@@ -331,9 +324,13 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
     if not folder.is_dir():
         raise GptnError(f"tokenizer folder {folder} does not exist")
     meta_path = folder / META
-    meta = _read_json(meta_path) if meta_path.is_file() else None
-    tokenizer = _load_tokenizer(folder, meta)
-    return tokenizer.with_normalization(parse_steps(meta.get("normalize"))) if meta else tokenizer
+    meta = read_json(meta_path) if meta_path.is_file() else None
+    try:
+        tokenizer = _load_tokenizer(folder, meta)
+        return tokenizer.with_normalization(parse_steps(meta.get("normalize"))) if meta else tokenizer
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, UnicodeDecodeError) as e:
+        # a file cut short, a key or value of the wrong kind: the files do not make a tokenizer
+        raise GptnError(f"the tokenizer files in {folder} are damaged ({type(e).__name__}: {e})") from None
 
 
 def _load_tokenizer(folder: Path, meta: dict | None) -> Tokenizer:
@@ -343,10 +340,10 @@ def _load_tokenizer(folder: Path, meta: dict | None) -> Tokenizer:
     name = meta.get("name", "bpe") if meta else "gpt2"
     for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
         if (folder / vocab_name).is_file() and (folder / merges_name).is_file():
-            vocab = _read_json(folder / vocab_name)
+            vocab = read_json(folder / vocab_name)
             return BPETokenizer(vocab, _read_merges(folder / merges_name), specials, name=name)
     if (folder / "tokenizer.json").is_file():
-        data = _read_json(folder / "tokenizer.json")
+        data = read_json(folder / "tokenizer.json")
         model = data.get("model", {})
         added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
         if model.get("type") == "WordLevel" and all(len(t) == 1 for t in model["vocab"] if t not in added):

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from .checkpoint import model_state_dict, run_lock
+from .checkpoint import model_state_dict, read_metrics, run_lock
 from .config import GptnError
 from .model import Block
 from .runtime import Dist, autocast_dtype, setup_distributed
@@ -195,8 +195,8 @@ class MetricsLog:
             return
         run.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():  # drop records a killed run wrote after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in kept))
+            kept = [r for r in read_metrics(run) if r.get("step", 0) <= resume_step]  # and lines cut short
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if "tensorboard" in loggers:
@@ -233,7 +233,7 @@ class MetricsLog:
             self.wandb.summary.update({f"final/{k}": v for k, v in self.last.items()})
             self.wandb.finish()
         if "csv" in self.loggers and self.path.exists():  # one row per record, one column per metric ever seen
-            records = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+            records = read_metrics(self.run)
             columns = list(dict.fromkeys(k for r in records for k in r))
             with open(self.run / "metrics.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, columns)
@@ -516,8 +516,7 @@ def plot_loss_curve(run: str | Path, title: str | None = None) -> Path | None:
     except ImportError:
         return None
     run = Path(run)
-    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln] \
-        if (run / "metrics.jsonl").exists() else []
+    records = read_metrics(run)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
