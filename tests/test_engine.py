@@ -267,3 +267,25 @@ def test_the_batching_key_is_derived_from_the_sampling_fields():
     for name, value in (("max_new_tokens", 9), ("stop", ["x"]), ("seed", 3)):
         assert dataclasses.replace(base, **{name: value}).batch_key() == base.batch_key(), name
     assert {f.name for f in dataclasses.fields(SamplingConfig)} >= set(SamplingConfig.PER_ROW)
+
+
+def test_a_flood_of_calls_is_spread_between_decode_steps(model, tok):
+    """Work run on the engine thread between steps (echo's prompt scoring, /v1/detect) goes one call
+    per decode step while rows decode: 40 calls of 20 ms delay a stream's next token by about one call,
+    not by all of them."""
+    eng = ContinuousEngine(model, tok, max_batch=4)
+    times = []
+    job, out = submit(eng, tok, ["ab"], SamplingConfig(greedy=True), 400)
+    original = out.__call__
+    out_call = lambda ev: (times.append(time.perf_counter()) if "row" in ev else None, original(ev))  # noqa: E731
+    job.emit = out_call
+    while len(times) < 5:
+        time.sleep(0.005)
+    threads = [threading.Thread(target=eng.call, args=(lambda: time.sleep(0.02),)) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    wait(out)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(times) == 400 and max(gaps) < 0.4, max(gaps)  # all 40 at once: 0.8 s or more

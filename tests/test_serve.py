@@ -372,10 +372,13 @@ def test_a_full_queue_answers_429_and_the_server_keeps_serving(model, tok):
             assert code == 429 and body["error"]["type"] == "rate_limit_error" and "--max-queue 2" in body["error"]["message"]
             with pytest.raises(openai.RateLimitError):
                 client.completions.create(model="tiny", prompt="d", max_tokens=2)
+            # echo's prompt scoring waits for the queue check: the held engine could not have scored it
+            code, body = raw(port, {"prompt": "c" * 40, "max_tokens": 0, "echo": True, "logprobs": 2}, key=None)
+            assert code == 429 and body["error"]["code"] == "queue_full"
             release.set()
             assert [f.result()[0] for f in queued] == [200, 200]
         assert client.completions.create(model="tiny", prompt="e", max_tokens=2).choices[0].text is not None
-        assert _metric(port, "gptn_requests_rejected_total") == 2
+        assert _metric(port, "gptn_requests_rejected_total") == 3
         assert _metric(port, "gptn_requests_waiting") == 0
     finally:
         srv.should_exit = True

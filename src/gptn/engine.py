@@ -90,13 +90,26 @@ class _Engine:
         """Rows (completions) being decoded now."""
         return self._running_rows
 
-    def submit(self, job: Job) -> None:
-        """Queue a request; QueueFull when max_queue requests are already waiting."""
+    def reserve(self) -> None:
+        """Hold a place in the queue (QueueFull when max_queue requests are already waiting) for a
+        request that has work to do before it is submitted: a full queue refuses it before that work."""
         with self.lock:
             if self.waiting >= self.max_queue:
                 self.counters["requests_rejected"] += 1
                 raise QueueFull(f"{self.waiting} requests are waiting (--max-queue {self.max_queue})")
             self.waiting += 1
+
+    def release(self) -> None:
+        """Give back a place reserve() held, for a request that will not be submitted."""
+        with self.lock:
+            self.waiting -= 1
+
+    def submit(self, job: Job, reserved: bool = False) -> None:
+        """Queue a request (in the place reserve() held for it, if `reserved`); QueueFull when max_queue
+        requests are already waiting."""
+        if not reserved:
+            self.reserve()
+        with self.lock:
             self.counters["requests"] += 1
             self.counters["prompt_tokens"] += sum(len(r) for r in job.rows)
         job.submitted = time.perf_counter()
@@ -188,11 +201,11 @@ class StaticEngine(_Engine):
         self._unique = itertools.count()
         super().__init__(*args, **kwargs)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, reserved: bool = False) -> None:
         s = job.sampling
         seeded_sampling = s.seed is not None and not s.greedy  # alone, so that its seed reproduces it
         job.batch_key = (s.batch_key(), job.logprobs is not None, next(self._unique) if seeded_sampling else None)
-        super().submit(job)
+        super().submit(job, reserved)
 
     def _loop(self) -> None:
         pending: list = []
@@ -340,6 +353,7 @@ class ContinuousEngine(_Engine):
         self.filling: _Row | None = None  # the row being prefilled, in slot len(running)
         self.queued: deque[_Row] = deque()  # admitted rows waiting for a slot
         self.jobs: deque[Job] = deque()  # requests not started
+        self.calls: deque[_Call] = deque()  # functions to run on this thread between steps (Engine.call)
         super().__init__(model, tokenizer, max_batch, max_queue)
 
     @property
@@ -350,7 +364,7 @@ class ContinuousEngine(_Engine):
 
     def _loop(self) -> None:
         while True:
-            busy = self.running or self.filling or self.queued or self.jobs
+            busy = self.running or self.filling or self.queued or self.jobs or self.calls
             self._take(block=not busy)
             try:
                 self._drop_cancelled()
@@ -366,12 +380,14 @@ class ContinuousEngine(_Engine):
             try:
                 item = self.inbox.get(block=block)
             except queue.Empty:
-                return
+                break
             block = False
-            if isinstance(item, _Call):
-                self._call(item)
-            else:
-                self.jobs.append(item)
+            (self.calls if isinstance(item, _Call) else self.jobs).append(item)
+        # Calls (echo's prompt scoring, /v1/detect) run one per decode step while rows are decoding, so
+        # that a flood of them is spread between the steps instead of stalling every stream.
+        for _ in range(1 if self.running else len(self.calls)):
+            if self.calls:
+                self._call(self.calls.popleft())
 
     def _admit(self) -> None:
         """Start waiting requests while their rows fit beside the running ones (max_batch)."""

@@ -357,15 +357,22 @@ class Completion:
         self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
     async def submit(self) -> None:
+        """Queue the request: its place first (a full queue answers 429 before any work), then echo's
+        prompt scoring, one prompt per engine step, then its rows."""
         req, engine = self.req, self.service.engine
-        if req.echo and req.logprobs is not None:
-            for i, ids in enumerate(self.prompts):
-                self.echo_lp[i] = await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs)
         try:
-            engine.submit(self.job)
+            engine.reserve()
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error",
                            code="queue_full") from None
+        try:
+            if req.echo and req.logprobs is not None:
+                for i, ids in enumerate(self.prompts):
+                    self.echo_lp[i] = await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs)
+        except BaseException:  # a failure, or the client gone (cancelled): its place is given back
+            engine.release()
+            raise
+        engine.submit(self.job, reserved=True)
 
     def _prompt_text(self, r: int) -> str:
         return self.service.tokenizer.decode(self.rows[r]) if self.req.echo else ""
