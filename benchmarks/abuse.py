@@ -6,7 +6,15 @@ a completion afterwards. Beside it, the same 10 MB body against a plain FastAPI 
 its body the usual way (`await request.json()`), the peer a user would otherwise write.
 Targets (issue 21): 4xx within 1 s, RSS growth < 100 MB.
 
-    python benchmarks/abuse.py [--sizes-mb 10,100] [--peer-mb 10]
+Then the hostile requests of issue 36, each while a probe sends 4-token completions back to back: a
+huge stop list (100,000 strings) and one of 300,000 integers, 60,000 logit_bias entries, a prompt of
+500,000 spaces to a run whose tokenizer normalises (`--normalize sst`), an echo flood (40 concurrent
+echo + logprobs requests of 8 full-context prompts), 300 clients sending their body a byte a second,
+and 16 non-streaming clients that disconnect while their long completions decode. For each: the
+statuses, the probe's p99 latency (target <= 0.5 s), the server's RSS growth (<= 100 MB), and whether it
+serves afterwards; the slow clients also against the plain FastAPI peer.
+
+    python benchmarks/abuse.py [--sizes-mb 10,100] [--peer-mb 10] [--skip-hostile]
 
 Both servers run as their own processes (uvicorn, one worker) on loopback; RSS is read from
 /proc/PID/status every 2 ms.
@@ -23,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -161,10 +170,149 @@ def serve(command: list[str], port: int, cases: list[tuple[float, bool]], check_
     return out
 
 
+def post(port: int, body: dict, timeout: float = 120) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def slow_clients(port: int, n: int = 300, seconds: float = 40.0) -> list[int]:
+    """n clients that send their headers, then their body a byte a second: how many the server cut off."""
+    socks = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n")
+            socks.append(s)
+        except OSError:
+            pass
+    cut = [0] * len(socks)
+    t0 = time.time()
+    while time.time() - t0 < seconds and not all(cut):
+        for i, s in enumerate(socks):
+            if not cut[i]:
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    cut[i] = 1
+        time.sleep(1.0)
+    for s in socks:
+        s.close()
+    return [len(socks), sum(cut)]
+
+
+def disconnecting_clients(port: int, n: int = 16) -> list[int]:
+    """n non-streaming requests for long completions whose clients hang up after 0.3 s."""
+    body = json.dumps({"model": "bench", "prompt": "the", "max_tokens": 120, "temperature": 1.0}).encode()
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        socks.append(s)
+    time.sleep(0.3)
+    for s in socks:
+        s.close()
+    time.sleep(3.0)  # the probe measures while the server frees their rows
+    return [n]
+
+
+HOSTILE = {  # name -> the attack, returning the statuses (or counts) it saw
+    "stop_100k_strings": lambda port: [post(port, {"model": "bench", "prompt": "the", "max_tokens": 4, "n": 16,
+                                                    "stop": [f"s{i}" for i in range(100_000)]})],
+    "stop_300k_integers": lambda port: [post(port, {"model": "bench", "prompt": "the", "max_tokens": 4,
+                                                     "stop": [1] * 300_000})],
+    "logit_bias_60k": lambda port: [post(port, {"model": "bench", "prompt": "the", "max_tokens": 4,
+                                                 "logit_bias": {str(i): 1 for i in range(60_000)}})],
+    "prompt_500k_spaces": lambda port: [post(port, {"model": "bench", "prompt": " " * 500_000, "max_tokens": 1})],
+    "echo_flood_40x8": lambda port: sorted(__import__("concurrent.futures").futures.ThreadPoolExecutor(40).map(
+        lambda _: post(port, {"model": "bench", "prompt": ["the cat sat " * 11] * 8, "max_tokens": 0, "echo": True,
+                              "logprobs": 2}), range(40))),
+    "slow_bodies_300": slow_clients,
+    "disconnecting_16": disconnecting_clients,
+}
+
+
+def health_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def hostile(pid: int, port: int, name: str, completions: bool = True) -> dict:
+    """One hostile case while a probe sends 4-token completions (or, to a server without a model, asks
+    /health) back to back: its statuses, the probe's latencies, the server's RSS growth."""
+    idle = rss_mb(pid)
+    peak, latency, stop = [idle], [], threading.Event()
+
+    def sample_rss():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.002)
+
+    def probe():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            ok = post(port, {"model": "bench", "prompt": "the", "max_tokens": 4, "temperature": 0}, timeout=60) == 200 \
+                if completions else health_ok(port)
+            latency.append(time.perf_counter() - t0 if ok else float("inf"))
+
+    threads = [threading.Thread(target=sample_rss), threading.Thread(target=probe)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    statuses = HOSTILE[name](port)
+    seconds = time.perf_counter() - t0
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    lat = sorted(latency)
+    return {"statuses": statuses, "attack_seconds": round(seconds, 2), "probe_requests": len(lat),
+            "probe_p50_s": round(lat[len(lat) // 2], 4), "probe_p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
+            "probe_max_s": round(lat[-1], 4), "rss_growth_mb": round(peak[0] - idle, 1),
+            "still_serving": still_serving(port) if completions else health_ok(port)}
+
+
+def hostile_run(folder: Path) -> Path:
+    """serve.make_run's model, its tokenizer normalising like `--normalize sst` (the whitespace case)."""
+    from gptn.checkpoint import load_model, save_checkpoint
+    from gptn.normalize import STEPS
+    model, tok = load_model(make_run(folder))
+    save_checkpoint(folder / "hostile", model.config, model.state_dict(), tokenizer=tok.with_normalization(STEPS))
+    return folder / "hostile"
+
+
+def hostile_cases(command: list[str], port: int, names: list[str], completions: bool = True) -> dict:
+    server = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    out = {}
+    try:
+        wait_healthy(port)
+        for name in names:
+            out[name] = hostile(server.pid, port, name, completions)
+            print(f"  {name}: {json.dumps(out[name])}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="10,100")
     ap.add_argument("--peer-mb", default="10,100", help="body sizes sent to the plain FastAPI peer (empty: skip)")
+    ap.add_argument("--skip-hostile", action="store_true", help="only the large bodies")
     args = ap.parse_args()
     below_cap = (default_max_body(MODEL_CTX) - 1024) / 2**20
     sizes = [below_cap] + [float(x) for x in args.sizes_mb.split(",")]
@@ -175,11 +323,22 @@ def main():
         print("gptn serve:", flush=True)
         gptn = serve([sys.executable, "-m", "gptn", "serve", str(run), "--port", str(port), "--model-name", "bench"],
                      port, [(mb, chunked) for mb in sizes for chunked in (False, True)], check_completion=True)
+        hostile_gptn = hostile_peer = {}
+        if not args.skip_hostile:
+            port = free_port()
+            print("gptn serve, hostile requests:", flush=True)
+            hostile_gptn = hostile_cases([sys.executable, "-m", "gptn", "serve", str(hostile_run(Path(tmp))), "--port",
+                                          str(port), "--model-name", "bench"], port, list(HOSTILE))
     peer = {}
     if peer_sizes:
         port = free_port()
         print("plain FastAPI endpoint (await request.json()):", flush=True)
         peer = serve([sys.executable, "-c", PEER_APP, str(port)], port, [(mb, False) for mb in peer_sizes], check_completion=False)
+    if not args.skip_hostile:
+        port = free_port()
+        print("plain FastAPI endpoint, slow clients:", flush=True)
+        hostile_peer = hostile_cases([sys.executable, "-c", PEER_APP, str(port)], port, ["slow_bodies_300"],
+                                     completions=False)
     rows = [(f"{who}: {key}", r["status"], f"{r['time_to_4xx_s']:.3f}", r["idle_rss_mb"], r["peak_rss_mb"],
              r["rss_growth_mb"], r["health_latency_ms"]["max"], r.get("still_serving", "-"))
             for who, res in (("gptn", gptn), ("peer", peer)) for key, r in res.items()]
@@ -193,9 +352,18 @@ def main():
         "targets": {"time_to_4xx_s": "< 1", "rss_growth_mb": "< 100"},
         "targets_met": all(r["time_to_4xx_s"] < 1 and r["rss_growth_mb"] < 100 and 400 <= r["status"] < 500
                            and r["still_serving"] for r in gptn.values()),
+        "hostile": hostile_gptn, "hostile_peer_fastapi": hostile_peer,
+        "hostile_targets": {"probe_p99_s": "<= 0.5", "rss_growth_mb": "<= 100", "statuses": "4xx or 200, never 5xx"},
+        "hostile_targets_met": all(r["probe_p99_s"] <= 0.5 and r["rss_growth_mb"] <= 100 and r["still_serving"]
+                                   for r in hostile_gptn.values()) if hostile_gptn else None,
         "setup": "gptn serve with its default --max-body (from n_ctx), a 4 x 256 model with context 128; bodies of "
                  "token ids `1, 1, ...`; the peer is FastAPI + uvicorn reading the whole body with request.json()",
         "machine": machine()}
+    if hostile_gptn:
+        print(table([(f"{who}: {name}", " ".join(map(str, r["statuses"][:6])), r["probe_p99_s"], r["probe_max_s"],
+                      r["rss_growth_mb"], r["still_serving"])
+                     for who, res in (("gptn", hostile_gptn), ("peer", hostile_peer)) for name, r in res.items()],
+                    ("server: case", "statuses", "probe p99 s", "probe max s", "RSS growth MB", "serves after")))
     print(f"wrote {write_results('abuse', results)}")
 
 
