@@ -205,6 +205,9 @@ def test_tiny_model_fits_a_separable_task_and_predicts(tmp_path, pretrained_run,
     assert out["prediction"] == "neg" and out["probs"]["neg"] > 0.5
     assert main(["predict", str(tmp_path / "ft"), str(train)]) == 0
     assert "accuracy 1.0000" in capsys.readouterr().out
+    # --device auto is resolved like every other command's (it reached model.to("auto") before)
+    assert main(["predict", str(tmp_path / "ft"), "--text", "the awful movie", "--json", "--device", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"] == "neg"
 
 
 def test_activation_checkpointing_fine_tunes_the_same_model(tmp_path, pretrained_run, capsys):

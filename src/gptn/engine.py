@@ -26,7 +26,7 @@ import torch
 
 from .generate import SamplingConfig, StopWatcher, choose_tokens, generate_ids, logit_bias_tensor, score_continuations
 from .metrics import Histogram, prometheus_text
-from .model import prompt_limit
+from .model import prompt_limit, slide_keep
 
 SCHEDULERS = ("continuous", "static")
 SCHEDULER = "continuous"  # rows join and leave the batch at every step
@@ -542,7 +542,7 @@ class ContinuousEngine(_Engine):
         for row in finished:
             self._release(self.running.index(row))
         n_ctx = self.config.n_ctx
-        keep = max(1, n_ctx - max(1, n_ctx // 4))
+        keep = slide_keep(n_ctx)
         for row in [row for row in self.running if row.length >= n_ctx]:
             # The context is full: as gptn generate does, the row goes on from its last 3/4, re-prefilled.
             self._release(self.running.index(row), finished=False)

@@ -42,6 +42,7 @@ from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, 
                          read_weights, save_checkpoint)
 from .config import GptnError, is_number, read_json
 from .model import GPT, next_token_loss
+from .runtime import resolve_device
 from .tasks import TASKS, Columns, Example, TaskData, read_task_file
 from .train import Loop, Schedule, fit, parse_loggers, run_training
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
@@ -643,8 +644,10 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
 # Loading a fine-tuned run and predicting
 
 
-def load_task_model(run: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:
-    """A fine-tuned run: the GPT, its head and label names, and the tokenizer; in eval mode."""
+def load_task_model(run: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, Tokenizer]:
+    """A fine-tuned run: the GPT, its head and label names, and the tokenizer; in eval mode on `device`
+    (auto, cpu, cuda or cuda:N)."""
+    device = resolve_device(device) if isinstance(device, str) else device
     ckpt = checkpoint_dir(run)
     if not (ckpt / TASK_FILE).is_file() or not (ckpt / HEAD_FILE).is_file():
         raise GptnError(f"{run} is not a fine-tuned run (no {TASK_FILE} / {HEAD_FILE}); make one with `gptn finetune`")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptnError, is_number
-from .model import GPT, KVCache, prompt_limit, require_decoder
+from .model import GPT, KVCache, prompt_limit, require_decoder, slide_keep
 
 
 @dataclass
@@ -237,7 +237,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
             said.add(msg)
             (warn or (lambda m: print(f"gptn: {m}", file=sys.stderr)))(msg)
 
-    keep = max(1, n_ctx - max(1, n_ctx // 4))  # a slid window keeps the last 3/4 of the context
+    keep = slide_keep(n_ctx)
     trimmed = []
     for p in prompts:
         limit = prompt_limit(n_ctx, sampling.max_new_tokens > 0)

@@ -114,6 +114,12 @@ def prompt_limit(n_ctx: int, generating: bool) -> int:
     return n_ctx - 1 if generating else n_ctx
 
 
+def slide_keep(n_ctx: int) -> int:
+    """Tokens a full context keeps when generation slides past it: the last 3/4 (a slide every n_ctx/4
+    new tokens, not every token), for generate and the engine alike."""
+    return max(1, n_ctx - max(1, n_ctx // 4))
+
+
 def require_decoder(model: "GPT", what: str) -> None:
     """A clear error for what only a left-to-right decoder can do (generate, prompt, score text)."""
     if not model.config.causal:
