@@ -262,7 +262,17 @@ def test_cli_defaults_are_the_config_dataclasses(argv, config):
     from gptn.cli import build_parser
     module, name = config.split(":")
     cls = getattr(importlib.import_module(module), name)
-    args = vars(build_parser().parse_args(argv))
+    parsed = build_parser().parse_args(argv)
+    args = vars(parsed)
+    if name != "SamplingConfig":  # flags generated from the dataclass (gptn.options): the values are its own
+        from gptn.options import from_options
+        given = {f.name: args.get(f.name) for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        built = from_options(cls, parsed, **given)
+        flags = [f for f in dataclasses.fields(cls) if f.metadata.get("help") and f.metadata.get("cli") is not False]
+        assert len(flags) >= 20 and not any(f.name in args for f in flags)  # none given on this line
+        for f in flags:
+            assert getattr(built, f.name) == getattr(cls(**given), f.name), f.name
+        return
     shared = [f for f in dataclasses.fields(cls) if f.name in args and f.default is not dataclasses.MISSING]
     assert len(shared) >= 5
     for f in shared:
@@ -294,3 +304,22 @@ def test_every_flag_of_every_command_says_what_it_does():
     silent = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.choices.items()
               for action in sub._actions if not isinstance(action, argparse._HelpAction) and not action.help]
     assert silent == []
+
+
+def test_options_come_from_a_config_file_and_the_command_line_wins(corpus, tmp_path, capsys):
+    """--config FILE.yaml holds options under their flags' names (litgpt's way); a flag on the line
+    overrides the file; a bad file is one line naming it."""
+    (tmp_path / "run.yaml").write_text("steps: 3\nlr: 0.002\nbatch_tokens: 128\neval_interval: 0\nseed: 7\n"
+                                       "progress: false\n")
+    out = tmp_path / "r"
+    assert main(["pretrain", str(corpus), "--out", str(out), "--preset", "tiny", "--set", "n_ctx=32",
+                 "--config", str(tmp_path / "run.yaml"), "--seed", "9"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["steps"], saved["lr"], saved["batch_tokens"], saved["seed"], saved["progress"]) == (3, 0.002, 128, 9, False)
+    for name, text, words in (("bad.yaml", "steps: [1\n", "bad.yaml"), ("unknown.yaml", "stepz: 3\n", "stepz"),
+                              ("list.yaml", "- 1\n", "list.yaml"), ("type.json", '{"steps": "many"}', "steps")):
+        (tmp_path / name).write_text(text)
+        err = _one_line_error(capsys, main(["pretrain", str(corpus), "--out", str(tmp_path / "x"),
+                                            "--config", str(tmp_path / name)]))
+        assert words in err, err
+    assert not (tmp_path / "x").exists()

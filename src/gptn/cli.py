@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import GptnError
-from .optim import MUON_LR
-from .train import LOGGER_HELP
+from .options import add_options, from_options
 
 COMMANDS = {}
 
@@ -232,7 +231,6 @@ def _parse_overrides(pairs: list[str]) -> dict:
 @command("pretrain", "pretrain a GPT on a prepared corpus (resumes when --out holds a run); works under torchrun")
 def cmd_pretrain(sub):
     from .pretrain import PretrainConfig
-    d = PretrainConfig("", "")  # the defaults, stated once in the dataclass
     sub.add_argument("corpus", help="a folder written by `gptn prepare`")
     sub.add_argument("--out", required=True, help="run directory (an existing run is resumed)")
     sub.add_argument("--init-from", metavar="SRC",
@@ -240,53 +238,18 @@ def cmd_pretrain(sub):
                           "`gptn import-hf` wrote) with a fresh optimizer, schedule and loader: continued "
                           "(domain-adaptive) pretraining; the corpus must use SRC's tokenizer")
     sub.add_argument("--preset", help="model size (default mini; see `gptn sizes`)")
-    sub.add_argument("--config", dest="model_config", help="a GPTConfig JSON file instead of a preset")
+    sub.add_argument("--model-config", help="a GPTConfig JSON file instead of a preset")
     sub.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
                      help="override a model field, e.g. --set dropout=0 --set n_ctx=128 (repeatable)")
     sub.add_argument("--arch", choices=["gpt", "bert"], help="gpt: decoder, next-token objective (default); "
                      "bert: bidirectional encoder, masked-LM objective (for the GPT-vs-BERT contrast)")
-    sub.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps in total (default {d.steps})")
-    sub.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, all ranks (default: the preset's)")
-    sub.add_argument("--micro-batch", type=int, help="sequences per rank per forward pass (gradient accumulation)")
-    sub.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    sub.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
-    sub.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 2%% of steps)")
-    sub.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the weight matrices (biases, LayerNorm and embeddings: none)")
-    sub.add_argument("--optimizer", choices=["adamw", "muon"],
-                     help="adamw (default; GPT-1/2/3's) or muon: Muon for the linear layers' weights, AdamW for "
-                     "embeddings, biases and LayerNorm; reaches a given loss in fewer tokens (default: the run's)")
-    sub.add_argument("--muon-lr", type=float, help=f"Muon's peak learning rate (default {MUON_LR:g})")
-    sub.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: no clipping)")
-    sub.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between validation evaluations (0: none; step 0 and the last step are evaluated too)")
-    sub.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation (the same windows each time)")
-    sub.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval, help="steps between checkpoints (one is also written at the end and on Ctrl-C)")
-    sub.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, the batches and dropout (a run is a function of it)")
-    sub.add_argument("--strategy", default=d.strategy, choices=["ddp", "fsdp"], help="under torchrun")
-    sub.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast: auto is bf16 on GPUs (fp16 without it) and on CPUs where bf16 measures faster")
-    sub.add_argument("--compile", action="store_true", help="torch.compile the model")
-    sub.add_argument("--activation-checkpointing", action="store_true",
-                     help="keep only each block's input and recompute the block in backward: less activation "
-                     "memory for about a third more compute (gptn compute shows both)")
-    sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    sub.add_argument("--max-seconds", type=float, help="training-time budget: the cosine decays over whichever of "
-                     "--steps and this runs out first, and the run stops and saves when it is spent")
-    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sub.add_argument("--logger", default=d.logger, help=LOGGER_HELP)
+    add_options(sub, PretrainConfig)
 
     def run(args):
         from .pretrain import PretrainConfig, pretrain
-        cfg = PretrainConfig(
-            corpus=args.corpus, out=args.out, init_from=args.init_from, preset=args.preset,
-            model_config=args.model_config,
-            overrides={**_parse_overrides(args.overrides), **({"arch": args.arch} if args.arch else {})},
-            steps=args.steps, batch_tokens=args.batch_tokens,
-            micro_batch=args.micro_batch, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-            weight_decay=args.weight_decay, optimizer=args.optimizer, muon_lr=args.muon_lr, grad_clip=args.grad_clip,
-            eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-            checkpoint_interval=args.checkpoint_interval, seed=args.seed,
-            strategy=args.strategy, precision=args.precision, compile=args.compile, device=args.device,
-            activation_checkpointing=args.activation_checkpointing, max_seconds=args.max_seconds,
-            progress=not args.no_progress, logger=args.logger)
+        cfg = from_options(PretrainConfig, args, corpus=args.corpus, out=args.out, init_from=args.init_from,
+                           preset=args.preset, model_config=args.model_config,
+                           overrides={**_parse_overrides(args.overrides), **({"arch": args.arch} if args.arch else {})})
         s = pretrain(cfg)
         if int(os.environ.get("RANK", "0")) == 0 and s["steps"] == s["start_step"] == 0 and s["val"]:
             vocab = s["config"]["vocab_size"]
@@ -611,66 +574,20 @@ def _columns_from(args):
 @command("finetune", "fine-tune a pretrained run on a labeled task (GPT-1: start/delim/extract tokens, "
                      "a linear head, L3 = L2 + λ·L1)")
 def cmd_finetune(sub):
-    from .finetune import LONG_INPUTS, LONG_INPUTS_HELP, FinetuneConfig
+    from .finetune import FinetuneConfig
     from .tasks import TASKS
-    d = FinetuneConfig("", "", "")
     sub.add_argument("run", help="pretrained run directory (or an imported model folder)")
     sub.add_argument("--task", choices=TASKS, help="task type (default: recognised from the file's layout)")
     sub.add_argument("--train", required=True, help="training examples (TSV, CSV, JSONL, HellaSwag .txt)")
     sub.add_argument("--val", help="validation examples; the best checkpoint by its metric is kept")
     sub.add_argument("--out", required=True, help="run directory for the fine-tuned model")
     _column_args(sub)
-    sub.add_argument("--regression", action="store_true", default=None,
-                     help="the label is a score (e.g. similarity 0-5), predicted with mean squared error")
-    sub.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training examples (GPT-1: 3)")
-    sub.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step (GPT-1: 32)")
-    sub.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (GPT-1: 6.25e-5), warm-up then linear decay")
-    sub.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="share of the steps for the linear warm-up (GPT-1: 0.002)")
-    sub.add_argument("--lm-weight", type=float, default=d.lm_weight, help="λ of the auxiliary LM loss (0 disables)")
-    sub.add_argument("--pooling", choices=["extract", "mean"], default=d.pooling,
-                     help="what the linear head reads: h_n at the extract token (GPT-1, default) or h_n "
-                          "averaged over the input")
-    sub.add_argument("--long-inputs", choices=LONG_INPUTS, default=d.long_inputs, help=LONG_INPUTS_HELP)
-    sub.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
-                     help="adamw (GPT-1's) or muon: Muon for the blocks' matrices (at --muon-lr), AdamW for "
-                          "embeddings, LayerNorm and the head")
-    sub.add_argument("--muon-lr", type=float, help=f"Muon's peak rate (default {MUON_LR / 10:g})")
-    sub.add_argument("--dropout", type=float, default=d.dropout, help="residual, attention and embedding dropout during fine-tuning")
-    sub.add_argument("--head-dropout", type=float, default=d.head_dropout, help="dropout before the linear head")
-    sub.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the weight matrices (biases, LayerNorm and embeddings: none)")
-    sub.add_argument("--max-train-examples", type=int, help="fine-tune on a random subset of this size")
-    sub.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch, help="validation evaluations per epoch (the best is kept)")
-    sub.add_argument("--from-scratch", action="store_true",
-                     help="random initial weights of the same shape: the no-pretraining baseline")
-    sub.add_argument("--activation-checkpointing", action="store_true",
-                     help="recompute each block in backward: less activation memory for about a third more compute")
-    sub.add_argument("--micro-batch", type=int, help="examples per rank per forward pass (gradient accumulation)")
-    sub.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"],
-                     help="autocast: auto is bf16 on GPUs (fp16 without it) and on CPUs where bf16 measures faster")
-    sub.add_argument("--compile", action="store_true", help="torch.compile the model")
-    sub.add_argument("--strategy", default=d.strategy, choices=["ddp", "fsdp"], help="under torchrun")
-    sub.add_argument("--checkpoint-interval", type=int,
-                     help="steps between resumable checkpoints in OUT/resume (default: at each evaluation); "
-                          "a killed run started again with the same options resumes exactly")
-    sub.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, the batches and dropout (a run is a function of it)")
-    sub.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    sub.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines (evaluations are still printed)")
-    sub.add_argument("--logger", default=d.logger, help=LOGGER_HELP)
+    add_options(sub, FinetuneConfig)
 
     def run(args):
         from .finetune import finetune
-        cfg = FinetuneConfig(run=args.run, out=args.out, train=args.train, val=args.val, task=args.task,
-                             columns=_columns_from(args), regression=args.regression, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup_fraction,
-                             lm_weight=args.lm_weight, pooling=args.pooling, long_inputs=args.long_inputs,
-                             optimizer=args.optimizer,
-                             muon_lr=args.muon_lr, dropout=args.dropout, head_dropout=args.head_dropout,
-                             weight_decay=args.weight_decay, max_train_examples=args.max_train_examples,
-                             evals_per_epoch=args.evals_per_epoch, from_scratch=args.from_scratch,
-                             activation_checkpointing=args.activation_checkpointing, micro_batch=args.micro_batch,
-                             precision=args.precision, compile=args.compile, strategy=args.strategy,
-                             checkpoint_interval=args.checkpoint_interval, seed=args.seed,
-                             device=args.device, progress=not args.no_progress, logger=args.logger)
+        cfg = from_options(FinetuneConfig, args, run=args.run, out=args.out, train=args.train, val=args.val,
+                           task=args.task, columns=_columns_from(args))
         result = finetune(cfg)
         if int(os.environ.get("RANK", "0")) != 0:
             return

@@ -42,9 +42,11 @@ from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, 
                          read_weights, save_checkpoint)
 from .config import GptnError, is_number, read_json
 from .model import GPT, next_token_loss
-from .runtime import resolve_device
+from .optim import MUON_LR, OPTIMIZERS
+from .options import check_choices, option
+from .runtime import PRECISIONS, STRATEGIES, resolve_device
 from .tasks import TASKS, Columns, Example, TaskData, read_task_file
-from .train import Loop, Schedule, fit, parse_loggers, run_training
+from .train import LOGGER_HELP, Loop, Schedule, fit, parse_loggers, run_training
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
 POOLINGS = ("extract", "mean")
@@ -316,33 +318,42 @@ class FinetuneConfig:
     val: str | None = None
     task: str | None = None  # recognised from the file layout when None
     columns: Columns = field(default_factory=Columns)
-    regression: bool | None = None
-    epochs: int = 3  # GPT-1's defaults from here on
-    batch_size: int = 32
-    lr: float = 6.25e-5
-    warmup_fraction: float = 0.002
-    weight_decay: float = 0.01
-    lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1; 0 disables the auxiliary objective
-    pooling: str = "extract"  # the head reads h_n at the extract token (GPT-1), or "mean": averaged over the input
-    long_inputs: str = "windows"  # inputs longer than the context: "windows" (all read), "tail" or "head" kept
-    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW (at lr) for the rest
-    muon_lr: float | None = None  # Muon's peak rate (default optim.MUON_LR / 10)
-    dropout: float = 0.1  # residual, attention and embedding dropout during fine-tuning
-    head_dropout: float = 0.1
-    grad_clip: float = 1.0
-    max_train_examples: int | None = None
-    from_scratch: bool = False  # the same architecture, randomly initialised: the no-pretraining baseline
-    activation_checkpointing: bool = False  # recompute each block in backward: memory for ~1/3 more compute
-    evals_per_epoch: int = 1
-    micro_batch: int | None = None  # examples per rank per forward (gradient accumulation); default: all
-    precision: str = "auto"  # autocast: bf16 on GPUs (fp16 without it) and on CPUs where bf16 is faster
-    compile: bool = False
-    strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp"
-    checkpoint_interval: int | None = None  # steps between resumable checkpoints; default: each evaluation
-    seed: int = 1337
-    device: str = "auto"
-    progress: bool = True
-    logger: str = "auto"  # trackers beside metrics.jsonl: train.parse_loggers
+    regression: bool | None = option(None, "the label is a score (e.g. similarity 0-5), predicted with mean "
+                                           "squared error")
+    epochs: int = option(3, "passes over the training examples (GPT-1: 3)")
+    batch_size: int = option(32, "examples per optimizer step (GPT-1: 32)")
+    lr: float = option(6.25e-5, "peak learning rate (GPT-1: 6.25e-5), warm-up then linear decay")
+    warmup_fraction: float = option(0.002, "share of the steps for the linear warm-up (GPT-1: 0.002)")
+    weight_decay: float = option(0.01, "AdamW weight decay of the weight matrices (biases, LayerNorm and "
+                                       "embeddings: none)")
+    lm_weight: float = option(0.5, "λ of the auxiliary LM loss in L3 = L2 + λ·L1 (0 disables)")
+    pooling: str = option("extract", "what the linear head reads: h_n at the extract token (GPT-1) or h_n "
+                                     "averaged over the input", choices=POOLINGS)
+    long_inputs: str = option("windows", "inputs longer than the context: " + LONG_INPUTS_HELP, choices=LONG_INPUTS)
+    optimizer: str = option("adamw", "adamw (GPT-1's) or muon: Muon for the blocks' matrices (at --muon-lr), "
+                                     "AdamW for embeddings, LayerNorm and the head", choices=OPTIMIZERS)
+    muon_lr: float | None = option(None, f"Muon's peak rate (default {MUON_LR / 10:g})")
+    dropout: float = option(0.1, "residual, attention and embedding dropout during fine-tuning")
+    head_dropout: float = option(0.1, "dropout before the linear head")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_train_examples: int | None = option(None, "fine-tune on a random subset of this size")
+    from_scratch: bool = option(False, "random initial weights of the same shape: the no-pretraining baseline")
+    activation_checkpointing: bool = option(False, "recompute each block in backward: less activation memory for "
+                                                   "about a third more compute")
+    evals_per_epoch: int = option(1, "validation evaluations per epoch (the best is kept)")
+    micro_batch: int | None = option(None, "examples per rank per forward pass (gradient accumulation; default: "
+                                           "all, long inputs' windows in groups of --batch-size)")
+    precision: str = option("auto", "autocast: auto is bf16 on GPUs (fp16 without it) and on CPUs where bf16 "
+                                    "measures faster", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model")
+    strategy: str = option("ddp", "under torchrun: ddp or fsdp", choices=STRATEGIES)
+    checkpoint_interval: int | None = option(None, "steps between resumable checkpoints in OUT/resume (default: "
+                                                   "at each evaluation); a killed run started again with the same "
+                                                   "options resumes exactly")
+    seed: int = option(1337, "seed of the initialisation, the batches and dropout (a run is a function of it)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool = option(True, "no progress bar or per-step lines (evaluations are still printed)")
+    logger: str = option("auto", LOGGER_HELP)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "evals_per_epoch"):
@@ -352,10 +363,6 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise GptnError(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise GptnError(f"strategy must be ddp or fsdp, not {self.strategy!r}")
         for name in ("lr", "lm_weight", "weight_decay", "dropout", "head_dropout", "grad_clip", "warmup_fraction"):
             if not is_number(getattr(self, name)):
                 raise GptnError(f"{name} must be a finite number, not {getattr(self, name)!r}")
@@ -372,15 +379,10 @@ class FinetuneConfig:
             raise GptnError(f"seed must be a whole number in [0, 2**63), not {self.seed}")
         if not 0 <= self.warmup_fraction < 1:
             raise GptnError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
-        if self.pooling not in POOLINGS:
-            raise GptnError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
-        if self.long_inputs not in LONG_INPUTS:
-            raise GptnError(f"long_inputs must be one of {', '.join(LONG_INPUTS)}, not {self.long_inputs!r}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise GptnError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
         if self.muon_lr is not None and not self.muon_lr > 0:
             raise GptnError(f"muon_lr must be positive, not {self.muon_lr}")
         parse_loggers(self.logger)
+        check_choices(self)
 
 
 def _with_gpt1_tokens(model: GPT, tokenizer: Tokenizer) -> GPT:

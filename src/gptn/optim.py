@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # quintic iteration, as torch.optim.Muon
+OPTIMIZERS = ("adamw", "muon")  # AdamW everywhere, or Muon for the blocks' matrices and AdamW for the rest
 MUON_LR = 0.02  # the reference implementation's default
 
 

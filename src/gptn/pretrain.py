@@ -27,9 +27,10 @@ from .compute import softmax_share, training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset, read_json
 from .data import BatchLoader, Corpus
 from .model import GPT
-from .optim import MUON_LR, make_optimizer
-from .runtime import Dist, autocast_dtype, peak_flops
-from .train import Loop, Schedule, fit, lr_at, parse_loggers, run_training, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
+from .optim import MUON_LR, OPTIMIZERS, make_optimizer
+from .options import check_choices, option
+from .runtime import PRECISIONS, STRATEGIES, Dist, autocast_dtype, peak_flops
+from .train import LOGGER_HELP, Loop, Schedule, fit, lr_at, parse_loggers, run_training, plot_loss_curve  # noqa: F401  (plot_loss_curve: the public name)
 from .tokenizer import load_tokenizer
 
 
@@ -37,39 +38,47 @@ from .tokenizer import load_tokenizer
 class PretrainConfig:
     """Options of `gptn pretrain`. None means: the preset's value (or the run's, when resuming)."""
 
-    corpus: str
-    out: str
+    corpus: str = option(help="a folder written by `gptn prepare`", cli=False)
+    out: str = option(help="run directory (an existing run is resumed)", cli=False)
     init_from: str | None = None  # start a new run from this run's (or imported folder's) weights
     preset: str | None = None  # default "mini" for a new run
     model_config: str | None = None  # a GPTConfig JSON file instead of a preset
     overrides: dict = field(default_factory=dict)  # GPTConfig fields, e.g. {"dropout": 0.0}
-    steps: int = 1000
-    batch_tokens: int | None = None  # tokens per optimizer step (all ranks); default: the preset's
-    micro_batch: int | None = None  # sequences per rank per forward; default: the whole rank batch
-    lr: float | None = None
-    min_lr: float | None = None  # default lr / 10
-    warmup_steps: int | None = None  # default 2% of steps
-    weight_decay: float = 0.1
-    optimizer: str | None = None  # "adamw" (default) or "muon" (Muon for linear weights, AdamW for the rest)
-    muon_lr: float | None = None  # Muon's peak rate (default optim.MUON_LR); it follows the same schedule as lr
+    steps: int = option(1000, "optimizer steps in total")
+    batch_tokens: int | None = option(None, "tokens per optimizer step, all ranks (default: the preset's)")
+    micro_batch: int | None = option(None, "sequences per rank per forward pass (gradient accumulation)")
+    lr: float | None = option(None, "peak learning rate (default: the preset's)")
+    min_lr: float | None = option(None, "final learning rate of the cosine (default lr/10)")
+    warmup_steps: int | None = option(None, "linear warm-up steps (default 2% of steps)")
+    weight_decay: float = option(0.1, "AdamW weight decay of the weight matrices (biases, LayerNorm and "
+                                      "embeddings: none)")
+    optimizer: str | None = option(None, "adamw (GPT-1/2/3's; the default for a new run) or muon: Muon for the "
+                                         "linear layers' weights, AdamW for embeddings, biases and LayerNorm; reaches "
+                                         "a given loss in fewer tokens (default: the run's)", choices=OPTIMIZERS)
+    muon_lr: float | None = option(None, f"Muon's peak learning rate, on the same schedule as lr (default {MUON_LR:g})")
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_batches: int = 20
-    checkpoint_interval: int = 500
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    eval_interval: int = option(250, "steps between validation evaluations (0: none; step 0 and the last step "
+                                     "are evaluated too)")
+    eval_batches: int = option(20, "validation batches per evaluation (the same windows each time)")
+    checkpoint_interval: int = option(500, "steps between checkpoints (one is also written at the end and on Ctrl-C)")
     snapshot_interval: int | None = None  # also keep the weights every N steps in RUN/snapshots/step-N
     log_interval: int = 10
-    seed: int = 1337
-    strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp"
-    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPU
-    compile: bool = False
-    activation_checkpointing: bool = False  # recompute each block in backward: memory for ~1/3 more compute
-    device: str = "auto"
+    seed: int = option(1337, "seed of the initialisation, the batches and dropout (a run is a function of it)")
+    strategy: str = option("ddp", "under torchrun: ddp or fsdp", choices=STRATEGIES)
+    precision: str = option("auto", "autocast: auto is bf16 on GPUs (fp16 without it) and on CPUs where bf16 "
+                                    "measures faster", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model")
+    activation_checkpointing: bool = option(False, "keep only each block's input and recompute the block in "
+                                                   "backward: less activation memory for about a third more "
+                                                   "compute (gptn compute shows both)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
     peak_flops: float | None = None  # for MFU; default: measured (CPU) or the card's table value
-    progress: bool = True
-    logger: str = "auto"  # trackers beside metrics.jsonl: train.parse_loggers
-    max_seconds: float | None = None  # training-time budget: the schedule decays within it; stop (and save) at it
+    progress: bool = option(True, "no progress bar or per-step lines (evaluations are still printed)")
+    logger: str = option("auto", LOGGER_HELP)
+    max_seconds: float | None = option(None, "training-time budget: the cosine decays over whichever of --steps "
+                                             "and this runs out first, and the run stops and saves when it is spent")
     stop_at_val_loss: float | None = None  # stop (and save) once validation loss reaches this
 
     def __post_init__(self):
@@ -98,6 +107,7 @@ class PretrainConfig:
         if self.init_from is not None and (self.preset or self.model_config):
             raise GptnError("--init-from takes the model from its source; drop --preset / --config")
         parse_loggers(self.logger)
+        check_choices(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -346,8 +356,6 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 50)
     cfg.batch_tokens, cfg.micro_batch, cfg.lr, cfg.min_lr, cfg.warmup_steps = batch_tokens, micro, lr, min_lr, warmup
     cfg.optimizer, cfg.muon_lr = cfg.optimizer or "adamw", cfg.muon_lr or MUON_LR
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise GptnError(f"--optimizer must be adamw or muon, not {cfg.optimizer!r}")
     if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
         raise GptnError("--optimizer muon orthogonalises whole weight matrices, which FSDP shards; use --strategy ddp")
 

@@ -79,12 +79,16 @@ def cpu_bf16_is_faster() -> bool:
 CPU_BF16_MIN_WIDTH = 128
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training autocast (--precision)
+STRATEGIES = ("ddp", "fsdp")  # how torchrun's ranks share the model (--strategy)
+
+
 def autocast_dtype(precision: str, device: torch.device, d_model: int | None = None) -> torch.dtype | None:
     """The autocast dtype of training: `auto` is bf16 on GPUs that have it (else fp16 with a gradient
     scaler), and on a CPU bf16 where it measures faster than fp32 and the model is wide enough for it
     to pay, else fp32 (None)."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise GptnError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise GptnError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if device.type != "cuda":
         if precision == "fp16":
             raise GptnError("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")

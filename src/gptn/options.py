@@ -1,0 +1,116 @@
+"""Command-line flags generated from the configuration dataclasses (PretrainConfig, FinetuneConfig):
+a field's name, type, default, choices and help are written once, on the field, and become its flag
+(`--batch-size`), its help text and its place in a `--config FILE.yaml` (the field names as keys).
+
+    batch_size: int = option(32, "examples per optimizer step (GPT-1: 32)")
+
+A value comes from, in order of precedence: the command line, the --config file, the field's default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+from .config import GptnError, read_json
+
+# What a field's metadata may say: its help, the values it takes, and how the command line spells it
+# ("flag": another name; "cli": False to leave it off the command line, e.g. a positional argument).
+OPTION_KEYS = ("help", "choices", "flag", "cli", "metavar")
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, factory=None, **meta):
+    """A dataclass field with its command-line help (and choices, flag, cli, metavar) as metadata."""
+    unknown = set(meta) - set(OPTION_KEYS)
+    if unknown:
+        raise TypeError(f"option(): unknown metadata {sorted(unknown)}")
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def check_choices(config) -> None:
+    """Refuse a field value outside the field's choices (one line naming the field and the choices)."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise GptnError(f"{f.name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def _base_type(hint) -> type:
+    """int for `int | None`, and so on: the type a flag's value is converted to."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of `cls` that has help (fields with cli=False, or none, are left to the
+    command). Flags default to "not given", so that a --config file can fill what the line leaves."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("help") or meta.get("cli") is False:
+            continue
+        kind, default = _base_type(hints[f.name]), _default(f)
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        text = meta["help"]
+        if kind is bool and default is True:
+            parser.add_argument(flag if meta.get("flag") else "--no-" + f.name.replace("_", "-"), dest=f.name,
+                                action="store_false", default=argparse.SUPPRESS, help=text)
+        elif kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            if default is not None and "default" not in text:
+                text += f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
+            parser.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"),
+                                metavar=meta.get("metavar"), default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+    parser.add_argument("--config", dest="options_file", metavar="FILE.yaml", default=None,
+                        help="read options from a YAML (or JSON) file whose keys are these flags' names with "
+                             "underscores (batch_size: 32); flags on the command line win")
+
+
+def read_options_file(path: str | Path, cls) -> dict:
+    """The options a --config file sets, checked against `cls`'s fields (those with a flag); one line
+    naming a bad file."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise GptnError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or give a .json file") from None
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise GptnError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise GptnError(f"{path} is not a mapping of option names to values")
+    else:
+        values = read_json(path)
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("help") and f.metadata.get("cli") is not False}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise GptnError(f"{path}: unknown option {unknown[0]!r}; options are the flags' names, e.g. "
+                        f"{', '.join(sorted(names)[:4])}")
+    return values
+
+
+def from_options(cls, args: argparse.Namespace, **given):
+    """An instance of `cls` from the parsed flags, the --config file and `given` (the command's own
+    arguments); the dataclass checks every value."""
+    values = read_options_file(args.options_file, cls) if getattr(args, "options_file", None) else {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name) and f.metadata.get("help") and f.metadata.get("cli") is not False:
+            values[f.name] = getattr(args, f.name)
+    try:
+        return cls(**{**values, **given})
+    except TypeError as e:  # a value of the wrong type in the file
+        raise GptnError(f"{args.options_file}: {e}") from None
