@@ -146,8 +146,8 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
     summary, init_from = {}, None
     for name, data, budget, lr_scale in stages:
         run = work / f"pretrained-{name}"
-        if name not in plan:  # the budget of the first start, kept for a resumed run
-            plan[name] = {"seconds": budget}
+        if name not in plan:  # the budget of the first start (and its commit), kept for a resumed run
+            plan[name] = {"seconds": budget, "commit": machine().get("gptn_commit")}
             plan_path.write_text(json.dumps(plan, indent=1))
         # The clock ends the run: the step count is only a cap, and the cosine decays over the time budget,
         # so the run ends annealed whatever the machine's speed (precision auto: bf16 where it is faster).
@@ -162,6 +162,7 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
         state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False, map_location="cpu")
         tokens = state["step"] * LM_BATCH * LM["n_ctx"]
         summary[name] = {"steps": state["step"], "budget_seconds": plan[name]["seconds"], "tokens": tokens,
+                         "started_at_commit": plan[name].get("commit"),
                          "seconds": round(state["train_seconds"]), "tokens_per_s": round(tokens / state["train_seconds"]),
                          "val_loss_step0": val[0]["val_loss"], "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"],
                          "lr": LM_LR * lr_scale, "final_lr": [r for r in records if "lr" in r][-1]["lr"],
