@@ -23,6 +23,7 @@ Both servers run as their own processes (uvicorn, one worker) on loopback; RSS i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -106,37 +107,54 @@ def send(port: int, body: bytes, chunked: bool) -> tuple[float, int]:
     return answered.get("t", float("nan")), answered.get("status", 0)
 
 
-def attack(pid: int, port: int, body: bytes, chunked: bool) -> dict:
-    """One body while sampling the server's RSS and /health latency."""
-    idle = rss_mb(pid)
-    peak, health, stop = [idle], [], threading.Event()
+@contextlib.contextmanager
+def watching(pid: int, probe):
+    """While the block runs: the server's peak RSS (read every 2 ms) and the results of `probe()`
+    called back to back."""
+    seen, stop = {"idle": rss_mb(pid), "probes": []}, threading.Event()
+    seen["peak"] = seen["idle"]
 
     def sample_rss():
         while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb(pid))
+            seen["peak"] = max(seen["peak"], rss_mb(pid))
             time.sleep(0.002)
 
-    def poll_health():
+    def probe_loop():
         while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60).read()
-                health.append(1000 * (time.perf_counter() - t0))
-            except OSError:
-                health.append(float("inf"))
-            time.sleep(0.02)
+            seen["probes"].append(probe())
 
-    threads = [threading.Thread(target=sample_rss), threading.Thread(target=poll_health)]
+    threads = [threading.Thread(target=sample_rss), threading.Thread(target=probe_loop)]
     for t in threads:
         t.start()
-    seconds, status = send(port, body, chunked)
-    time.sleep(0.2)  # let /health be asked once more after the answer
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def health_ms(port: int) -> float:
+    """/health's latency in ms (infinite when it fails), then a 20 ms pause."""
+    t0 = time.perf_counter()
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60).read()
+        out = 1000 * (time.perf_counter() - t0)
+    except OSError:
+        out = float("inf")
+    time.sleep(0.02)
+    return out
+
+
+def attack(pid: int, port: int, body: bytes, chunked: bool) -> dict:
+    """One body while sampling the server's RSS and /health latency."""
+    with watching(pid, lambda: health_ms(port)) as seen:
+        seconds, status = send(port, body, chunked)
+        time.sleep(0.2)  # let /health be asked once more after the answer
     time.sleep(0.5)
+    health, idle = seen["probes"], seen["idle"]
     return {"status": status, "time_to_4xx_s": round(seconds, 4), "idle_rss_mb": round(idle, 1),
-            "peak_rss_mb": round(peak[0], 1), "rss_growth_mb": round(peak[0] - idle, 1),
+            "peak_rss_mb": round(seen["peak"], 1), "rss_growth_mb": round(seen["peak"] - idle, 1),
             "retained_rss_mb": round(rss_mb(pid) - idle, 1),
             "health_latency_ms": {"p50": round(median(health), 1) if health else None,
                                   "max": round(max(health), 1) if health else None, "polls": len(health)}}
@@ -252,36 +270,23 @@ def health_ok(port: int) -> bool:
 def hostile(pid: int, port: int, name: str, completions: bool = True) -> dict:
     """One hostile case while a probe sends 4-token completions (or, to a server without a model, asks
     /health) back to back: its statuses, the probe's latencies, the server's RSS growth."""
-    idle = rss_mb(pid)
-    peak, latency, stop = [idle], [], threading.Event()
-
-    def sample_rss():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb(pid))
-            time.sleep(0.002)
-
     def probe():
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            ok = post(port, {"model": "bench", "prompt": "the", "max_tokens": 4, "temperature": 0}, timeout=60) == 200 \
-                if completions else health_ok(port)
-            latency.append(time.perf_counter() - t0 if ok else float("inf"))
+        t0 = time.perf_counter()
+        ok = post(port, {"model": "bench", "prompt": "the", "max_tokens": 4, "temperature": 0}, timeout=60) == 200 \
+            if completions else health_ok(port)
+        return time.perf_counter() - t0 if ok else float("inf")
 
-    threads = [threading.Thread(target=sample_rss), threading.Thread(target=probe)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    t0 = time.perf_counter()
-    statuses = HOSTILE[name](port)
-    seconds = time.perf_counter() - t0
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    with watching(pid, probe) as seen:
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        statuses = HOSTILE[name](port)
+        seconds = time.perf_counter() - t0
+        time.sleep(0.5)
+    latency, peak, idle = seen["probes"], seen["peak"], seen["idle"]
     lat = sorted(latency)
     return {"statuses": statuses, "attack_seconds": round(seconds, 2), "probe_requests": len(lat),
             "probe_p50_s": round(lat[len(lat) // 2], 4), "probe_p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
-            "probe_max_s": round(lat[-1], 4), "rss_growth_mb": round(peak[0] - idle, 1),
+            "probe_max_s": round(lat[-1], 4), "rss_growth_mb": round(peak - idle, 1),
             "still_serving": still_serving(port) if completions else health_ok(port)}
 
 

@@ -95,3 +95,23 @@ def kill_after_checkpoint(argv: list[str], meta: Path, min_step: int, timeout: f
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return json.loads(meta.read_text())["step"]
+
+
+def build_runs(root: Path, tokenizer: str = "char") -> Path:
+    """In `root`: a corpus `c` of one small text, a 3-step pretraining run `pre` (context 32), a
+    fine-tuned run `ft` of it (t.tsv, one epoch) and a Hugging Face GPT-2 folder `hf` (no tokenizer)."""
+    from gptn.cli import main
+    from gptn.data import prepare
+    from gptn.pretrain import PretrainConfig, pretrain
+    (root / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    prepare([str(root / "t.txt")], tokenizer, root / "c", val_fraction=0.1, progress=False)
+    pretrain(PretrainConfig(corpus=str(root / "c"), out=str(root / "pre"), preset="tiny", overrides={"n_ctx": 32},
+                            steps=3, batch_tokens=128, eval_interval=0, progress=False))
+    (root / "t.tsv").write_text("sentence\tlabel\n" + "".join(f"the {w} dog\t{i % 2}\n" for i, w in
+                                                             enumerate(["quick", "lazy"] * 4)))
+    assert main(["finetune", str(root / "pre"), "--train", str(root / "t.tsv"), "--out", str(root / "ft"),
+                 "--epochs", "1", "--no-progress"]) == 0
+    hf = pytest.importorskip("transformers")
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=500, n_positions=16, n_embd=64, n_layer=1, n_head=2))  # > 96 KiB
+    model.save_pretrained(root / "hf")
+    return root

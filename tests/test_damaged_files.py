@@ -9,11 +9,9 @@ import shutil
 
 import pytest
 
-from gptn.cli import main
-from gptn.data import prepare
-from gptn.pretrain import PretrainConfig, pretrain
+from conftest import build_runs
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 300
+from gptn.cli import main
 
 
 def _damages(path):
@@ -32,19 +30,8 @@ def _damages(path):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("damaged")
-    (root / "t.txt").write_text(TEXT)
-    prepare([str(root / "t.txt")], "bpe:300", root / "corpus", val_fraction=0.1, progress=False)
-    pretrain(PretrainConfig(corpus=str(root / "corpus"), out=str(root / "run"), preset="tiny", overrides={"n_ctx": 32},
-                            steps=3, batch_tokens=128, eval_interval=0, progress=False))
-    (root / "t.tsv").write_text("sentence\tlabel\n" + "".join(f"the {w} dog\t{i % 2}\n" for i, w in
-                                                           enumerate(["quick", "lazy"] * 4)))
-    assert main(["finetune", str(root / "run"), "--train", str(root / "t.tsv"), "--out", str(root / "ft"),
-                 "--epochs", "1", "--no-progress"]) == 0
-    hf = pytest.importorskip("transformers")
-    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2))
-    model.save_pretrained(root / "hf")
-    assert main(["export-hf", str(root / "run"), str(root / "hf-tok")]) == 0  # tokenizer files of an HF folder
+    root = build_runs(tmp_path_factory.mktemp("damaged"), "bpe:300")
+    assert main(["export-hf", str(root / "pre"), str(root / "hf-tok")]) == 0  # tokenizer files of an HF folder
     for f in (root / "hf-tok").iterdir():
         if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
             shutil.copy(f, root / "hf" / f.name)
@@ -52,13 +39,13 @@ def folders(tmp_path_factory):
 
 
 # Each folder kind, and the commands that read it (OUT: a new output path per case).
-COMMANDS = {
-    "run": [["generate", "{run}", "--prompt", "the", "--max-new-tokens", "2"],
-            ["pretrain", "{corpus}", "--out", "{run}", "--steps", "4", "--eval-interval", "0", "--no-progress"],
-            ["export-hf", "{run}", "{out}"]],
+COMMANDS = {  # conftest.build_runs's folders: pre (a pretraining run), ft (fine-tuned), c (corpus), hf
+    "pre": [["generate", "{pre}", "--prompt", "the", "--max-new-tokens", "2"],
+            ["pretrain", "{c}", "--out", "{pre}", "--steps", "4", "--eval-interval", "0", "--no-progress"],
+            ["export-hf", "{pre}", "{out}"]],
     "ft": [["predict", "{ft}", "--text", "the quick dog"], ["export-hf", "{ft}", "{out}"]],
-    "corpus": [["pretrain", "{corpus}", "--out", "{out}", "--preset", "tiny", "--set", "n_ctx=32", "--steps", "1",
-                "--batch-tokens", "128", "--eval-interval", "0", "--no-progress"]],
+    "c": [["pretrain", "{c}", "--out", "{out}", "--preset", "tiny", "--set", "n_ctx=32", "--steps", "1",
+           "--batch-tokens", "128", "--eval-interval", "0", "--no-progress"]],
     "hf": [["import-hf", "{hf}", "{out}"]],
 }
 

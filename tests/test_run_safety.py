@@ -5,9 +5,9 @@ import hashlib
 
 import pytest
 
+from conftest import build_runs
+
 from gptn.cli import main
-from gptn.data import prepare
-from gptn.pretrain import PretrainConfig, pretrain
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 300
 
@@ -19,19 +19,7 @@ def _snapshot(folder):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    (root / "t.txt").write_text(TEXT)
-    prepare([str(root / "t.txt")], "char", root / "c", val_fraction=0.1, progress=False)
-    pretrain(PretrainConfig(corpus=str(root / "c"), out=str(root / "pre"), preset="tiny", overrides={"n_ctx": 32},
-                            steps=3, batch_tokens=128, eval_interval=0, progress=False))
-    (root / "t.tsv").write_text("sentence\tlabel\n" + "".join(f"the {w} dog\t{i % 2}\n" for i, w in
-                                                           enumerate(["quick", "lazy"] * 4)))
-    assert main(["finetune", str(root / "pre"), "--train", str(root / "t.tsv"), "--out", str(root / "ft"),
-                 "--epochs", "1", "--no-progress"]) == 0
-    hf = pytest.importorskip("transformers")
-    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=500, n_positions=16, n_embd=64, n_layer=1, n_head=2))  # > 96 KiB
-    model.save_pretrained(root / "hf")
-    return root
+    return build_runs(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.mark.parametrize("command", [
