@@ -1,5 +1,5 @@
 """Load test of `gptn serve`: the continuous-batching engine against the static one it replaced
-(`--scheduler static`), in one run, with the same mixed traffic.
+(benchmarks/static_engine.py), in one run, with the same mixed traffic.
 
     python benchmarks/serve.py [--clients 32] [--seconds 60]
 
@@ -137,8 +137,10 @@ def run_scheduler(run: Path, scheduler: str, clients: int, seconds: float) -> di
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "gptn", "serve", str(run), "--port", str(port),
-                               "--model-name", "bench", "--scheduler", scheduler, "--max-batch", "32"],
+    # the continuous engine is `gptn serve` itself; the static one it replaced serves through the same app
+    command = [sys.executable, "-m", "gptn", "serve"] if scheduler == "continuous" else \
+        [sys.executable, str(Path(__file__).parent / "static_engine.py")]
+    server = subprocess.Popen([*command, str(run), "--port", str(port), "--model-name", "bench", "--max-batch", "32"],
                               env={**os.environ, "OMP_NUM_THREADS": "2"})
     try:
         wait_healthy(port)

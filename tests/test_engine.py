@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptn.config import GPTConfig
-from gptn.engine import ContinuousEngine, Job, StaticEngine, _Call
+from gptn.engine import ContinuousEngine, Job, _Call
 from gptn.generate import SamplingConfig, StopWatcher, generate_ids
 from gptn.model import GPT
 
@@ -224,6 +224,10 @@ def test_logprobs_per_row_are_the_models(engine, model, tok):
 
 
 def test_the_static_engine_kept_for_comparison_serves_seeded_and_greedy_requests(model, tok):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from static_engine import StaticEngine  # benchmarks/serve.py's baseline
     eng = StaticEngine(model, tok, max_batch=8)
     seeded = SamplingConfig(temperature=0.9, seed=7)
     release = hold(eng)

@@ -781,7 +781,7 @@ def cmd_lm_eval(sub):
 
 @command("serve", "serve a run over HTTP with the OpenAI completions API (the `serve` extra)")
 def cmd_serve(sub):
-    from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, SCHEDULER, SCHEDULERS
+    from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK
     from .protocol import KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, REQUEST_SECONDS
     sub.add_argument("run", help="run directory")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -795,9 +795,6 @@ def cmd_serve(sub):
                      "parsing (default 1 KiB per context token, at least 1 MiB)")
     sub.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                      help=f"most requests waiting to start; more get 429 (default {MAX_QUEUE})")
-    sub.add_argument("--scheduler", default=SCHEDULER, choices=SCHEDULERS,
-                     help="continuous: rows join and leave the batch at every step (default); static: a batch "
-                     "runs until its longest request ends (for comparison)")
     sub.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                      help="most prompt tokens prefilled per step, so a long prompt does not stall running "
                      f"streams (default {PREFILL_CHUNK})")
@@ -816,9 +813,10 @@ def cmd_serve(sub):
             raise GptnError(f"--port must be in 1..65535, got {args.port}")
         if args.max_body is not None and args.max_body < 1:
             raise GptnError(f"--max-body must be >= 1, got {args.max_body}")
-        serve(args.run, args.host, args.port, args.api_key, args.model_name, args.max_batch, args.device, args.dtype,
-              args.max_body, args.scheduler, args.max_queue, args.prefill_chunk, args.request_timeout,
-              args.max_connections)
+        serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+              max_batch=args.max_batch, device=args.device, dtype=args.dtype, max_body=args.max_body,
+              max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+              request_seconds=args.request_timeout, max_connections=args.max_connections)
     return run
 
 

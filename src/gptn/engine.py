@@ -1,21 +1,18 @@
-"""The engines behind `gptn serve`: one thread owns the model and runs the requests' rows through it.
+"""The engine behind `gptn serve`: one thread owns the model and runs the requests' rows through it.
 
-ContinuousEngine (the default) schedules every step, as vLLM does (iteration-level scheduling, Orca,
+ContinuousEngine schedules every step, as vLLM does (iteration-level scheduling, Orca,
 OSDI'22): finished rows leave and waiting rows join at each decode step, and every row samples with
 its own settings (a seeded row with its own generator, so its output does not depend on what else
 runs). A joining prompt is prefilled in chunks, at most `prefill_chunk` prompt tokens per step, so a
 long prompt delays the running streams by one chunk per step rather than by its whole prefill.
 Keys and values live in preallocated slots (SlotCache): the decoding rows hold the first slots, so a
 step reads a view of the cache, and a row that leaves is replaced by one row copy (the last one).
-
-StaticEngine (`gptn serve --scheduler static`) is the engine before it, kept for comparison
-(benchmarks/serve.py): a batch of requests with identical sampling settings runs until its longest
-row ends, and requests that arrive meanwhile wait.
+_Engine is what an engine shares (the queue, the model thread, calls between steps, metrics); the
+static engine it replaced lives in benchmarks/static_engine.py, for comparison.
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -24,12 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import SamplingConfig, StopWatcher, choose_tokens, generate_ids, logit_bias_tensor, score_continuations
+from .generate import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor, score_continuations
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit, slide_keep
 
-SCHEDULERS = ("continuous", "static")
-SCHEDULER = "continuous"  # rows join and leave the batch at every step
 MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK = 32, 128, 256  # rows decoded together, requests waiting, prompt tokens per step
 
 
@@ -50,7 +45,7 @@ class Job:
     emit: callable
     watcher: StopWatcher = None
     cancelled: bool = False
-    batch_key: tuple = ()  # StaticEngine: jobs with equal keys share a batch
+    batch_key: tuple = ()  # the benchmark's static engine: jobs with equal keys share a batch
     submitted: float = 0.0
     first_token: float | None = None
     remaining: int = 0  # rows not finished yet
@@ -192,76 +187,6 @@ class _Engine:
             ("time_per_output_token_seconds", "histogram", "time between a row's successive tokens", self.token_latency),
             ("batch_size", "histogram", "rows per decode step", self.batch_size),
         ])
-
-
-class StaticEngine(_Engine):
-    """A batch of requests with identical sampling settings runs until its longest row ends."""
-
-    def __init__(self, *args, **kwargs):
-        self._unique = itertools.count()
-        super().__init__(*args, **kwargs)
-
-    def submit(self, job: Job, reserved: bool = False) -> None:
-        s = job.sampling
-        seeded_sampling = s.seed is not None and not s.greedy  # alone, so that its seed reproduces it
-        job.batch_key = (s.batch_key(), job.logprobs is not None, next(self._unique) if seeded_sampling else None)
-        super().submit(job, reserved)
-
-    def _loop(self) -> None:
-        pending: list = []
-        while True:
-            if not pending:
-                pending.append(self.inbox.get())
-            while True:  # everything queued meanwhile
-                try:
-                    pending.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            first = pending[0]
-            if isinstance(first, _Call):
-                self._call(pending.pop(0))
-                continue
-            batch, rest, rows = [], [], 0
-            for job in pending:
-                if isinstance(job, Job) and job.batch_key == first.batch_key and \
-                        (not batch or rows + len(job.rows) <= self.max_batch):
-                    batch.append(job)
-                    rows += len(job.rows)
-                else:
-                    rest.append(job)
-            pending = rest
-            try:
-                self._run(batch)
-            except Exception as e:  # a failure must reach the waiting requests, not kill the engine
-                for job in batch:
-                    job.emit({"error": f"{type(e).__name__}: {e}"})
-            self._running_rows = 0
-
-    @torch.no_grad()
-    def _run(self, batch: list[Job]) -> None:
-        owners = [(job, r) for job in batch for r in range(len(job.rows))]
-        counts = [0] * len(owners)
-        last = [[None] for _ in owners]
-        for job in batch:
-            self._started(job)
-        self._running_rows = len(owners)
-        max_new = max(job.max_tokens for job in batch)
-
-        def on_token(row, token, info=None):
-            job, r = owners[row]
-            if job.cancelled:
-                return True
-            counts[row] += 1
-            return self._token(job, r, token, info, counts[row], last[row])
-
-        if max_new > 0:
-            self._stepped(len(owners))
-            prompts = [job.rows[r] for job, r in owners]
-            generate_ids(self.model, prompts, SamplingConfig(**{**batch[0].sampling.__dict__, "max_new_tokens": max_new}),
-                         pad_id=self.tokenizer.eot_id, on_token=on_token, warn=lambda _m: None,
-                         logprobs=batch[0].logprobs)
-        for job in batch:
-            job.emit({"done": True})
 
 
 class SlotCache:
@@ -548,11 +473,3 @@ class ContinuousEngine(_Engine):
             self._release(self.running.index(row), finished=False)
             row.tokens, row.length = row.tokens[-keep:], 0
             self.queued.appendleft(row)
-
-
-def make_engine(scheduler: str, model, tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
-                prefill_chunk: int = PREFILL_CHUNK) -> _Engine:
-    """The engine `gptn serve --scheduler` names."""
-    if scheduler == "static":
-        return StaticEngine(model, tokenizer, max_batch, max_queue)
-    return ContinuousEngine(model, tokenizer, max_batch, max_queue, prefill_chunk)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .bert import BERT_SPECIALS, mask_tokens, step_generator
 from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_config, load_weights, read_train_state,
-                         read_weights, run_kind, save_checkpoint)
+                         read_weights, run_kind, save_checkpoint, verify_files)
 from .compute import softmax_share, training_flops_per_token
 from .config import GPTConfig, GptnError, get_preset, read_json
 from .data import BatchLoader, Corpus
@@ -301,16 +301,17 @@ class NextTokenObjective:
 def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     run = Path(cfg.out)
     corpus = Corpus(cfg.corpus)
-    kind = run_kind(run)
+    ckpt = checkpoint_dir(run) if has_checkpoint(run) else None  # the run's checkpoint, when it has one
     claim_out(run, "pretrain", source=cfg.init_from,
-              resumable=checkpoint_dir(run) / "train_state.pt" if kind == "pretrain" else None)
-    resuming = has_checkpoint(run) and (checkpoint_dir(run) / "train_state.pt").is_file()
-    if has_checkpoint(run) and not resuming:
+              resumable=ckpt / "train_state.pt" if ckpt and run_kind(run) == "pretrain" else None)
+    resuming = ckpt is not None and (ckpt / "train_state.pt").is_file()
+    if ckpt is not None and not resuming:
         raise GptnError(f"{run} holds a model but no training state; pretrain into a new --out")
     if resuming:
+        verify_files(ckpt)  # config and tokenizer as saved (the weights and state are checked as they are read)
         saved_cfg = read_json(run / "train_config.json")
         config = _check_resume(cfg, run, corpus, saved_cfg)
-        _check_tokenizer(checkpoint_dir(run) / "tokenizer", corpus, _run_tokenizer(corpus, config))
+        _check_tokenizer(ckpt / "tokenizer", corpus, _run_tokenizer(corpus, config))
         # The schedule and batch are part of the run; the user may extend `steps` or change logging.
         saved_opt = saved_cfg.get("optimizer") or "adamw"
         if cfg.optimizer not in (None, saved_opt):
@@ -326,7 +327,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
             setattr(cfg, key, saved_cfg.get(key) if getattr(cfg, key) is None or key in ("seed", "init_from")
                     else getattr(cfg, key))
         preset = get_preset(saved_cfg["preset"]) if saved_cfg.get("preset") else None
-        tokenizer = load_tokenizer(checkpoint_dir(run) / "tokenizer") if cfg.init_from else None
+        tokenizer = load_tokenizer(ckpt / "tokenizer") if cfg.init_from else None
     elif cfg.init_from:
         config, source_weights, tokenizer = initial_weights(cfg, corpus)
         preset = None
@@ -369,8 +370,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     if cfg.init_from and not resuming:
         model.load_state_dict(source_weights)
     if resuming:
-        load_weights(model, read_weights(checkpoint_dir(run) / "model.safetensors"), source=str(checkpoint_dir(run)))
-        train_state = read_train_state(checkpoint_dir(run) / "train_state.pt")
+        load_weights(model, read_weights(ckpt / "model.safetensors"), source=str(ckpt))
+        train_state = read_train_state(ckpt / "train_state.pt")
         _say_schedule(run, train_state["step"], saved_cfg.get("steps"), cfg, d)
     model.to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -401,7 +402,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
 
     def save(step_done: int, model_sd: dict, state: dict) -> None:
         save_checkpoint(run, config, model_sd, tokenizer=tokenizer,
-                        train_state={**state, "loader": {"seed": cfg.seed, "next_step": step_done}},
+                        train_state=state,  # the batches are a function of (seed, step): nothing of the loader
                         meta={"kind": "pretrain", "step": step_done, "corpus": str(cfg.corpus),
                               **({"init_from": str(cfg.init_from)} if cfg.init_from else {})})
 

@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 from .config import GptnError, is_number
-from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, SCHEDULER, SCHEDULERS, Job, QueueFull, make_engine
+from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, ContinuousEngine, Job, QueueFull
 from .generate import SamplingConfig, StopWatcher, encode_prompt
 from .model import prompt_limit, require_decoder
 from .protocol import (KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, MAX_DETECT_TOKENS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP,
@@ -211,10 +211,8 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def check_options(scheduler: str, max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+def check_options(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
     """The engine's settings, refused in one line when out of range."""
-    if scheduler not in SCHEDULERS:
-        raise GptnError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GptnError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
@@ -473,14 +471,15 @@ class Completion:
 
 
 def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None = None, max_batch: int = MAX_BATCH,
-               max_tokens_limit: int | None = None, max_body: int | None = None, scheduler: str = SCHEDULER,
-               max_queue: int = MAX_QUEUE, prefill_chunk: int = PREFILL_CHUNK, detector=None) -> FastAPI:
+               max_tokens_limit: int | None = None, max_body: int | None = None, max_queue: int = MAX_QUEUE,
+               prefill_chunk: int = PREFILL_CHUNK, detector=None, engine=None) -> FastAPI:
     """The FastAPI application serving `model`; run it with uvicorn (as `gptn serve` does). `detector`
-    (gptn.detect.Detector, default DEFAULT_DETECTOR) answers /v1/detect."""
+    (gptn.detect.Detector, default DEFAULT_DETECTOR) answers /v1/detect; `engine` replaces the continuous
+    engine (benchmarks/static_engine.py's baseline)."""
     require_decoder(model, "serve completions")
-    check_options(scheduler, max_batch, max_queue, prefill_chunk)
+    check_options(max_batch, max_queue, prefill_chunk)
     n_ctx = model.config.n_ctx
-    engine = make_engine(scheduler, model, tokenizer, max_batch, max_queue, prefill_chunk)
+    engine = engine or ContinuousEngine(model, tokenizer, max_batch, max_queue, prefill_chunk)
     service = Completions(engine, tokenizer, model_name, n_ctx, model.config.vocab_size, max_batch,
                           max_tokens_limit or n_ctx)
     app = FastAPI(title="gptn", description="OpenAI-compatible completions for a gptn model")
@@ -640,7 +639,7 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, request_secon
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = MAX_BATCH, device: str = "cpu", dtype: str = "fp32",
-          max_body: int | None = None, scheduler: str = SCHEDULER, max_queue: int = MAX_QUEUE,
+          max_body: int | None = None, max_queue: int = MAX_QUEUE,
           prefill_chunk: int = PREFILL_CHUNK, request_seconds: float = REQUEST_SECONDS,
           max_connections: int = MAX_CONNECTIONS) -> None:
     """Load a run and serve it until interrupted; `dtype` as in gptn.inference.prepare_for_inference."""
@@ -650,12 +649,12 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     import uvicorn
 
     from .inference import load_for_inference
-    check_options(scheduler, max_batch, max_queue, prefill_chunk)
+    check_options(max_batch, max_queue, prefill_chunk)
     uvicorn_config(None, request_seconds=request_seconds, max_connections=max_connections)  # refused before loading
     model, tokenizer = load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
     name = model_name or Path(run).resolve().name
     from .detect import detector_for
-    app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body, scheduler=scheduler,
+    app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body,
                      max_queue=max_queue, prefill_chunk=prefill_chunk, detector=detector_for(run))
     print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
           f"{'API key required' if api_key else 'no API key'})", flush=True)

@@ -391,7 +391,7 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
         if d.is_main:
             save(step_done, model_sd, {"step": step_done, "train_seconds": train_time, "optimizer": optim_sd, "rng": rng,
                                        "objective": objective.state_dict(),
-                                       "scheduler": {**vars(schedule)}})
+                                       "scheduler": {**vars(schedule)}})  # the schedule this state belongs to
         if d.world > 1:
             dist.barrier()
 
