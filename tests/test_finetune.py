@@ -147,7 +147,7 @@ def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
 
     def grad(lm_weight):
         model.zero_grad()
-        loss, parts = l3_loss(model, batch, targets, lm_weight)
+        loss, parts = l3_loss(model, model.spec, batch, targets, lm_weight)
         loss.backward()
         return model.gpt.h[0].mlp.c_fc.weight.grad.clone(), loss, parts["task_loss"], parts.get("lm_loss")
 
@@ -157,7 +157,7 @@ def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
     torch.testing.assert_close(loss5, task5 + 0.5 * lm5)
     assert not torch.allclose(g0, g5)
     model.zero_grad()
-    l3_loss(model, batch, targets, 0.5)[1]["task_loss"].backward()  # L2 alone gives the λ = 0 gradient
+    l3_loss(model, model.spec, batch, targets, 0.5)[1]["task_loss"].backward()  # L2 alone gives the λ = 0 gradient
     torch.testing.assert_close(model.gpt.h[0].mlp.c_fc.weight.grad, g0)
 
 

@@ -253,14 +253,14 @@ def task_loss(spec: TaskSpec, out: torch.Tensor, targets: torch.Tensor) -> torch
     return F.mse_loss(out.float(), targets.float()) if spec.regression else F.cross_entropy(out.float(), targets)
 
 
-def l3_loss(model: TaskModel, batch: Batch, targets: torch.Tensor, lm_weight: float, example_share: float = 1.0,
-            token_share: float = 1.0) -> tuple[torch.Tensor, dict]:
+def l3_loss(model: TaskModel, spec: TaskSpec, batch: Batch, targets: torch.Tensor, lm_weight: float,
+            example_share: float = 1.0, token_share: float = 1.0) -> tuple[torch.Tensor, dict]:
     """GPT-1's L3 = L2 + λ·L1: the task loss plus λ times the LM loss on the same inputs, and its parts.
     At λ = 0 the LM loss is not computed at all (fine-tuning sets λ = 0 for an encoder). The shares weight
     a micro-batch's mean by its part of the step's examples (L2) and tokens (L1). `model` may be wrapped
     (DDP, FSDP)."""
     out, lm_loss = model(batch, with_lm_loss=lm_weight > 0)
-    l2 = task_loss(model.spec, out, targets) * example_share
+    l2 = task_loss(spec, out, targets) * example_share
     if lm_loss is None:
         return l2, {"task_loss": l2}
     l1 = lm_loss * token_share
@@ -510,7 +510,7 @@ class TaskObjective:
 
     def loss(self, model, batch, ctx):
         inputs, targets, example_share, token_share = batch
-        return l3_loss(model, inputs, targets, self.lm_weight, example_share, token_share)
+        return l3_loss(model, self.spec, inputs, targets, self.lm_weight, example_share, token_share)
 
     def evaluate(self, model, step: int, ctx):
         examples = self.val_examples
