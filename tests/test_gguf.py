@@ -1,5 +1,7 @@
 """export-gguf: the file llama.cpp reads — loaded through llama-cpp-python, the way its users load a
 model — gives gptn's tokens, greedy continuations and next-token log-probabilities."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from conftest import require_shared, tiny_gpt  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.cli import main  # noqa: E402
-from gptn.generate import SamplingConfig, generate  # noqa: E402
+from gptn.generate import SamplingConfig, generate, generate_ids  # noqa: E402
 from gptn.tokenizer import CharTokenizer, load_tokenizer, train_bpe  # noqa: E402
 
 TEXT = ("The cat sat on the mat. The dog ran after the cat, and the cat ran up a tree.\n"
@@ -73,10 +75,14 @@ def _parity(tmp_path, model, run, tokenizer):
             ours, theirs = _logprobs_gptn(model, ids), _logprobs_llama(llm, ids)
             diffs.append(float(np.abs(ours - theirs).max()))
             same_top += list(ours.argmax(-1) == theirs.argmax(-1))
-            if kind != "q8_0":  # what a user of llama.cpp gets: the same greedy text as `gptn generate`
-                want = generate(model, tokenizer, [prompt], SamplingConfig(max_new_tokens=12, temperature=0))[0][0]
-                got = llm.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+            if kind != "q8_0":  # what a user of llama.cpp gets: the greedy tokens of `gptn generate`
+                want = generate_ids(model, [ids], SamplingConfig(max_new_tokens=12, greedy=True))[0]
+                got = list(itertools.islice(llm.generate(ids, top_k=1, temp=0.0, reset=True), len(want)))
                 assert got == want, (kind, prompt)
+                if "\ufffd" not in tokenizer.decode(want):  # and the same text (llama.cpp holds back broken UTF-8)
+                    text = llm.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+                    assert text == generate(model, tokenizer, [prompt], SamplingConfig(max_new_tokens=12,
+                                                                                      greedy=True))[0][0], (kind, prompt)
         out[kind] = (max(diffs), float(np.mean(same_top)))
     return out
 
