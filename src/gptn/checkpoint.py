@@ -4,8 +4,8 @@ Layout of a run directory:
     RUN/checkpoint/config.json        the resolved GPTConfig
     RUN/checkpoint/model.safetensors  weights, gptn (= Hugging Face GPT-2) names, nn.Linear layout
     RUN/checkpoint/tokenizer/         the tokenizer the model was trained with
-    RUN/checkpoint/train_state.pt     optimizer, scheduler, RNG and loader state (pretraining runs)
-    RUN/checkpoint/meta.json          what wrote it (step, kind)
+    RUN/checkpoint/train_state.pt     optimizer, schedule, RNG and step (pretraining runs; the batches follow from seed and step)
+    RUN/checkpoint/meta.json          what wrote it (step, kind), the SHA-256 of every other file, sealed
 
 A checkpoint is written into RUN/checkpoint.tmp and swapped in with renames, so a crash at any
 moment leaves either the previous checkpoint or the new one, never a mixture.

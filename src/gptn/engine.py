@@ -61,7 +61,7 @@ class _Call:
 
 
 class _Engine:
-    """What both schedulers share: the submission queue with its bound, prompt log-probabilities,
+    """What an engine has whatever its scheduling: the submission queue with its bound, prompt log-probabilities,
     per-token bookkeeping (stop strings, max_tokens, metrics) and the /metrics text."""
 
     def __init__(self, model, tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE):
