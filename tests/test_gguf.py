@@ -22,7 +22,7 @@ TEXT = ("The cat sat on the mat. The dog ran after the cat, and the cat ran up a
 PROMPTS = ["The cat", "the dog ran", " spaced  out\n\nlines", "café 2026", "über naïve"]
 # Log-probabilities of every next token, llama.cpp against gptn (max |difference| over positions x vocabulary):
 # f32 is the same arithmetic; f16 rounds the weights (and llama.cpp the activations of f16 matmuls).
-LOGPROB_TOLERANCE = {"f32": 2e-3, "f16": 5e-2}
+LOGPROB_TOLERANCE = {"f32": 1e-3, "f16": 5e-3}  # measured: 1.0e-4 and 7.4e-4
 
 
 def _run(tmp_path, tokenizer, bias=True, name="run"):
@@ -93,8 +93,9 @@ def test_own_bpe_run_in_llama_cpp(tmp_path):
     agreement = _parity(tmp_path, model, run, tokenizer)
     for kind, tolerance in LOGPROB_TOLERANCE.items():
         assert agreement[kind][0] < tolerance and agreement[kind][1] == 1.0, (kind, agreement)
-    # q8_0 (documented in the README): within 0.15 nats, the same top token at 95% of positions or more
-    assert agreement["q8_0"][0] < 0.15 and agreement["q8_0"][1] >= 0.95, agreement
+    # q8_0 (documented in the README; measured 0.015-0.021 nats, 97-100%): within 0.1 nats, the same top
+    # token at 95% of positions or more
+    assert agreement["q8_0"][0] < 0.1 and agreement["q8_0"][1] >= 0.95, agreement
 
 
 def test_gpt2_bpe_bias_free_run_in_llama_cpp(tmp_path):
