@@ -24,7 +24,8 @@ The protocol (also written into the JSON's `protocol`):
    sees (its label subset plus the selection set). Differences come with paired bootstrap 95% intervals
    on the same report items (items and runs resampled).
 5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
-   of each subset, epochs scaled to the same number of steps), beside TF-IDF on the same labels.
+   of each subset, epochs scaled to the same number of steps; --curve-seeds seeds per subset below
+   2,000), beside TF-IDF on the same labels.
 6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection,
    reported once on dev.
 
@@ -366,6 +367,8 @@ def main():
     ap.add_argument("--fresh", action="store_true", help="delete --work first (default: resume what it holds)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per label subset of every reported cell")
     ap.add_argument("--subsets", type=int, default=2, help="label subsets per reported cell")
+    ap.add_argument("--curve-seeds", type=int, help="seeds per label subset of the curve's points below 2,000 labels "
+                                                   "(default --seeds; the 2,000 point is the headline cell)")
     ap.add_argument("--sections", default="sst2,imdb,curve", help=f"of {','.join(SECTIONS)} (curve needs sst2)")
     args = ap.parse_args()
     sections = [x for x in args.sections.split(",") if x]
@@ -378,6 +381,11 @@ def main():
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    starts_path = work / "starts.json"  # every start of this run: the cached cells of one may be another's
+    starts = json.loads(starts_path.read_text()) if starts_path.exists() else []
+    starts.append({"commit": started_on.get("gptn_commit"), "command": " ".join(sys.argv[1:]),
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    starts_path.write_text(json.dumps(starts, indent=1))
     pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, args.tapt_seconds)
     sources = {name: work / f"pretrained-{name}" for name in ("imdb", "sst2") if name in pre}
     print("pretraining: " + json.dumps(pre), flush=True)
@@ -385,6 +393,7 @@ def main():
     steps = Corpus(work / "imdb-corpus").tokenizer.normalize
     sets = labeled_sets(work, args.subsets, steps)
     runs_of = [(seed, k) for k in range(args.subsets) for seed in range(1, args.seeds + 1)]
+    curve_runs = [(seed, k) for k in range(args.subsets) for seed in range(1, (args.curve_seeds or args.seeds) + 1)]
     results, recipes, searches, cells, bow = {}, {}, {}, {}, {}
 
     def run(init: str, recipe: dict, train: Path, select: Path, report: Path | None, seed: int, **change) -> dict:
@@ -417,12 +426,13 @@ def main():
         full = sets[task]["subsets"][k]
         return full if n == N_LABELED else _write_jsonl(full.with_name(f"{full.stem}_n{n}.jsonl"), read_records(full)[:n])
 
-    def report(task: str, init: str, n: int = N_LABELED) -> list[dict]:
+    def report(task: str, init: str, n: int = N_LABELED, runs: list | None = None) -> list[dict]:
         s, recipe = sets[task], recipes[f"{task}: {init}"]
         epochs = round({**DEFAULTS, **recipe}["epochs"] * N_LABELED / n)  # as many optimizer steps as 2,000 labels
-        print(f"{task}, {init}, {n} labels: {len(runs_of)} runs of {json.dumps(recipe)}", flush=True)
+        runs = runs or runs_of
+        print(f"{task}, {init}, {n} labels: {len(runs)} runs of {json.dumps(recipe)}", flush=True)
         return [run(init, recipe, labels(task, k, n), s["select"], s["report"], seed, epochs=epochs)
-                for seed, k in runs_of]
+                for seed, k in runs]
 
     def probe_source(task: str) -> Path:
         """The pretrained run the frozen probe reads: the one the task's pretrained recipe starts from."""
@@ -462,7 +472,7 @@ def main():
     if "curve" in sections:
         curve = {}
         for n in CURVE:
-            runs = cells[("SST-2", "pretrained")] if n == N_LABELED else report("SST-2", "pretrained", n)
+            runs = cells[("SST-2", "pretrained")] if n == N_LABELED else report("SST-2", "pretrained", n, curve_runs)
             diff = bootstrap_difference([r["correct"] for r in runs], tfidf("SST-2", n))
             curve[str(n)] = {"pretrained": summary(runs), "tfidf": float(np.mean(tfidf("SST-2", n))), **diff}
         results["label_curve_vs_bow"] = {n: c["points"] for n, c in curve.items()}
@@ -500,8 +510,9 @@ def main():
                         "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
                         "tokenizer": "bpe:8192"},
         "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
-        "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds, "subsets": args.subsets, "sections": sections,
-        "command": " ".join(["python", *sys.argv]),
+        "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds,
+        "curve_seeds": args.curve_seeds or args.seeds, "subsets": args.subsets, "sections": sections,
+        "command": " ".join(["python", *sys.argv]), "starts": starts,
         "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": started_on})
     print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
 
