@@ -6,7 +6,7 @@ The protocol (also written into the JSON's `protocol`):
    (default 40 min, ending annealed: the cosine decays over the time budget) on IMDB's unlabeled + train
    reviews (never test), normalised like SST-2 (`gptn prepare --normalize sst`), then continue it for
    --tapt-seconds (default 5 min; 45 in all) on SST-2's unlabeled training sentences (task-adaptive
-   pretraining, Gururangan et al. 2020; never dev), its own run. --books-seconds N pretrains on Gutenberg
+   pretraining, Gururangan et al. 2020; never dev, never the selection set), its own run. --books-seconds N pretrains on Gutenberg
    first. Every section below uses these runs; which of the two SST-2 starts from is a selection choice.
 2. Data. SST-2: whole training sentences (dev holds whole sentences; the training rows are every phrase
    of the parse trees), shuffled once: 500 form the selection set, and label subsets of 2,000 are drawn
@@ -109,8 +109,9 @@ def full_sentences(phrases: list[str]) -> list[int]:
 
 
 def sst2_sentences() -> list[dict]:
-    """SST-2's whole training sentences, shuffled once (seed 0): the selection set and label subsets are
-    drawn from them, and, unlabeled, they are the task-adaptive pretraining text. Dev is never among them."""
+    """SST-2's whole training sentences, shuffled once (seed 0): the first N_SELECT are the selection
+    set, the label subsets are drawn from the rest, and the rest, unlabeled, is the task-adaptive
+    pretraining text. Dev is never among them."""
     sst = read_records(GLUE / "SST-2" / "train.tsv")
     whole = full_sentences([r["sentence"].strip() for r in sst])
     random.Random(0).shuffle(whole)
@@ -139,7 +140,9 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
     if tapt_seconds > 0:
         sst = work / "sst2-corpus"
         if not (sst / "manifest.json").exists():
-            text = _write_jsonl(work / "sst2_unlabeled.jsonl", [{"text": r["sentence"].strip()} for r in sst2_sentences()])
+            # never the selection set's sentences: their text seen in pretraining would favour this source there
+            text = _write_jsonl(work / "sst2_unlabeled.jsonl",
+                                [{"text": r["sentence"].strip()} for r in sst2_sentences()[N_SELECT:]])
             prepare([str(text)], str(corpus / "tokenizer"), sst, val_fraction=0.02, progress=False)
         stages.append(("sst2", sst, tapt_seconds, TAPT_LR_SCALE))
     plan_path = work / "plan.json"
