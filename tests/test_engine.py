@@ -293,3 +293,25 @@ def test_a_flood_of_calls_is_spread_between_decode_steps(model, tok):
     wait(out)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) == 400 and max(gaps) < 0.4, max(gaps)  # all 40 at once: 0.8 s or more
+
+
+def test_a_request_behind_a_flood_of_calls_starts_after_one_call(model, tok):
+    """With nothing decoding, a request that arrives behind 40 queued calls of 20 ms is admitted after
+    one of them (its first token in well under the 0.8 s all of them take)."""
+    eng = ContinuousEngine(model, tok, max_batch=4)
+    release = hold(eng)
+    threads = [threading.Thread(target=eng.call, args=(lambda: time.sleep(0.02),)) for _ in range(40)]
+    for t in threads:
+        t.start()
+    while eng.inbox.qsize() < 40:
+        time.sleep(0.005)
+    first = []
+    job, out = submit(eng, tok, ["ab"], SamplingConfig(greedy=True), 2)
+    original = job.emit
+    job.emit = lambda ev: (first.append(time.perf_counter()) if "row" in ev and not first else None, original(ev))
+    t0 = time.perf_counter()
+    release.set()
+    wait(out)
+    for t in threads:
+        t.join(30)
+    assert first and first[0] - t0 < 0.4, first[0] - t0

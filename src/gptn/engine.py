@@ -308,11 +308,11 @@ class ContinuousEngine(_Engine):
                 break
             block = False
             (self.calls if isinstance(item, _Call) else self.jobs).append(item)
-        # Calls (echo's prompt scoring, /v1/detect) run one per decode step while rows are decoding, so
-        # that a flood of them is spread between the steps instead of stalling every stream.
-        for _ in range(1 if self.running else len(self.calls)):
-            if self.calls:
-                self._call(self.calls.popleft())
+        # Calls (echo's prompt scoring, /v1/detect) run one per turn of the loop, that is one per decode
+        # step while rows decode and one before each admission, so that a flood of them is spread between
+        # the steps, and a request arriving behind it starts after one call, not after all of them.
+        if self.calls:
+            self._call(self.calls.popleft())
 
     def _admit(self) -> None:
         """Start waiting requests while their rows fit beside the running ones (max_batch)."""
