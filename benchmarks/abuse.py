@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -251,7 +252,7 @@ HOSTILE = {  # name -> the attack, returning the statuses (or counts) it saw
     "logit_bias_60k": lambda port: [post(port, {"model": "bench", "prompt": "the", "max_tokens": 4,
                                                  "logit_bias": {str(i): 1 for i in range(60_000)}})],
     "prompt_500k_spaces": lambda port: [post(port, {"model": "bench", "prompt": " " * 500_000, "max_tokens": 1})],
-    "echo_flood_40x8": lambda port: sorted(__import__("concurrent.futures").futures.ThreadPoolExecutor(40).map(
+    "echo_flood_40x8": lambda port: sorted(ThreadPoolExecutor(40).map(
         lambda _: post(port, {"model": "bench", "prompt": ["the cat sat " * 11] * 8, "max_tokens": 0, "echo": True,
                               "logprobs": 2}), range(40))),
     "slow_bodies_300": slow_clients,
@@ -304,6 +305,12 @@ def hostile_cases(command: list[str], port: int, names: list[str], completions: 
     out = {}
     try:
         wait_healthy(port)
+        if completions:  # warm-up: a full batch once, so that each case's growth is its own, not the first batch's
+            idle = rss_mb(server.pid)
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda _: post(port, {"model": "bench", "prompt": "the", "max_tokens": 16}), range(16)))
+            out["warmup_16_rows"] = {"rss_growth_mb": round(rss_mb(server.pid) - idle, 1)}
+            print(f"  warm-up, 16 concurrent requests: RSS +{out['warmup_16_rows']['rss_growth_mb']} MB", flush=True)
         for name in names:
             out[name] = hostile(server.pid, port, name, completions)
             print(f"  {name}: {json.dumps(out[name])}", flush=True)
@@ -360,14 +367,18 @@ def main():
         "hostile": hostile_gptn, "hostile_peer_fastapi": hostile_peer,
         "hostile_targets": {"probe_p99_s": "<= 0.5", "rss_growth_mb": "<= 100", "statuses": "4xx or 200, never 5xx"},
         "hostile_targets_met": all(r["probe_p99_s"] <= 0.5 and r["rss_growth_mb"] <= 100 and r["still_serving"]
-                                   for r in hostile_gptn.values()) if hostile_gptn else None,
+                                   and all(not 500 <= x < 600 for x in r["statuses"])
+                                   for name, r in hostile_gptn.items() if name in HOSTILE) if hostile_gptn else None,
+        "hostile_setup": "each case after a warm-up batch of 16 concurrent requests (warmup_16_rows: the server's "
+                         "first full batch grows its RSS once); the probe: 4-token completions back to back",
         "setup": "gptn serve with its default --max-body (from n_ctx), a 4 x 256 model with context 128; bodies of "
                  "token ids `1, 1, ...`; the peer is FastAPI + uvicorn reading the whole body with request.json()",
         "machine": machine()}
     if hostile_gptn:
         print(table([(f"{who}: {name}", " ".join(map(str, r["statuses"][:6])), r["probe_p99_s"], r["probe_max_s"],
                       r["rss_growth_mb"], r["still_serving"])
-                     for who, res in (("gptn", hostile_gptn), ("peer", hostile_peer)) for name, r in res.items()],
+                     for who, res in (("gptn", hostile_gptn), ("peer", hostile_peer)) for name, r in res.items()
+                     if name in HOSTILE],
                     ("server: case", "statuses", "probe p99 s", "probe max s", "RSS growth MB", "serves after")))
     print(f"wrote {write_results('abuse', results)}")
 
