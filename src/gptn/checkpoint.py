@@ -233,7 +233,7 @@ def read_metrics(run: str | Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and isinstance(record.get("step"), int):  # every record has its step
             records.append(record)
     return records
 
