@@ -317,7 +317,8 @@ def test_options_come_from_a_config_file_and_the_command_line_wins(corpus, tmp_p
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["steps"], saved["lr"], saved["batch_tokens"], saved["seed"], saved["progress"]) == (3, 0.002, 128, 9, False)
     for name, text, words in (("bad.yaml", "steps: [1\n", "bad.yaml"), ("unknown.yaml", "stepz: 3\n", "stepz"),
-                              ("list.yaml", "- 1\n", "list.yaml"), ("type.json", '{"steps": "many"}', "steps")):
+                              ("list.yaml", "- 1\n", "list.yaml"), ("type.json", '{"steps": "many"}', "steps"),
+                              ("model.json", '{"n_layer": 2, "d_model": 64}', "--model-config")):
         (tmp_path / name).write_text(text)
         err = _one_line_error(capsys, main(["pretrain", str(corpus), "--out", str(tmp_path / "x"),
                                             "--config", str(tmp_path / name)]))

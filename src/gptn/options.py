@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from .config import GptnError, read_json
+from .config import GPTConfig, GptnError, read_json
 
 # What a field's metadata may say: its help, the values it takes, and how the command line spells it
 # ("flag": another name; "cli": False to leave it off the command line, e.g. a positional argument).
@@ -98,6 +98,9 @@ def read_options_file(path: str | Path, cls) -> dict:
     names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("help") and f.metadata.get("cli") is not False}
     unknown = sorted(set(values) - names)
     if unknown:
+        if set(unknown) <= {f.name for f in dataclasses.fields(GPTConfig)}:  # a model's shape, not run options
+            raise GptnError(f"{path} holds model fields ({', '.join(unknown[:3])}): give it as --model-config, or "
+                            "each field with --set")
         raise GptnError(f"{path}: unknown option {unknown[0]!r}; options are the flags' names, e.g. "
                         f"{', '.join(sorted(names)[:4])}")
     return values
