@@ -17,6 +17,7 @@ import numpy as np
 
 from .checkpoint import WRITE_ERRORS, checkpoint_dir, load_model, write_error
 from .config import GptnError
+from .model import with_zero_biases
 from .tokenizer import BPETokenizer, bytes_to_unicode
 
 TYPES = ("f32", "f16", "q8_0")  # what --type accepts: llama.cpp's names
@@ -115,11 +116,8 @@ def export_gguf(run: str | Path, out: str | Path, kind: str = "f16") -> Path:
     config = model.config
     check_exportable(config, tokenizer)
     tokens, types, merges = vocabulary(tokenizer, config.vocab_size)
-    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
-    if not config.bias:  # llama.cpp's GPT-2 requires every bias: zeros are the same function
-        for name, value in list(state.items()):
-            if name.endswith(".weight") and not name.startswith(("wte", "wpe")):
-                state.setdefault(name[:-len("weight")] + "bias", np.zeros(value.shape[0], np.float32))
+    state = model.state_dict() if config.bias else with_zero_biases(model.state_dict())  # llama.cpp needs biases
+    state = {k: v.float().numpy() for k, v in state.items()}
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

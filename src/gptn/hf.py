@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from .checkpoint import (WRITE_ERRORS, checkpoint_dir, claim_out, load_model, load_weights, read_meta, read_metrics,
                          read_weights, run_lock, save_checkpoint, write_error)
 from .config import GPTConfig, GptnError, read_json
-from .model import GPT
+from .model import GPT, with_zero_biases
 from .tokenizer import DELIM, EOT, EXTRACT, START, copy_hf_tokenizer_files, load_tokenizer
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -196,17 +196,12 @@ def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
     if not config.causal:
         raise GptnError(f"{run} is a BERT-style encoder; export-hf writes GPT-2 / GPT-1 checkpoints only")
     hf_cfg = hf_config(config, tokenizer)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = model.state_dict() if config.bias else with_zero_biases(model.state_dict())
     if finetuned:
         hf_cfg.update(_classifier_config(run, task_model.spec, hf_cfg["model_type"], tokenizer))
         state.update(_classifier_weights(task_model, state))
         say("the head's bias is folded into the last LayerNorm's bias (Hugging Face's score layer has none), so "
             "this folder is a classifier only: export the run it was fine-tuned from for the language model")
-    if not config.bias:  # Hugging Face GPT-2 always has biases: zeros are the same function
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and name.replace("weight", "bias") not in state and "wte" not in name \
-                    and "wpe" not in name:
-                state[name.replace("weight", "bias")] = torch.zeros(p.shape[0], dtype=p.dtype)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise GptnError(f"{out} already exists and is not empty")

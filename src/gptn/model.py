@@ -120,6 +120,17 @@ def slide_keep(n_ctx: int) -> int:
     return max(1, n_ctx - max(1, n_ctx // 4))
 
 
+def with_zero_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with a zero bias beside every weight that has none (linear layers and LayerNorms, not the
+    embeddings): a bias-free GPT as the same function in formats that always carry biases (Hugging Face
+    GPT-2, llama.cpp's GPT-2)."""
+    out = dict(state)
+    for name, value in state.items():
+        if name.endswith(".weight") and not name.startswith(("wte.", "wpe.")):
+            out.setdefault(name[:-len("weight")] + "bias", torch.zeros(value.shape[0], dtype=value.dtype))
+    return out
+
+
 def require_decoder(model: "GPT", what: str) -> None:
     """A clear error for what only a left-to-right decoder can do (generate, prompt, score text)."""
     if not model.config.causal:
