@@ -15,13 +15,13 @@ from pathlib import Path
 
 from .config import GPTConfig, GptnError, read_json
 
-# What a field's metadata may say: its help, the values it takes, and how the command line spells it
-# ("flag": another name; "cli": False to leave it off the command line, e.g. a positional argument).
-OPTION_KEYS = ("help", "choices", "flag", "cli", "metavar")
+# What a field's metadata may say: its help, the values it takes, and "cli": False to leave it off the
+# command line (a positional argument the command declares itself).
+OPTION_KEYS = ("help", "choices", "cli")
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, factory=None, **meta):
-    """A dataclass field with its command-line help (and choices, flag, cli, metavar) as metadata."""
+    """A dataclass field with its command-line help (and choices, cli) as metadata."""
     unknown = set(meta) - set(OPTION_KEYS)
     if unknown:
         raise TypeError(f"option(): unknown metadata {sorted(unknown)}")
@@ -59,18 +59,15 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         if not meta.get("help") or meta.get("cli") is False:
             continue
         kind, default = _base_type(hints[f.name]), _default(f)
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        text = meta["help"]
-        if kind is bool and default is True:
-            parser.add_argument(flag if meta.get("flag") else "--no-" + f.name.replace("_", "-"), dest=f.name,
-                                action="store_false", default=argparse.SUPPRESS, help=text)
-        elif kind is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
-        else:
-            if default is not None and "default" not in text:
-                text += f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
-            parser.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"),
-                                metavar=meta.get("metavar"), default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        flag, text = "--" + f.name.replace("_", "-"), meta["help"].replace("%", "%%")
+        if kind is bool:  # a switch: --name sets True, or --no-name sets False when True is the default
+            parser.add_argument("--no-" + flag[2:] if default is True else flag, dest=f.name, default=argparse.SUPPRESS,
+                                action="store_false" if default is True else "store_true", help=text)
+            continue
+        if default is not None and "default" not in text:
+            text += f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
+        parser.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), default=argparse.SUPPRESS,
+                            help=text)
     parser.add_argument("--config", dest="options_file", metavar="FILE.yaml", default=None,
                         help="read options from a YAML (or JSON) file whose keys are these flags' names with "
                              "underscores (batch_size: 32); flags on the command line win")
