@@ -438,7 +438,8 @@ def transfer_tier(r: Runner) -> dict:
         tried = [(t.tune(r.work, run, train, select, None, seed=1, **options(p))["select"], p) for p in grid]
         recipe = max(tried, key=lambda x: x[0])[1]
         cells[init] = {"recipe": recipe, "search": [{"select": s, **p} for s, p in tried],
-                       "runs": [t.tune(r.work, run, train, select, report, seed=s, **options(recipe)) for s in seeds]}
+                       "runs": [t.tune_and_refit(r.work, run, train, select, report, seed=s, **options(recipe))
+                                for s in seeds]}
     bow = [t.tfidf_baseline([train, select], report, steps_norm)]
     pre_c = [x["correct"] for x in cells["pretrained"]["runs"]]
     vs_bow = t.bootstrap_difference(pre_c, bow)

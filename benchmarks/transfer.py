@@ -19,15 +19,20 @@ The protocol (also written into the JSON's `protocol`):
    point each of REFINE's changes (head pooling "extract" instead of "mean"; 5 epochs instead of 3), one
    seed on label subset 0; the epoch kept in every run is the best on the selection set. The best of all
    tried is frozen as the arm's recipe.
-4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets; TF-IDF (words + bigrams) +
-   logistic regression (C by 5-fold cross-validation) is fitted on the same labeled examples the model
-   sees (its label subset plus the selection set). Differences come with paired bootstrap 95% intervals
-   on the same report items (items and runs resampled).
+4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets. Each run is a selection run
+   (its label subset, the epoch kept is the best on the selection set) followed by a refit: the same
+   recipe and seed on the label subset plus the selection set, for the epochs the selection run kept,
+   scored once on the report set (what a practitioner does once the choices are made: the model and
+   TF-IDF then learn from the same labeled examples). TF-IDF (words + bigrams) + logistic regression (C by
+   5-fold cross-validation) is fitted on those examples too. The refit was decided before any refit
+   was scored; the selection runs' report scores stay in the JSON (`cells_without_refit`). Differences
+   come with paired bootstrap 95% intervals on the same report items (items and runs resampled).
 5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
-   of each subset, epochs scaled to the same number of steps; --curve-seeds seeds per subset below
-   2,000), beside TF-IDF on the same labels.
+   of each subset, the selection run's epochs scaled to as many steps as at 2,000; --curve-seeds seeds
+   per subset below 2,000), each refit with the selection set as in 4 for the epochs its selection run
+   kept, beside TF-IDF on the same labels plus the selection set.
 6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection,
-   reported once on dev.
+   refit as in 4, reported once on dev.
 
 Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keyed by the source weights'
 checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
@@ -302,21 +307,42 @@ def cached(work: Path, key: dict, compute):
     return cache[key]
 
 
-def tune(work: Path, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
-    """Fine-tune, keep the epoch that scores best on `select`, and (with a report set) score that
-    checkpoint item by item on `report`. Cached (see `cached`)."""
+def tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, **options) -> dict:
+    """Fine-tune, keep the epoch that scores best on `select` (without one: on the training examples,
+    in practice the last), and (with a report set) score that checkpoint item by item on `report`.
+    Cached (see `cached`)."""
     return cached(work, {"source": source, "train": train, "select": select, "report": report, **options},
                   lambda: _tune(work, source, train, select, report, **options))
 
 
-def _tune(work: Path, source: Path, train: Path, select: Path, report: Path | None, **options) -> dict:
+def with_selection(train: Path, select: Path) -> Path:
+    """The refit's training file: the label subset's examples, then the selection set's (one header
+    for a TSV)."""
+    out = train.with_name(f"{train.stem}+{select.stem}{train.suffix}")
+    if not out.exists():
+        lines = select.read_text().splitlines(keepends=True)
+        out.write_text(train.read_text() + "".join(lines[1:] if train.suffix == ".tsv" else lines))
+    return out
+
+
+def tune_and_refit(work: Path, source: Path, train: Path, select: Path, report: Path, **options) -> dict:
+    """A reported run: `tune` on train (the epoch kept is the best on `select`), then the refit: the same
+    options on train + select for the epochs it kept, scored on `report` (the first run's own report
+    score kept as `without_refit`)."""
+    chosen = tune(work, source, train, select, report, **options)
+    refit = tune(work, source, with_selection(train, select), None, report, **{**options, "epochs": chosen["epoch"]})
+    return {**refit, "select": chosen["select"], "epoch": chosen["epoch"], "seconds": chosen["seconds"] + refit["seconds"],
+            "without_refit": {k: chosen[k] for k in ("value", "correct") if k in chosen}}
+
+
+def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, **options) -> dict:
     from gptn.finetune import compute_metrics, load_task_model, run_task_model
     from gptn.tasks import read_task_file
     out = work / "ft"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    r = finetune(FinetuneConfig(run=str(source), out=str(out), train=str(train), val=str(select), progress=False,
-                                **options))
+    r = finetune(FinetuneConfig(run=str(source), out=str(out), train=str(train), val=select and str(select),
+                                progress=False, **options))
     result = {"metric": r["metric"], "select": r["best"]["value"], "epoch": r["best"]["epoch"]}
     if report is not None:
         model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
@@ -399,12 +425,19 @@ def main():
     curve_runs = [(seed, k) for k in range(args.subsets) for seed in range(1, (args.curve_seeds or args.seeds) + 1)]
     results, recipes, searches, cells, bow = {}, {}, {}, {}, {}
 
-    def run(init: str, recipe: dict, train: Path, select: Path, report: Path | None, seed: int, **change) -> dict:
-        """One fine-tuning of an arm's recipe: its source run (the scratch arm reads only the shape from
-        IMDB's) and the fine-tuning options."""
+    def arm(init: str, recipe: dict, change: dict) -> tuple[Path, dict]:
+        """An arm's source run (the scratch arm reads only the shape from IMDB's) and fine-tuning options."""
         options = {**FIXED, **DEFAULTS, **recipe, **change}
         source = sources[options.pop("source", "imdb") if init == "pretrained" else "imdb"]
-        return tune(work, source, train, select, report, seed=seed, from_scratch=init == "scratch", **options)
+        return source, {**options, "from_scratch": init == "scratch"}
+
+    def run(init: str, recipe: dict, train: Path, select: Path, report: Path | None, seed: int, **change) -> dict:
+        source, options = arm(init, recipe, change)
+        return tune(work, source, train, select, report, seed=seed, **options)
+
+    def reported(init: str, recipe: dict, train: Path, select: Path, report: Path, seed: int, **change) -> dict:
+        source, options = arm(init, recipe, change)
+        return tune_and_refit(work, source, train, select, report, seed=seed, **options)
 
     def search(task: str, base: dict) -> None:
         """Each arm's grid, then REFINE's changes one at a time from its best point: one seed on subset 0,
@@ -434,7 +467,7 @@ def main():
         epochs = round({**DEFAULTS, **recipe}["epochs"] * N_LABELED / n)  # as many optimizer steps as 2,000 labels
         runs = runs or runs_of
         print(f"{task}, {init}, {n} labels: {len(runs)} runs of {json.dumps(recipe)}", flush=True)
-        return [run(init, recipe, labels(task, k, n), s["select"], s["report"], seed, epochs=epochs)
+        return [reported(init, recipe, labels(task, k, n), s["select"], s["report"], seed, epochs=epochs)
                 for seed, k in runs]
 
     def probe_source(task: str) -> Path:
@@ -490,7 +523,7 @@ def main():
             for init in ARMS:
                 recipe = {k: v for k, v in (recipes.get(f"SST-2: {init}") or SEARCH[("SST-2", init)][0]).items()
                           if k != "source"}  # the SST-2 task-adaptive run is not GLUE's
-                runs = [run(init, recipe, paths["train"], paths["select"], paths["report"], seed)
+                runs = [reported(init, recipe, paths["train"], paths["select"], paths["report"], seed)
                         for seed in range(1, args.seeds + 1)]
                 glue[f"{task}: {init}"] = {"metric": runs[0]["metric"], **summary(runs)}
         results["glue"] = glue
@@ -499,7 +532,9 @@ def main():
     results.update({
         "tfidf_logreg": {task: {"mean": float(np.mean(v)), "per_subset": [float(np.mean(x)) for x in v]}
                          for task, v in bow.items()},
-        "cells": {f"{task}: {init}": {k: v for k, v in summary(runs).items()} for (task, init), runs in cells.items()},
+        "cells": {f"{task}: {init}": summary(runs) for (task, init), runs in cells.items()},
+        "cells_without_refit": {f"{task}: {init}": summary([r["without_refit"] | {k: r[k] for k in ("select", "epoch", "seconds")}
+                                                              for r in runs]) for (task, init), runs in cells.items()},
         "recipes": recipes, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
         "pretrained_search": {k: v for k, v in searches.items() if "pretrained" in k}, "fixed": FIXED,
         "defaults_before_refine": DEFAULTS, "refine": REFINE,

@@ -365,3 +365,14 @@ def test_bf16_autocast_fine_tunes_on_cpu(tmp_path, pretrained_run):
     records = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] / 4
+
+
+def test_measuring_the_matmul_peak_leaves_the_seeded_random_stream_alone():
+    # bf16-or-not and MFU are measured once per process with random matrices; drawn from the global
+    # generator, they shifted the dropout and head initialisation of whichever seeded run came first.
+    from gptn.runtime import measure_matmul_peak
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    measure_matmul_peak(torch.device("cpu"), torch.float32, n=64, seconds=0.01)
+    assert torch.equal(torch.rand(4), expected)

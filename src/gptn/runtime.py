@@ -106,9 +106,12 @@ GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
 def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of the fastest of repeated large square matmuls on this device: the practical peak MFU
     is measured against. The fastest, not the mean: on a shared machine a slow moment while measuring
-    would otherwise understate the peak and show MFU above 100%."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    would otherwise understate the peak and show MFU above 100%. Its own generator: a draw from the
+    global one would shift a seeded run's initialisation and dropout by whether this was measured (cached
+    per process) before it."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
