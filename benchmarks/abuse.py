@@ -39,11 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, rss_mb, table, wait_healthy, write_results  # noqa: E402
-from serve import make_run  # noqa: E402
+from serve import N_CTX, make_run  # noqa: E402
 
 from gptn.serve import default_max_body  # noqa: E402
 
-MODEL_CTX = 128  # serve.make_run's model
 
 # What a FastAPI user writes without thinking about body size: the whole body read and parsed first.
 PEER_APP = """
@@ -326,7 +325,7 @@ def main():
     ap.add_argument("--peer-mb", default="10,100", help="body sizes sent to the plain FastAPI peer (empty: skip)")
     ap.add_argument("--skip-hostile", action="store_true", help="only the large bodies")
     args = ap.parse_args()
-    below_cap = (default_max_body(MODEL_CTX) - 1024) / 2**20
+    below_cap = (default_max_body(N_CTX) - 1024) / 2**20
     sizes = [below_cap] + [float(x) for x in args.sizes_mb.split(",")]
     peer_sizes = [float(x) for x in args.peer_mb.split(",") if x]
     with tempfile.TemporaryDirectory() as tmp:
@@ -370,8 +369,8 @@ def main():
                                    and all(not 500 <= x < 600 for x in r["statuses"])
                                    for name, r in hostile_gptn.items() if name in HOSTILE) if hostile_gptn else None,
         "hostile_setup": "each case after a warm-up batch of 16 concurrent requests (warmup_16_rows: the server's "
-                         "first full batch grows its RSS once); the probe: 4-token completions back to back",
-        "setup": "gptn serve with its default --max-body (from n_ctx), a 4 x 256 model with context 128; bodies of "
+                         "first full batch commits its pages once); the probe: 4-token completions back to back",
+        "setup": f"gptn serve with its default --max-body (from n_ctx), a 4 x 256 model with context {N_CTX}; bodies of "
                  "token ids `1, 1, ...`; the peer is FastAPI + uvicorn reading the whole body with request.json()",
         "machine": machine()}
     if hostile_gptn:

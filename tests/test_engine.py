@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptn.config import GPTConfig
-from gptn.engine import ContinuousEngine, Job, _Call
+from gptn.engine import ContinuousEngine, Job, SlotCache, _Call
 from gptn.generate import SamplingConfig, StopWatcher, generate_ids
 from gptn.model import GPT
 
@@ -206,7 +206,6 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model, tok):
     assert out.done.wait(30)
     assert len(out.tokens[0]) == 3
     assert not eng.running and eng.filling is None
-    assert eng.cache.capacity == 4  # nothing grew for it
 
 
 def test_logprobs_per_row_are_the_models(engine, model, tok):
@@ -315,3 +314,23 @@ def test_a_request_behind_a_flood_of_calls_starts_after_one_call(model, tok):
     for t in threads:
         t.join(30)
     assert first and first[0] - t0 < 0.4, first[0] - t0
+
+
+def _rss_mb() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_slot_cache_holds_ram_only_for_what_rows_write(dtype):
+    # The cache is allocated at its full size once (no growth, no copy while serving); 32 rows of 1,024
+    # positions would be 256 MB in fp32, but only the pages rows write are committed.
+    config = GPTConfig(vocab_size=32, n_ctx=1024, n_layer=4, n_head=4, d_model=256)
+    before = _rss_mb()
+    cache = SlotCache(config, 32, "cpu", dtype)
+    assert cache.k.shape == (4, 32, 4, 1024, 64) and cache.k.dtype == dtype
+    cache.k[:, 0, :, :10] = 1.0
+    cache.v[:, 3, :, :10] = 2.0
+    cache.move(3, 5, 10)
+    assert _rss_mb() - before < 8
+    assert cache.k.double().sum() == 4 * 4 * 10 * 64 and cache.v.double().sum() == 2 * 2 * 4 * 4 * 10 * 64
+    assert not cache.k[:, 1:].any() and not cache.v[:, 6:].any()  # zeros where nothing was written

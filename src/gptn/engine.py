@@ -13,6 +13,8 @@ static engine it replaced lives in benchmarks/static_engine.py, for comparison.
 
 from __future__ import annotations
 
+import math
+import mmap
 import queue
 import threading
 import time
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import GptnError
 from .generate import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor, score_continuations
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit, slide_keep
@@ -191,29 +194,35 @@ class _Engine:
 
 class SlotCache:
     """Keys and values of up to `slots` rows, n_ctx positions each; row position p sits at index p.
-    Capacity grows by doubling (a copy, amortised) up to `slots`, so an idle server holds little."""
+    Allocated once, at full size (as vLLM allocates its cache at start): no copy while serving, and a
+    request can never make it larger. On a CPU its memory is committed page by page as rows write it
+    (anonymous memory, zero until written), so an idle server holds little and a burst of rows takes
+    what its tokens fill, not a doubling of the cache."""
 
     def __init__(self, config, slots: int, device, dtype):
-        self.config, self.slots, self.device, self.dtype = config, slots, device, dtype
-        self.capacity = 0
-        self.k = self.v = None
-        self.reserve(min(slots, 4))
-
-    def reserve(self, rows: int) -> None:
-        if rows <= self.capacity:
-            return
-        cap = min(self.slots, max(rows, 2 * self.capacity))
-        c = self.config
-        shape = (c.n_layer, cap, c.n_head, c.n_ctx, c.d_head)
-        k, v = torch.zeros(shape, device=self.device, dtype=self.dtype), torch.zeros(shape, device=self.device, dtype=self.dtype)
-        if self.capacity:
-            k[:, :self.capacity], v[:, :self.capacity] = self.k, self.v
-        self.k, self.v, self.capacity = k, v, cap
+        self.config, self.slots, self.dtype = config, slots, dtype
+        c = config
+        shape = (c.n_layer, slots, c.n_head, c.n_ctx, c.d_head)
+        self.k, self.v = (_zeros_on_demand(shape, torch.device(device), dtype) for _ in "kv")
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row src's first `length` positions into row dst."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def _zeros_on_demand(shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape), whose memory on a CPU is an anonymous mapping: the kernel commits and zeroes
+    each page when it is first written, so unwritten slots cost no RAM."""
+    if device.type != "cpu":
+        try:
+            return torch.zeros(shape, device=device, dtype=dtype)
+        except torch.OutOfMemoryError:
+            size = math.prod(shape) * dtype.itemsize * 2 / 2**30
+            raise GptnError(f"the key/value cache for {shape[1]} rows of {shape[3]} positions ({size:.1f} GiB) does not "
+                            f"fit on {device}; lower --max-batch") from None
+    count = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
 
 
 class _DecodeView:
@@ -401,7 +410,6 @@ class ContinuousEngine(_Engine):
                 if not self.queued:
                     return
                 self.filling = self.queued.popleft()
-                self.cache.reserve(len(self.running) + 1)
             row, slot = self.filling, len(self.running)
             chunk = row.tokens[row.length:row.length + budget]
             start = row.length
