@@ -36,7 +36,8 @@ from common import SHARED, machine, table, write_results  # noqa: E402
 from gptn.checkpoint import load_model  # noqa: E402
 from gptn.data import prepare  # noqa: E402
 from gptn.detect import FEATURES, Detector, token_stats  # noqa: E402
-from gptn.generate import SamplingConfig, generate  # noqa: E402
+from gptn.generate import generate  # noqa: E402
+from gptn.sampling import SamplingConfig  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 SAMPLERS = {"greedy": dict(greedy=True), "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9),

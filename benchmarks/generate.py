@@ -43,7 +43,8 @@ from common import SHARED, machine, table, write_results  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
-from gptn.generate import SamplingConfig, generate_ids  # noqa: E402
+from gptn.generate import generate_ids  # noqa: E402
+from gptn.sampling import SamplingConfig  # noqa: E402
 from gptn.gguf_export import export_gguf  # noqa: E402
 from gptn.hf import export_hf  # noqa: E402
 from gptn.inference import prepare_for_inference  # noqa: E402

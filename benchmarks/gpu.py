@@ -184,7 +184,9 @@ def _shakespeare(r: Runner) -> Path:
 
 def decode_dtypes(r: Runner) -> dict:
     """bf16 and fp16 decoding on the device against fp32: agreement and perplexity."""
-    from gptn.generate import SamplingConfig, generate, next_token_probs, score
+    from gptn.generate import generate, next_token_probs
+    from gptn.sampling import SamplingConfig
+    from gptn.scoring import score
     from gptn.inference import load_for_inference
     run = _shakespeare(r)
     held_out = (r.work / "text.txt").read_text()[-4000:]
@@ -219,7 +221,7 @@ def serve_echo_logprobs(r: Runner) -> dict:
     import openai
 
     from gptn.checkpoint import load_model
-    from gptn.generate import score
+    from gptn.scoring import score
     run = _shakespeare(r)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

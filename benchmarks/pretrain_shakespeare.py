@@ -26,7 +26,7 @@ from common import SHARED, machine, median, table, write_results  # noqa: E402
 
 from gptn.checkpoint import load_model  # noqa: E402
 from gptn.data import BatchLoader, Corpus, prepare  # noqa: E402
-from gptn.generate import score  # noqa: E402
+from gptn.scoring import score  # noqa: E402
 from gptn.optim import make_optimizer  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
 from gptn.train import lr_at  # noqa: E402

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from gptn.engine import MAX_BATCH, MAX_QUEUE, Job, _Call, _Engine
-from gptn.generate import SamplingConfig, generate_ids
+from gptn.generate import generate_ids
+from gptn.sampling import SamplingConfig
 
 
 class StaticEngine(_Engine):

@@ -253,7 +253,7 @@ def test_an_output_the_filesystem_refuses_is_one_line(corpus, run, tmp_path, cap
 @pytest.mark.parametrize("argv, config", [
     (["pretrain", "C", "--out", "R"], "gptn.pretrain:PretrainConfig"),
     (["finetune", "R", "--train", "T", "--out", "O"], "gptn.finetune:FinetuneConfig"),
-    (["generate", "R", "--prompt", "p"], "gptn.generate:SamplingConfig"),
+    (["generate", "R", "--prompt", "p"], "gptn.sampling:SamplingConfig"),
 ])
 def test_cli_defaults_are_the_config_dataclasses(argv, config):
     import dataclasses

@@ -10,7 +10,9 @@ from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig
 from gptn.detect import Detector, token_stats
-from gptn.generate import SamplingConfig, generate, score
+from gptn.generate import generate
+from gptn.sampling import SamplingConfig
+from gptn.scoring import score
 from gptn.model import GPT
 from gptn.tokenizer import CharTokenizer
 

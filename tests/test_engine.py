@@ -9,7 +9,8 @@ import torch
 
 from gptn.config import GPTConfig
 from gptn.engine import ContinuousEngine, Job, SlotCache, _Call
-from gptn.generate import SamplingConfig, StopWatcher, generate_ids
+from gptn.generate import generate_ids
+from gptn.sampling import SamplingConfig, StopWatcher
 from gptn.model import GPT
 
 

@@ -184,7 +184,7 @@ def test_lm_eval_rolling_and_generation_follow_the_harness_contract(model, tok):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the dev extra")
     from lm_eval.api.instance import Instance
 
-    from gptn.generate import score
+    from gptn.scoring import score
     from gptn.integrations.lm_eval import GptnLM
     lm = GptnLM(model=model, tokenizer=tok)
     text = "which is the moon? the moon is " * 6  # longer than the window

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig
-from gptn.generate import SamplingConfig, choose_tokens, filter_logits, generate, generate_ids, next_token_probs, score
+from gptn.generate import generate, generate_ids, next_token_probs
+from gptn.sampling import SamplingConfig, choose_tokens, filter_logits
+from gptn.scoring import score
 from gptn.inference import _CpuInferenceLinear, prepare_for_inference
 from gptn.model import GPT
 from gptn.tokenizer import CharTokenizer
@@ -244,7 +246,8 @@ def test_dtype_flag_on_the_command_line(run, capsys):
 
 def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(model, tok):
     # logits / 1e-247 overflows to inf; the sampler must still give a distribution (found by test_fuzz).
-    from gptn.generate import SamplingConfig, generate
+    from gptn.generate import generate
+    from gptn.sampling import SamplingConfig
     greedy = generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, greedy=True))
     assert generate(model, tok, ["the "], SamplingConfig(max_new_tokens=8, temperature=7e-247, seed=0)) == greedy
     # And a top_p that rounds to 0 keeps the most likely token rather than none.

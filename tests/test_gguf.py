@@ -14,7 +14,8 @@ from conftest import require_shared, tiny_gpt  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.cli import main  # noqa: E402
-from gptn.generate import SamplingConfig, generate, generate_ids  # noqa: E402
+from gptn.generate import generate, generate_ids  # noqa: E402
+from gptn.sampling import SamplingConfig  # noqa: E402
 from gptn.tokenizer import CharTokenizer, load_tokenizer, train_bpe  # noqa: E402
 
 TEXT = ("The cat sat on the mat. The dog ran after the cat, and the cat ran up a tree.\n"

@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server is the `serve` extra (in dev)")
 
-from gptn.generate import SamplingConfig, generate, next_token_probs  # noqa: E402
+from gptn.generate import generate, next_token_probs  # noqa: E402
+from gptn.sampling import SamplingConfig  # noqa: E402
 from gptn.serve import create_app  # noqa: E402
 from test_serve import KEY, _start  # noqa: E402
 

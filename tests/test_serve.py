@@ -16,7 +16,8 @@ pytest.importorskip("fastapi", reason="the server is the `serve` extra (in dev)"
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 import uvicorn  # noqa: E402
 
-from gptn.generate import SamplingConfig, generate  # noqa: E402
+from gptn.generate import generate  # noqa: E402
+from gptn.sampling import SamplingConfig  # noqa: E402
 from gptn.serve import create_app, uvicorn_config  # noqa: E402
 
 KEY = "sk-test"

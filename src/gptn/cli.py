@@ -451,7 +451,7 @@ def _bar(fraction: float, width: int = 40) -> str:
 
 
 def _sampling_args(sub):
-    from .generate import SamplingConfig
+    from .sampling import SamplingConfig
     d = SamplingConfig()
     sub.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate per sample")
     sub.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
@@ -470,7 +470,7 @@ def _unescape(text: str) -> str:
 
 
 def _sampling_from(args):
-    from .generate import SamplingConfig
+    from .sampling import SamplingConfig
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           stop=[_unescape(s) for s in args.stop],
@@ -534,7 +534,7 @@ def cmd_score(sub):
     sub.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
     def run(args):
-        from .generate import score
+        from .scoring import score
         if (args.file is None) == (args.text is None):
             raise GptnError("give either FILE or --text")
         text = _read_text_arg(args.file, "FILE") if args.file is not None else args.text

@@ -31,6 +31,11 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_whole(value) -> bool:
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # Fields that default to a function of other fields: set to None (or left out), they are computed.
 DERIVED = {
     "d_ff": lambda c: 4 * c.d_model,  # GPT-1/2/3: the MLP is four times the model width

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GptnError
-from .generate import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor, score_continuations
+from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
+from .scoring import score_continuations
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit, slide_keep
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .config import GptnError
 from .data import read_records
-from .generate import fit_window, loglikelihood_tokens
+from .scoring import fit_window, loglikelihood_tokens
 from .model import GPT
 
 KINDS = ("multiple_choice", "generate", "cloze")
@@ -425,7 +425,8 @@ def evaluate_fewshot(model: GPT, tokenizer, task: Task, k: int, limit: int | Non
         metrics = {"accuracy": sum(per_example) / len(per_example), "perplexity": math.exp(-sum(lls) / len(lls))}
         metric = "last-word accuracy"
     else:
-        from .generate import SamplingConfig, generate
+        from .generate import generate
+        from .sampling import SamplingConfig
         sampling = SamplingConfig(max_new_tokens=task.max_gen_tokens, greedy=True, stop=task.stop)
         truncated = sum(len(tokenizer.encode(p)) > n_ctx - 1 for p in prompts)  # generate reads the last n_ctx - 1
         outputs = []

@@ -13,7 +13,8 @@ from .checkpoint import has_checkpoint, load_model
 from .compute import parameter_count
 from .config import GPTConfig, GptnError, is_number
 from .data import STDLIB, Corpus, prepare
-from .generate import SamplingConfig, generate, next_token_probs
+from .generate import generate, next_token_probs
+from .sampling import SamplingConfig
 from .pretrain import PretrainConfig, pretrain
 
 # A GPT-2-style (pre-LN) model small enough to learn something in minutes on two cores.

@@ -29,7 +29,8 @@ from typing import Annotated, Any
 
 from .config import GptnError, is_number
 from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, ContinuousEngine, Job, QueueFull
-from .generate import SamplingConfig, StopWatcher, encode_prompt
+from .generate import encode_prompt
+from .sampling import SamplingConfig, StopWatcher
 from .model import prompt_limit, require_decoder
 from .protocol import (KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, MAX_DETECT_TOKENS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP,
                        MAX_STOP_CHARS, MAX_TOKENS, REQUEST_SECONDS)

@@ -19,8 +19,9 @@ from lm_eval.api.registry import register_model
 
 from ..inference import load_for_inference
 from ..config import GptnError
-from ..fewshot import loglikelihood_tokens
-from ..generate import SamplingConfig, generate, score
+from ..generate import generate
+from ..sampling import SamplingConfig
+from ..scoring import loglikelihood_tokens, score
 
 
 @register_model("gptn")
