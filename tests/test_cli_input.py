@@ -121,7 +121,7 @@ def test_a_second_writer_on_one_run_is_refused(corpus, tmp_path):
     try:
         import time
         for _ in range(300):
-            if (tmp_path / "r" / "train_config.json").exists():
+            if (tmp_path / "r" / "metrics.jsonl").exists():  # the first evaluation: it holds the run
                 break
             time.sleep(0.1)
         second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
@@ -314,7 +314,7 @@ def test_options_come_from_a_config_file_and_the_command_line_wins(corpus, tmp_p
     out = tmp_path / "r"
     assert main(["pretrain", str(corpus), "--out", str(out), "--preset", "tiny", "--set", "n_ctx=32",
                  "--config", str(tmp_path / "run.yaml"), "--seed", "9"]) == 0
-    saved = json.loads((out / "train_config.json").read_text())
+    saved = json.loads((out / "checkpoint" / "train_config.json").read_text())
     assert (saved["steps"], saved["lr"], saved["batch_tokens"], saved["seed"], saved["progress"]) == (3, 0.002, 128, 9, False)
     for name, text, words in (("bad.yaml", "steps: [1\n", "bad.yaml"), ("unknown.yaml", "stepz: 3\n", "stepz"),
                               ("list.yaml", "- 1\n", "list.yaml"), ("type.json", '{"steps": "many"}', "steps"),

@@ -63,6 +63,22 @@ def test_a_time_budget_anneals_the_schedule_within_it(corpus, tmp_path):
     assert lrs[-1] < 3e-4 * 1.1  # the step budget is far away, but the rate has come down to min_lr
 
 
+def test_the_resolved_options_travel_inside_the_checkpoint_and_the_callers_config_is_untouched(corpus, tmp_path):
+    import dataclasses
+    cfg = PretrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), preset="tiny", overrides={"n_ctx": 32},
+                         steps=4, checkpoint_interval=2, eval_interval=0, progress=False)
+    given = dataclasses.replace(cfg)
+    pretrain(cfg)
+    assert cfg == given  # lr, batch, warm-up... were resolved into the run's own copy
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "train_config.json").read_text())
+    assert saved["batch_tokens"] % 32 == 0 and saved["lr"] is not None and saved["warmup_steps"] == 1  # resolved
+    assert not (tmp_path / "run" / "train_config.json").exists()  # nothing outside the atomic checkpoint
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())
+    assert "train_config.json" in meta["files_sha256"]  # checked like every file of the checkpoint
+    summary = pretrain(dataclasses.replace(cfg, steps=6))  # a resume reads it back: same schedule, more steps
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+
+
 def test_pretrain_learns_and_writes_a_run(corpus, tmp_path):
     summary = pretrain(PretrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), preset="tiny",
                                       overrides={"dropout": 0.0, "n_ctx": 32}, steps=60, batch_tokens=32 * 8,

@@ -57,7 +57,7 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(corpora, 
     # Fresh optimizer: AdamW's step count restarted (1, not 31).
     adam_steps = [float(s["step"]) for s in state["optimizer"]["state"].values()]
     assert adam_steps and set(adam_steps) == {1.0}
-    assert json.loads((out / "train_config.json").read_text())["init_from"] == str(source_run)
+    assert json.loads((out / "checkpoint" / "train_config.json").read_text())["init_from"] == str(source_run)
 
 
 def test_init_from_then_training_moves_away_from_the_source(corpora, source_run, tmp_path):

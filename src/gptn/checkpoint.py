@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig, GptnError, read_json
 
 CHECKPOINT = "checkpoint"
+TRAIN_CONFIG = "train_config.json"  # a pretraining run's resolved PretrainConfig, inside its checkpoint
 
 
 def _fsync_dir(path: Path) -> None:
@@ -61,6 +62,14 @@ def exclusive_lock(lock_file: Path, folder: Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def read_train_config(run: str | Path) -> dict:
+    """A pretraining run's resolved options: from its checkpoint (written with it, atomically), or beside it
+    in runs written before that."""
+    run = Path(run)
+    inside = checkpoint_dir(run) / TRAIN_CONFIG if has_checkpoint(run) else None
+    return read_json(inside if inside is not None and inside.is_file() else run / TRAIN_CONFIG)
 
 
 def run_lock(run_dir: str | Path):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import (WRITE_ERRORS, checkpoint_dir, claim_out, load_model, load_weights, read_meta, read_metrics,
-                         read_weights, run_lock, save_checkpoint, write_error)
+                         read_train_config, read_weights, run_lock, save_checkpoint, write_error)
 from .config import GPTConfig, GptnError, read_json
 from .model import GPT, with_zero_biases
 from .tokenizer import DELIM, EOT, EXTRACT, START, copy_hf_tokenizer_files, load_tokenizer
@@ -240,7 +240,10 @@ def model_card(run, out: Path, config: GPTConfig, tokenizer, hf_cfg: dict, spec=
     ckpt = checkpoint_dir(run)
     run = Path(run)
     meta = read_meta(ckpt)
-    train_config = _json_or_empty(run / "train_config.json")
+    try:
+        train_config = read_train_config(run)
+    except GptnError:  # a run without one (imported, fine-tuned) or a damaged one: the card says less
+        train_config = {}
     val = [r for r in read_metrics(run) if "val_loss" in r]
     from .compute import parameter_count
     norm = "pre-LayerNorm with a final LayerNorm (GPT-2/3)" if config.norm == "pre" else "post-LayerNorm (GPT-1)"
@@ -269,14 +272,6 @@ def model_card(run, out: Path, config: GPTConfig, tokenizer, hf_cfg: dict, spec=
             "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
     lines += ["", "## Loading", "", "```python", load.replace("PATH", str(out)), "```", ""]
     return "\n".join(lines)
-
-
-def _json_or_empty(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-        return value if isinstance(value, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
 
 
 def _classifier_config(run, spec, model_type: str, tokenizer) -> dict:

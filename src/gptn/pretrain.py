@@ -10,6 +10,7 @@ fresh optimizer, schedule and loader.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -21,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from .bert import BERT_SPECIALS, mask_tokens, step_generator
-from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_config, load_weights, read_train_state,
-                         read_weights, run_kind, save_checkpoint, verify_files)
+from .checkpoint import (TRAIN_CONFIG, checkpoint_dir, claim_out, has_checkpoint, load_config, load_weights,
+                         read_train_config, read_train_state, read_weights, run_kind, save_checkpoint, verify_files)
 from .compute import softmax_share, training_flops_per_token
-from .config import GPTConfig, GptnError, get_preset, read_json
+from .config import GPTConfig, GptnError, get_preset
 from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, OPTIMIZERS, make_optimizer
@@ -299,6 +300,7 @@ class NextTokenObjective:
 
 
 def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
+    cfg = copy.copy(cfg)  # resolved below (defaults, a resumed run's own settings): the caller's stays as given
     run = Path(cfg.out)
     corpus = Corpus(cfg.corpus)
     ckpt = checkpoint_dir(run) if has_checkpoint(run) else None  # the run's checkpoint, when it has one
@@ -309,7 +311,7 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         raise GptnError(f"{run} holds a model but no training state; pretrain into a new --out")
     if resuming:
         verify_files(ckpt)  # config and tokenizer as saved (the weights and state are checked as they are read)
-        saved_cfg = read_json(run / "train_config.json")
+        saved_cfg = read_train_config(run)
         config = _check_resume(cfg, run, corpus, saved_cfg)
         _check_tokenizer(ckpt / "tokenizer", corpus, _run_tokenizer(corpus, config))
         # The schedule and batch are part of the run; the user may extend `steps` or change logging.
@@ -378,11 +380,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
     if train_state is None:
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ across ranks
 
-    if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        if not cfg.model_config:
-            cfg.preset = cfg.preset or "mini"
-        (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if not cfg.model_config:
+        cfg.preset = cfg.preset or "mini"
     params_share, flops_share = softmax_share(config, n_ctx)
     if flops_share > 0.5 and d.is_main and train_state is None:
         print(f"gptn pretrain: the tied softmax layer (vocabulary {config.vocab_size:,} x d_model {config.d_model}) "
@@ -404,7 +403,8 @@ def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict:
         save_checkpoint(run, config, model_sd, tokenizer=tokenizer,
                         train_state=state,  # the batches are a function of (seed, step): nothing of the loader
                         meta={"kind": "pretrain", "step": step_done, "corpus": str(cfg.corpus),
-                              **({"init_from": str(cfg.init_from)} if cfg.init_from else {})})
+                              **({"init_from": str(cfg.init_from)} if cfg.init_from else {})},
+                        extra_files={TRAIN_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n"})
 
     def optimizer(m):
         return make_optimizer(m, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type, cfg.optimizer, cfg.muon_lr)
