@@ -11,11 +11,11 @@ from conftest import kill_after_checkpoint
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig, GptnError
-from gptn.finetune import (MAX_WINDOWS, Example, FinetuneConfig, TaskModel, TaskSpec, _truncate, _with_gpt1_tokens,
-                           collate, windows,
+from gptn.finetune import (Example, FinetuneConfig, TaskModel, TaskSpec, _with_gpt1_tokens, collate,
                            compute_metrics, finetune, input_sequences, load_task_model, l3_loss, predict,
                            read_task_file)
 from gptn.model import GPT
+from gptn.task_types import MAX_WINDOWS, TASK_TYPES, TaskType, _truncate, windows
 from gptn.tokenizer import DELIM, EXTRACT, START, CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
@@ -208,6 +208,39 @@ def test_tiny_model_fits_a_separable_task_and_predicts(tmp_path, pretrained_run,
     # --device auto is resolved like every other command's (it reached model.to("auto") before)
     assert main(["predict", str(tmp_path / "ft"), "--text", "the awful movie", "--json", "--device", "auto"]) == 0
     assert json.loads(capsys.readouterr().out)["prediction"] == "neg"
+
+
+def test_a_new_task_type_is_one_class(tmp_path, pretrained_run, monkeypatch):
+    # A type no code path names: reads only the first word of the text. Registering the class is all
+    # it takes to fine-tune, save, load and predict with it.
+    from gptn.tasks import Columns
+
+    class FirstWord(TaskType):
+        name = "first_word"
+
+        def sequences(self, segments, choices, marks, n_ctx, long_inputs):
+            s, _, e = marks
+            first = segments[0][:segments[0].index(space)] if space in segments[0] else segments[0]
+            return [[s, *first[:n_ctx - 2], e]]
+
+    monkeypatch.setitem(TASK_TYPES, "first_word", FirstWord())
+    tok = CharTokenizer.from_text(ALPHABET).add_special_tokens()
+    (space,) = tok.encode(" ")
+    s, e = tok.special_tokens[START], tok.special_tokens[EXTRACT]
+    assert input_sequences("first_word", Example(("good movie",)), tok, 48) == [[s, *tok.encode("good"), e]]
+    train = tmp_path / "train.jsonl"
+    words = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad"]
+    # the label is in the first word only: the rest of the text says the opposite half the time
+    train.write_text("".join(json.dumps({"text": f"{w} {words[(i + 4) % 8]} movie", "label": "pos" if i % 8 < 4 else "neg"})
+                             + "\n" for i, w in enumerate(words * 5)))
+    summary = finetune(FinetuneConfig(run=str(pretrained_run), out=str(tmp_path / "ft"), train=str(train),
+                                      val=str(train), task="first_word", columns=Columns(text="text", label="label"),
+                                      epochs=20, batch_size=8, lr=3e-3, dropout=0.0, head_dropout=0.0, progress=False))
+    assert summary["task"] == "first_word" and summary["best"]["value"] == 1.0
+    model, ft_tok = load_task_model(tmp_path / "ft")
+    assert model.spec.kind is TASK_TYPES["first_word"]
+    records = predict(model, ft_tok, [Example(("awful good movie",)), Example(("nice sad movie",))])
+    assert [r["prediction"] for r in records] == ["neg", "pos"]
 
 
 def test_activation_checkpointing_fine_tunes_the_same_model(tmp_path, pretrained_run, capsys):

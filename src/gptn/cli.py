@@ -575,9 +575,9 @@ def _columns_from(args):
                      "a linear head, L3 = L2 + λ·L1)")
 def cmd_finetune(sub):
     from .finetune import FinetuneConfig
-    from .tasks import TASKS
+    from .task_types import TASK_TYPES
     sub.add_argument("run", help="pretrained run directory (or an imported model folder)")
-    sub.add_argument("--task", choices=TASKS, help="task type (default: recognised from the file's layout)")
+    sub.add_argument("--task", choices=list(TASK_TYPES), help="task type (default: recognised from the file's layout)")
     sub.add_argument("--train", required=True, help="training examples (TSV, CSV, JSONL, HellaSwag .txt)")
     sub.add_argument("--val", help="validation examples; the best checkpoint by its metric is kept")
     sub.add_argument("--out", required=True, help="run directory for the fine-tuned model")
@@ -629,10 +629,10 @@ def cmd_predict(sub):
             data = read_task_file(args.file, spec.task, _columns_from(args), spec.regression, require_labels=False)
             examples = data.examples
         else:
-            pair = spec.task in ("entailment", "similarity")
+            pair = spec.kind.texts == 2
             if pair != (args.text_b is not None):
                 raise GptnError(f"a {spec.task} model needs " + ("--text and --text-b" if pair else "--text only"))
-            if (spec.task == "multiple_choice") != bool(args.choice):
+            if spec.kind.choices != bool(args.choice):
                 raise GptnError("--choice is for multiple-choice models, which need two or more"
                                 if args.choice else "a multiple-choice model needs two or more --choice")
             if args.choice and len(args.choice) < 2:
@@ -650,7 +650,7 @@ def cmd_predict(sub):
                 print(json.dumps(r, ensure_ascii=False))
             elif spec.regression:
                 print(f"{r['prediction']:.3f}\t" + " | ".join(r["input"]))
-            elif spec.task == "multiple_choice":
+            elif spec.kind.choices:
                 print(f"{r['prediction']}\t{max(r['probs']):.1%}\t{r['choices'][r['prediction']]}")
             else:
                 print(f"{r['prediction']}\t{r['probs'][r['prediction']]:.1%}\t" + " | ".join(r["input"]))

@@ -95,8 +95,7 @@ def format_model(info: dict, name: str) -> list[str]:
 def describe_inputs(spec, example, tokenizer, config) -> list[str]:
     """The token sequences built for `example`, one line each, special tokens named (GPT-1 §3.3)."""
     seqs = spec.sequences(example, tokenizer, config)
-    role = {"similarity": ["A then B", "B then A"], "multiple_choice": [f"choice {i}" for i in range(len(seqs))]}
-    names = role.get(spec.task) or ([f"window {i + 1}/{len(seqs)}" for i in range(len(seqs))] if len(seqs) > 1 else [""])
+    names = spec.kind.roles(len(seqs))
     return [f"{name + ': ' if name else ''}{tokenizer.decode(s)!r} ({len(s)} tokens)" for name, s in zip(names, seqs)]
 
 

@@ -1,12 +1,9 @@
 """GPT-1 transfer learning: the pretrained GPT plus one linear layer, trained on a small labeled set.
 
 GPT-1 (Radford et al., 2018, §3.3) turns every task into token sequences the pretrained model can read,
-framed by a start token s, a delimiter $ and an extract token e; the head reads h_n at e:
-
-    classification    s text e                                   -> linear -> softmax over labels
-    entailment        s premise $ hypothesis e                   -> linear -> softmax
-    similarity        s A $ B e  and  s B $ A e, h_n(e) summed   -> linear (classes or a score)
-    multiple choice   s context $ answer_k e, for each k         -> linear -> one score each -> softmax
+framed by a start token s, a delimiter $ and an extract token e; the head reads h_n at e. What each
+kind of task does differently (its sequences, how they meet the head, its metric) is its class in
+task_types.py.
 
 The objective is L3 = L2 + λ·L1: the task loss plus the language-model loss on the same inputs.
 Beside GPT-1's head on the extract token, the head may read h_n averaged over the input
@@ -45,7 +42,8 @@ from .model import GPT, next_token_loss
 from .optim import MUON_LR, OPTIMIZERS
 from .options import check_choices, option
 from .runtime import PRECISIONS, STRATEGIES, resolve_device
-from .tasks import TASKS, Columns, Example, TaskData, read_task_file
+from .task_types import TASK_TYPES
+from .tasks import Columns, Example, TaskData, read_task_file
 from .train import LOGGER_HELP, Loop, Schedule, fit, parse_loggers, run_training
 from .tokenizer import DELIM, EXTRACT, START, Tokenizer
 
@@ -53,45 +51,12 @@ POOLINGS = ("extract", "mean")
 LONG_INPUTS = ("windows", "tail", "head")
 LONG_INPUTS_HELP = ("windows: read the whole input in overlapping windows and average their features (a "
                     "forward pass per window); tail: keep its end; head: keep its start")
-MAX_WINDOWS = 32  # per input: a longer text is read by 32 evenly spaced windows (gaps between them)
 HEAD_FILE = "head.safetensors"
 TASK_FILE = "task.json"
 
 
 # ----------------------------------------------------------------------------------------------
 # GPT-1's input transformations
-
-
-def _truncate(segments: list[list[int]], budget: int, context_first: bool, keep: str = "tail") -> list[list[int]]:
-    """Drop tokens from the start of the longest segment (or of segment 0 first) until all fit;
-    keep="head" drops them from the end instead."""
-    if keep == "head":
-        flipped = _truncate([s[::-1] for s in segments], budget, context_first)
-        return [s[::-1] for s in flipped]
-    segments = [list(s) for s in segments]
-    excess = sum(map(len, segments)) - budget
-    if excess > 0 and context_first:
-        cut = min(excess, len(segments[0]))
-        segments[0] = segments[0][cut:]
-        excess -= cut
-    while excess > 0:
-        i = max(range(len(segments)), key=lambda j: len(segments[j]))
-        longest, others = len(segments[i]), [len(s) for j, s in enumerate(segments) if j != i]
-        cut = min(excess, max(1, longest - max(others, default=0)))
-        segments[i] = segments[i][cut:]
-        excess -= cut
-    return segments
-
-
-def windows(tokens: list[int], size: int) -> list[list[int]]:
-    """Overlapping windows of `size` tokens covering `tokens`: each starts half a window after the one
-    before (more apart when MAX_WINDOWS would be exceeded), the last ends at the last token."""
-    if len(tokens) <= size:
-        return [tokens]
-    span = len(tokens) - size
-    count = min(MAX_WINDOWS, math.ceil(span / max(1, size // 2)) + 1)
-    starts = sorted({round(i * span / (count - 1)) for i in range(count)})
-    return [tokens[i:i + size] for i in starts]
 
 
 def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: int, causal: bool = True,
@@ -101,33 +66,12 @@ def input_sequences(task: str, example: Example, tokenizer: Tokenizer, n_ctx: in
 
     For a BERT-style encoder: [CLS] A [SEP] (B [SEP]), the head reading [CLS] at position 0.
     """
-    if not causal:
-        s, d, e = (tokenizer.special_tokens[t] for t in (CLS, SEP, SEP))
-    else:
-        s, d, e = (tokenizer.special_tokens[t] for t in (START, DELIM, EXTRACT))
-    enc = [tokenizer.encode(t) for t in example.segments]
-    keep = "head" if long_inputs == "head" else "tail"
-    if task == "classification":
-        if long_inputs == "windows":
-            return [[s, *w, e] for w in windows(enc[0], n_ctx - 2)]
-        (text,) = _truncate(enc[:1], n_ctx - 2, False, keep)
-        return [[s, *text, e]]
-    if task == "entailment":
-        if long_inputs == "windows":  # the hypothesis whole (at most half the context), windows over the premise
-            (b,) = _truncate(enc[1:2], (n_ctx - 3) // 2, False)
-            return [[s, *w, d, *b, e] for w in windows(enc[0], n_ctx - 3 - len(b))]
-        a, b = _truncate(enc[:2], n_ctx - 3, False, keep)
-        return [[s, *a, d, *b, e]]
-    if task == "similarity":
-        a, b = _truncate(enc[:2], n_ctx - 3, False, keep)
-        return [[s, *a, d, *b, e], [s, *b, d, *a, e]]
-    if task == "multiple_choice":
-        seqs = []
-        for choice in example.choices:
-            ctx, ans = _truncate([enc[0], tokenizer.encode(choice)], n_ctx - 3, True, keep)
-            seqs.append([s, *ctx, d, *ans, e])
-        return seqs
-    raise GptnError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    if task not in TASK_TYPES:
+        raise GptnError(f"unknown task {task!r}: expected one of {', '.join(TASK_TYPES)}")
+    marks = (CLS, SEP, SEP) if not causal else (START, DELIM, EXTRACT)
+    return TASK_TYPES[task].sequences([tokenizer.encode(t) for t in example.segments],
+                                      [tokenizer.encode(c) for c in example.choices],
+                                      tuple(tokenizer.special_tokens[t] for t in marks), n_ctx, long_inputs)
 
 
 def pack(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
@@ -178,17 +122,18 @@ class TaskSpec:
         return input_sequences(self.task, example, tokenizer, config.n_ctx, config.causal, self.long_inputs)
 
     @property
+    def kind(self):
+        """Its TaskType (task_types.py)."""
+        return TASK_TYPES[self.task]
+
+    @property
     def n_outputs(self) -> int:
-        return 1 if self.regression or self.task == "multiple_choice" else len(self.labels)
+        return self.kind.n_outputs(self.labels, self.regression)
 
     @property
     def metric(self) -> str:
         """The validation metric the best checkpoint is chosen by."""
-        if self.regression:
-            return "pearson"
-        if self.task == "similarity" and len(self.labels) == 2:
-            return "f1"
-        return "accuracy"
+        return self.kind.metric(self.labels, self.regression)
 
 
 class TaskModel(nn.Module):
@@ -220,24 +165,9 @@ class TaskModel(nn.Module):
                 h_extract = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (S, C)
             else:
                 h_extract = h[torch.arange(len(ids), device=ids.device), lengths - 1]  # (S, C)
-        if self.spec.task == "similarity":  # both orderings, added element-wise
-            h_extract = h_extract.view(-1, 2, h_extract.size(-1)).sum(1)  # (N, C)
-        elif self.spec.task != "multiple_choice" and len(batch.groups) < len(ids):  # windows: their mean
-            counts = torch.tensor(batch.groups, device=ids.device)
-            example = torch.repeat_interleave(torch.arange(len(counts), device=ids.device), counts)
-            summed = h_extract.new_zeros(len(counts), h_extract.size(-1)).index_add(0, example, h_extract)
-            h_extract = summed / counts[:, None].to(h_extract.dtype)
-        out = self.head(self.head_dropout(h_extract))
-        if self.spec.task == "multiple_choice":
-            scores = out.new_full((len(batch.groups), max(batch.groups)), float("-inf"))
-            flat = out.squeeze(-1)
-            start = 0
-            for i, k in enumerate(batch.groups):
-                scores[i, :k] = flat[start:start + k]
-                start += k
-            out = scores
-        elif self.spec.regression:
-            out = out.squeeze(-1)
+        kind = self.spec.kind
+        out = self.head(self.head_dropout(kind.features(h_extract, batch.groups)))  # (N, C) -> head
+        out = kind.outputs(out, batch.groups, self.spec.regression)
         lm_loss = None
         if with_lm_loss:
             targets = ids[:, 1:].masked_fill(torch.arange(1, ids.size(1), device=ids.device) >= lengths[:, None], -100)
@@ -297,7 +227,7 @@ def compute_metrics(spec: TaskSpec, predictions: list, gold: list) -> dict:
         return {"pearson": _pearson(p, g), "spearman": _pearson(_ranks(p), _ranks(g)), "mse": float(((p - g) ** 2).mean())}
     correct = sum(p == g for p, g in zip(predictions, gold))
     metrics = {"accuracy": correct / max(1, len(gold))}
-    if spec.task != "multiple_choice" and len(spec.labels) == 2:
+    if not spec.kind.choices and len(spec.labels) == 2:
         positive = "1" if "1" in spec.labels else spec.labels[1]
         tp = sum(p == positive and g == positive for p, g in zip(predictions, gold))
         fp = sum(p == positive and g != positive for p, g in zip(predictions, gold))
@@ -410,7 +340,7 @@ def _reconfigure_dropout(gpt: GPT, dropout: float) -> GPT:
 def _targets(spec: TaskSpec, examples: list[Example]) -> torch.Tensor:
     if spec.regression:
         return torch.tensor([float(x.label) for x in examples])
-    if spec.task == "multiple_choice":
+    if spec.kind.choices:
         return torch.tensor([int(x.label) for x in examples])
     return torch.tensor([spec.labels.index(x.label) for x in examples])
 
@@ -422,7 +352,7 @@ def _decode_outputs(spec: TaskSpec, out: torch.Tensor) -> tuple[list, list]:
         return scores, scores
     probs = out.float().softmax(-1)
     best = probs.argmax(-1).tolist()
-    preds = best if spec.task == "multiple_choice" else [spec.labels[i] for i in best]
+    preds = best if spec.kind.choices else [spec.labels[i] for i in best]
     return preds, probs.tolist()
 
 
@@ -504,7 +434,7 @@ class TaskObjective:
         would otherwise be a forward of up to 32 x MAX_WINDOWS sequences)."""
         if self.cfg.micro_batch:
             return [mine[k:k + self.cfg.micro_batch] for k in range(0, len(mine), self.cfg.micro_batch)]
-        if self.spec.long_inputs != "windows" or self.spec.task in ("similarity", "multiple_choice"):
+        if self.spec.long_inputs != "windows" or not self.spec.kind.windows:
             return [mine]
         return pack(mine, [len(self.seqs[i]) for i in mine], self.cfg.batch_size)
 
@@ -568,7 +498,7 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
     if cfg.max_train_examples:
         rng = random.Random(cfg.seed)
         train_data.examples = rng.sample(train_data.examples, min(cfg.max_train_examples, len(train_data.examples)))
-    if train_data.regression or task == "multiple_choice":
+    if train_data.regression or TASK_TYPES[task].choices:
         labels = []
     else:
         labels = sorted({x.label for x in train_data.examples})
@@ -671,7 +601,7 @@ def predict(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], bat
     records = []
     for x, p, q in zip(examples, preds, probs):
         rec = {"input": list(x.segments), "prediction": p}
-        if spec.task == "multiple_choice":
+        if spec.kind.choices:
             rec["choices"] = list(x.choices)
             rec["probs"] = q
         elif not spec.regression:
@@ -682,6 +612,6 @@ def predict(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], bat
     return records
 
 
-__all__ = ["TASKS", "Example", "Columns", "TaskData", "read_task_file", "input_sequences", "collate", "Batch",
+__all__ = ["TASK_TYPES", "Example", "Columns", "TaskData", "read_task_file", "input_sequences", "collate", "Batch",
            "TaskSpec", "TaskModel", "l3_loss", "task_loss", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
            "predict", "evaluate_task"]

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from .config import GptnError
 from .data import read_records
-
-TASKS = ("classification", "entailment", "similarity", "multiple_choice")
+from .task_types import TASK_TYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,8 +84,8 @@ def read_task_file(path: str | Path, task: str | None = None, columns: Columns |
     """Examples from a TSV/CSV/JSONL file (GLUE, multiple-choice JSONL and HellaSwag text recognised)."""
     path = Path(path)
     columns = columns or Columns()
-    if task is not None and task not in TASKS:
-        raise GptnError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    if task is not None and task not in TASK_TYPES:
+        raise GptnError(f"--task {task!r}: expected one of {', '.join(TASK_TYPES)}")
     if not path.is_file():
         raise GptnError(f"data file {path} does not exist")
     if path.suffix == ".txt":
@@ -100,8 +99,9 @@ def read_task_file(path: str | Path, task: str | None = None, columns: Columns |
     text, text_b, label, choices = columns.text, columns.text_b, columns.label, columns.choices
     guessed_regression = False
     mc_choices = columns.choices or _first_present(first, MC_CHOICE_FIELDS)
-    if task == "multiple_choice" or (task is None and mc_choices and isinstance(first.get(mc_choices), list)):
-        task, choices = "multiple_choice", mc_choices
+    if task is not None and TASK_TYPES[task].choices or \
+            task is None and mc_choices and isinstance(first.get(mc_choices), list):
+        task, choices = task or "multiple_choice", mc_choices
         text = text or _first_present(first, MC_CONTEXT_FIELDS)
         label = label or _first_present(first, ("label", "gold", "answer"))
     elif text is None:
@@ -116,7 +116,8 @@ def read_task_file(path: str | Path, task: str | None = None, columns: Columns |
         raise GptnError(f"{path}: unrecognised layout (columns {sorted(first)}); name the task and columns "
                         "with --task and --text-col/--text-b-col/--label-col")
     regression = guessed_regression if regression is None else regression
-    if task in ("entailment", "similarity") and text_b is None:
+    pair = TASK_TYPES[task].texts == 2
+    if pair and text_b is None:
         raise GptnError(f"{path}: a {task} task needs a second text column (--text-b-col)")
     out = []
     for n, row in enumerate(rows, 1):
@@ -126,8 +127,8 @@ def read_task_file(path: str | Path, task: str | None = None, columns: Columns |
         value = row.get(label) if label else None
         if value is None and require_labels:
             raise GptnError(f"{path}: example {n} has no label field {label!r}")
-        segs = (str(row[text]).strip(),) + ((str(row[text_b]).strip(),) if task in ("entailment", "similarity") else ())
-        if task == "multiple_choice":
+        segs = (str(row[text]).strip(),) + ((str(row[text_b]).strip(),) if pair else ())
+        if TASK_TYPES[task].choices:
             opts = row[choices]
             if not isinstance(opts, list) or len(opts) < 2:
                 raise GptnError(f"{path}: example {n}: field {choices!r} must be a list of at least 2 answers")
@@ -152,4 +153,4 @@ def read_task_file(path: str | Path, task: str | None = None, columns: Columns |
     return TaskData(task, regression, out)
 
 
-__all__ = ["TASKS", "Example", "Columns", "TaskData", "read_task_file"]
+__all__ = ["Example", "Columns", "TaskData", "read_task_file"]
