@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GptnError
-from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
-from .scoring import score_continuations
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit, slide_keep
+from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
+from .scoring import score_continuations
 
 MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK = 32, 128, 256  # rows decoded together, requests waiting, prompt tokens per step
 
