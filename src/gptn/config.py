@@ -76,7 +76,7 @@ class GPTConfig:
             setattr(self, name, DERIVED[name](self))
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_ff", "sparse_band"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_whole(value) or value <= 0:
                 raise GptnError(f"config: {name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_head:
             raise GptnError(

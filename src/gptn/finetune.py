@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .bert import CLS, SEP
 from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_train_state,
                          read_weights, save_checkpoint)
-from .config import GptnError, is_number, read_json
+from .config import GptnError, is_number, is_whole, read_json
 from .model import GPT, next_token_loss
 from .optim import MUON_LR, OPTIMIZERS
 from .options import check_choices, option
@@ -291,7 +291,7 @@ class FinetuneConfig:
                 raise GptnError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("micro_batch", "checkpoint_interval"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not (is_whole(value) and value >= 1):
                 raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
         for name in ("lr", "lm_weight", "weight_decay", "dropout", "head_dropout", "grad_clip", "warmup_fraction"):
             if not is_number(getattr(self, name)):

@@ -25,7 +25,7 @@ from .bert import BERT_SPECIALS, mask_tokens, step_generator
 from .checkpoint import (TRAIN_CONFIG, checkpoint_dir, claim_out, has_checkpoint, load_config, load_weights,
                          read_train_config, read_train_state, read_weights, run_kind, save_checkpoint, verify_files)
 from .compute import softmax_share, training_flops_per_token
-from .config import GPTConfig, GptnError, get_preset
+from .config import GPTConfig, GptnError, get_preset, is_whole
 from .data import BatchLoader, Corpus
 from .model import GPT
 from .optim import MUON_LR, OPTIMIZERS, make_optimizer
@@ -86,7 +86,7 @@ class PretrainConfig:
         for name in ("steps", "eval_batches", "checkpoint_interval", "log_interval"):
             value = getattr(self, name)
             least = 0 if name == "steps" else 1  # steps 0: the random start, evaluated and saved
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_whole(value) or value < least:
                 raise GptnError(f"{name} must be a whole number >= {least}, not {value!r}")
         for name in ("lr", "min_lr", "muon_lr", "peak_flops", "max_seconds"):
             value = getattr(self, name)
@@ -97,7 +97,7 @@ class PretrainConfig:
                 raise GptnError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
         for name in ("batch_tokens", "micro_batch", "snapshot_interval"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not (is_whole(value) and value >= 1):
                 raise GptnError(f"{name} must be a whole number >= 1, not {value!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise GptnError(f"warmup_steps must be >= 0, not {self.warmup_steps}")

@@ -27,7 +27,7 @@ import uuid
 from importlib import resources
 from typing import Annotated, Any
 
-from .config import GptnError, is_number
+from .config import GptnError, is_number, is_whole
 from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, ContinuousEngine, Job, QueueFull
 from .generate import encode_prompt
 from .sampling import SamplingConfig, StopWatcher
@@ -215,7 +215,7 @@ class _BodyTooLarge(Exception):
 def check_options(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
     """The engine's settings, refused in one line when out of range."""
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole(value) or value < 1:
             raise GptnError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
 
 
@@ -632,7 +632,7 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, request_secon
 
     if not (is_number(request_seconds) and request_seconds > 0):
         raise GptnError(f"--request-timeout must be a positive number of seconds, not {request_seconds!r}")
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+    if not is_whole(max_connections) or max_connections < 1:
         raise GptnError(f"--max-connections must be a whole number >= 1, not {max_connections!r}")
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=request_deadline_protocol(request_seconds),
                           timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=max_connections)
