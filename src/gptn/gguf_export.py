@@ -116,7 +116,7 @@ def export_gguf(run: str | Path, out: str | Path, kind: str = "f16") -> Path:
     config = model.config
     check_exportable(config, tokenizer)
     tokens, types, merges = vocabulary(tokenizer, config.vocab_size)
-    state = model.state_dict() if config.bias else with_zero_biases(model.state_dict())  # llama.cpp needs biases
+    state = with_zero_biases(model.state_dict())  # llama.cpp's GPT-2 needs every bias
     state = {k: v.float().numpy() for k, v in state.items()}
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

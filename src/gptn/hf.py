@@ -196,7 +196,7 @@ def export_hf(run: str | Path, out: str | Path, say=None) -> Path:
     if not config.causal:
         raise GptnError(f"{run} is a BERT-style encoder; export-hf writes GPT-2 / GPT-1 checkpoints only")
     hf_cfg = hf_config(config, tokenizer)
-    state = model.state_dict() if config.bias else with_zero_biases(model.state_dict())
+    state = with_zero_biases(model.state_dict())  # Hugging Face's GPT-2 has every bias
     if finetuned:
         hf_cfg.update(_classifier_config(run, task_model.spec, hf_cfg["model_type"], tokenizer))
         state.update(_classifier_weights(task_model, state))
