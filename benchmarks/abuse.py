@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, rss_mb, table, wait_healthy, write_results  # noqa: E402
+from common import free_port, machine, median, rss_mb, table, wait_healthy, write_results  # noqa: E402
 from serve import N_CTX, make_run  # noqa: E402
 
 from gptn.serve import default_max_body  # noqa: E402
@@ -59,12 +59,6 @@ async def completions(request: Request):
     return JSONResponse({"error": {"message": f"the prompt has {len(body.get('prompt', []))} tokens", "type": "invalid_request_error"}}, 413)
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def token_body(mb: float) -> bytes:

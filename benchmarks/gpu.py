@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, machine, median, table, wait_healthy  # noqa: E402
+from common import RESULTS, SHARED, free_port, machine, median, table, wait_healthy  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.compute import training_flops_per_token  # noqa: E402
@@ -223,9 +222,7 @@ def serve_echo_logprobs(r: Runner) -> dict:
     from gptn.checkpoint import load_model
     from gptn.scoring import score
     run = _shakespeare(r)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "gptn", "serve", str(run), "--port", str(port),
                                "--device", r.device.type], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

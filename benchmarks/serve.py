@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, rss_mb, table, wait_healthy, write_results  # noqa: E402
+from common import free_port, machine, median, rss_mb, table, wait_healthy, write_results  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import GPTConfig  # noqa: E402
@@ -134,9 +133,7 @@ def load(port: int, clients: int, seconds: float) -> dict:
 
 
 def run_scheduler(run: Path, scheduler: str, clients: int, seconds: float) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # the continuous engine is `gptn serve` itself; the static one it replaced serves through the same app
     command = [sys.executable, "-m", "gptn", "serve"] if scheduler == "continuous" else \
         [sys.executable, str(Path(__file__).parent / "static_engine.py")]
