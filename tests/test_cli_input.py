@@ -62,8 +62,8 @@ def test_finetune_on_a_binary_file_is_one_line(run, tmp_path, capsys):
 
 
 def test_stop_takes_the_escapes_a_shell_user_types(run, capsys):
-    from gptn.cli import _unescape
-    assert _unescape("\\n") == "\n" and _unescape("a\\tb") == "a\tb" and _unescape("\\\\n") == "\\n"
+    from gptn.sampling import unescape
+    assert unescape("\\n") == "\n" and unescape("a\\tb") == "a\tb" and unescape("\\\\n") == "\\n"
     assert main(["generate", str(run), "--prompt", "the", "--greedy", "--max-new-tokens", "60", "--no-stream"]) == 0
     full = capsys.readouterr().out.split("\n", 1)[1][:-1]
     assert main(["generate", str(run), "--prompt", "the", "--greedy", "--max-new-tokens", "60", "--no-stream",
@@ -250,33 +250,31 @@ def test_an_output_the_filesystem_refuses_is_one_line(corpus, run, tmp_path, cap
         assert "/proc" in err or "a-file" in err, err  # the message names the path
 
 
-@pytest.mark.parametrize("argv, config", [
-    (["pretrain", "C", "--out", "R"], "gptn.pretrain:PretrainConfig"),
-    (["finetune", "R", "--train", "T", "--out", "O"], "gptn.finetune:FinetuneConfig"),
-    (["generate", "R", "--prompt", "p"], "gptn.sampling:SamplingConfig"),
+@pytest.mark.parametrize("argv, config, least", [
+    (["pretrain", "C", "--out", "R"], "gptn.pretrain:PretrainConfig", 20),
+    (["finetune", "R", "--train", "T", "--out", "O"], "gptn.finetune:FinetuneConfig", 20),
+    (["generate", "R", "--prompt", "p"], "gptn.sampling:SamplingConfig", 9),
+    (["serve", "R"], "gptn.protocol:ServeConfig", 12),
 ])
-def test_cli_defaults_are_the_config_dataclasses(argv, config):
+def test_cli_defaults_are_the_config_dataclasses(argv, config, least):
+    """Flags generated from the dataclass (gptn.options): a flag not given is the field's own default."""
     import dataclasses
     import importlib
 
     from gptn.cli import build_parser
+    from gptn.options import from_options
     module, name = config.split(":")
     cls = getattr(importlib.import_module(module), name)
     parsed = build_parser().parse_args(argv)
     args = vars(parsed)
-    if name != "SamplingConfig":  # flags generated from the dataclass (gptn.options): the values are its own
-        from gptn.options import from_options
-        given = {f.name: args.get(f.name) for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        built = from_options(cls, parsed, **given)
-        flags = [f for f in dataclasses.fields(cls) if f.metadata.get("help") and f.metadata.get("cli") is not False]
-        assert len(flags) >= 20 and not any(f.name in args for f in flags)  # none given on this line
-        for f in flags:
-            assert getattr(built, f.name) == getattr(cls(**given), f.name), f.name
-        return
-    shared = [f for f in dataclasses.fields(cls) if f.name in args and f.default is not dataclasses.MISSING]
-    assert len(shared) >= 5
-    for f in shared:
-        assert args[f.name] == f.default, f"--{f.name.replace('_', '-')}: CLI {args[f.name]!r} vs {name} {f.default!r}"
+    given = {f.name: args.get(f.name) for f in dataclasses.fields(cls)
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    built = from_options(cls, parsed, **given)
+    flags = [f for f in dataclasses.fields(cls) if f.metadata.get("help") and f.metadata.get("cli") is None
+             and f.name not in given]
+    assert len(flags) >= least and not any(f.name in args for f in flags)  # none given on this line
+    for f in flags:
+        assert getattr(built, f.name) == getattr(cls(**given), f.name), f.name
 
 
 def test_generate_reads_a_prompt_from_a_file_or_standard_input(run, tmp_path, capsys, monkeypatch):
@@ -324,3 +322,20 @@ def test_options_come_from_a_config_file_and_the_command_line_wins(corpus, tmp_p
                                             "--config", str(tmp_path / name)]))
         assert words in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_serve_config_file_and_the_same_flags_give_the_same_options(tmp_path, capsys):
+    """`gptn serve --config SERVE.yaml` (litgpt's habit for every training and serving command): the file
+    and the equivalent flags resolve to the same ServeConfig; a bad value in the file is one line."""
+    from gptn.cli import build_parser
+    from gptn.options import from_options
+    from gptn.protocol import ServeConfig
+    (tmp_path / "serve.yaml").write_text("port: 8123\nmax_batch: 8\ndtype: int8\nrequest_timeout: 2.5\n")
+    parse = build_parser().parse_args
+    from_file = from_options(ServeConfig, parse(["serve", "R", "--config", str(tmp_path / "serve.yaml")]))
+    from_flags = from_options(ServeConfig, parse(["serve", "R", "--port", "8123", "--max-batch", "8", "--dtype", "int8",
+                                                  "--request-timeout", "2.5"]))
+    assert from_file == from_flags and from_file.port == 8123 and from_file.max_queue == ServeConfig(run="R").max_queue
+    (tmp_path / "bad.yaml").write_text("port: 70000\n")
+    err = _one_line_error(capsys, main(["serve", "R", "--config", str(tmp_path / "bad.yaml")]))
+    assert "--port" in err

@@ -234,7 +234,7 @@ def test_a_new_task_type_is_one_class(tmp_path, pretrained_run, monkeypatch):
     train.write_text("".join(json.dumps({"text": f"{w} {words[(i + 4) % 8]} movie", "label": "pos" if i % 8 < 4 else "neg"})
                              + "\n" for i, w in enumerate(words * 5)))
     summary = finetune(FinetuneConfig(run=str(pretrained_run), out=str(tmp_path / "ft"), train=str(train),
-                                      val=str(train), task="first_word", columns=Columns(text="text", label="label"),
+                                      val=str(train), task="first_word", columns=Columns(text_col="text", label_col="label"),
                                       epochs=20, batch_size=8, lr=3e-3, dropout=0.0, head_dropout=0.0, progress=False))
     assert summary["task"] == "first_word" and summary["best"]["value"] == 1.0
     model, ft_tok = load_task_model(tmp_path / "ft")

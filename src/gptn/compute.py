@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import GPT3_TOKENS, PRESETS, GPTConfig, GptnError
+from .config import GPT3_TOKENS, PRESETS, GPTConfig, GptnError, get_preset
+from .options import option, positive
 
 PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
 
@@ -145,3 +146,82 @@ def plan(config: GPTConfig, tokens: float, n_accelerators: int = 1, peak_flops: 
     out.update(n_accelerators=n_accelerators, peak_flops=peak_flops, utilisation=utilisation,
                seconds=seconds, days=seconds / 86400, years=seconds / (365.25 * 86400))
     return out
+
+
+def si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def human_bytes(x: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_preset_table(rows: list[dict], tokens: float) -> list[str]:
+    """`gptn sizes`: the presets beside GPT-3's tables, then the pretraining data and the lecture's slips."""
+    from .config import DATA, LECTURE_SLIPS
+    paper = lambda v, fmt: fmt(v) if v else "-"  # noqa: E731
+    lines = [f"{'preset':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_head':>6} {'ctx':>5} {'batch':>6} "
+             f"{'paper':>5} {'lr':>8} {'params':>8} {'paper':>8} {'6ND FLOPs':>10} {'paper':>9} {'PF/s-days':>9} "
+             f"{'paper':>7} {'+attn FLOPs':>11}  norm"]
+    for r in rows:
+        mark = lambda key: "*" if key in r["paper_shape"] else ""  # noqa: E731, B023
+        lines.append(f"{r['name']:<12} {r['n_layer']:>6} {str(r['d_model']) + mark('d_model'):>7} "
+                     f"{str(r['n_head']) + mark('n_head'):>5} {r['d_head']:>6} {r['n_ctx']:>5} "
+                     f"{si(r['batch_tokens'] or 0):>6} {r['paper_batch'] or '-':>5} {r['learning_rate'] or 0:>8.2e} "
+                     f"{si(r['params']):>8} {paper(r['paper_params'], si):>8} {r['flops_6nd']:>10.3g} "
+                     f"{paper(r['paper_flops'], lambda v: f'{v:.3g}'):>9} {r['pf_days_6nd']:>9.3g} "
+                     f"{paper(r['paper_pf_days'], lambda v: f'{v:.3g}'):>7} {r['flops_with_attention']:>11.3g}  "
+                     + ("pre-LN + final LN" if r["final_layer_norm"] else "post-LN"))
+    lines.append(f"(compute for {tokens:.3g} training tokens; 'paper' = GPT-3 Table 2.1 for the batch, Table D.1 "
+                 "for parameters and compute; batch = sequences x 2048 tokens, which Table 2.1 rounds)")
+    lines += [f"* {r['name']}: {r['note']}" for r in rows if r["paper_shape"]]
+    lines.append("norm: post-LN is GPT-1's x = LN(x + sublayer(x)); pre-LN + final LN is GPT-2/3's "
+                 "x = x + sublayer(LN(x)) with one more LayerNorm after the last block")
+    lines += ["pretraining data:", *(f"  {family.upper():<5} {data}" for family, data in DATA.items())]
+    return lines + ["the lecture's own slips:", *(f"  - {slip}" for slip in LECTURE_SLIPS)]
+
+
+def format_plan(p: dict, n_ctx: int, micro_batch: int, precision: str) -> list[str]:
+    """`gptn compute`: a plan from `plan()` as lines of text."""
+    m = p["memory_bytes"]
+    return [
+        f"parameters            {p['params']:,} ({si(p['params'])})",
+        f"training tokens       {si(p['tokens'])}",
+        f"compute (6ND)         {p['flops_6nd']:.3e} FLOPs = {p['pf_days_6nd']:,.4g} PF/s-days",
+        f"compute (+attention)  {p['flops_with_attention']:.3e} FLOPs = {p['pf_days_with_attention']:,.4g} PF/s-days",
+        f"memory ({precision}, micro-batch {micro_batch} x {n_ctx}): weights {human_bytes(m['weights'])}, "
+        f"gradients {human_bytes(m['gradients'])}, Adam {human_bytes(m['optimizer'])}, activations "
+        f"{human_bytes(m['activations'])} ({human_bytes(m['activations_checkpointed'])} with checkpointing)",
+        f"total                 {human_bytes(m['total'])} ({human_bytes(m['total_checkpointed'])} with activation "
+        "checkpointing)",
+        f"time on {p['n_accelerators']} x {p['peak_flops']:.3g} FLOP/s at {p['utilisation']:.0%}: {p['days']:,.4g} days "
+        f"({p['years']:,.3g} years)"]
+
+
+@dataclass(kw_only=True)
+class PlanOptions:
+    """`gptn compute`."""
+
+    preset: str = option("gpt3-175b", "model preset (see `gptn sizes`)")
+    config: str | None = option(None, "a config JSON file instead of a preset")
+    tokens: float = option(GPT3_TOKENS, "training tokens", parse=positive(float))
+    gpus: int = option(1, "number of accelerators", parse=positive(int))
+    peak: float = option(1e15, "peak FLOP/s per accelerator", parse=positive(float))
+    mfu: float = option(1.0, "sustained fraction of the peak", parse=positive(float))
+    micro_batch: int = option(1, "sequences per accelerator per step (memory)", parse=positive(int))
+    precision: str = option("bf16", "the precision of the memory estimate (weights, gradients, activations)",
+                            choices=("bf16", "fp32"))
+    json: bool = option(False, "print JSON instead of text")
+
+
+def print_plan(o: PlanOptions) -> None:
+    import json
+    config = GPTConfig.load(o.config) if o.config else get_preset(o.preset).config
+    p = plan(config, o.tokens, o.gpus, o.peak, o.mfu, o.micro_batch, o.precision)
+    print(json.dumps(p, indent=2) if o.json else "\n".join(format_plan(p, config.n_ctx, o.micro_batch, o.precision)))

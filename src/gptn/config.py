@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,25 @@ def read_json(path: str | Path, kind: type = dict):
     if not isinstance(value, kind):
         raise GptnError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not a {kind.__name__}")
     return value
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of a file a user named (- for standard input), or one line naming the problem."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8") if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptnError(f"{what} {path}: cannot read it as UTF-8 text ({e})") from None
+
+
+def check_output(path: str, flag: str) -> None:
+    """An output file a command will write at its end: refused now if it cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise GptnError(f"{flag} {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise GptnError(f"{flag} {path}: the folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise GptnError(f"{flag} {path}: cannot write there")
 
 
 def is_number(value) -> bool:
@@ -121,6 +142,21 @@ class GPTConfig:
         if unknown:
             raise GptnError(f"config: unknown keys {unknown}; accepted: {sorted(known)}")
         return cls(**d)
+
+    @classmethod
+    def parse_overrides(cls, pairs: list[str]) -> dict:
+        """Field values from KEY=VALUE texts (`--set dropout=0 --set norm=post`): JSON values, else strings."""
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        out = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in names:
+                raise GptnError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {names}")
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key] = value  # plain strings such as norm=post
+        return out
 
     def replace(self, **overrides) -> "GPTConfig":
         """A new config with `overrides`; a derived field (DERIVED) is derived again from the new

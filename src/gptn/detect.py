@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptnError
+from .inference import RunOptions
+from .options import option
 from .model import require_decoder
 
 BUCKETS = (10, 100, 1000)  # GLTR's colours: green, yellow, red, and purple for the rest
@@ -169,5 +171,70 @@ def read_documents(path: str | Path) -> list[str]:
     return docs
 
 
+def fit_files(model, tokenizer, human: str, machine: str) -> tuple[Detector, float]:
+    """A detector fitted on the documents of two files (human-written, machine-generated), and its
+    accuracy on them."""
+    rows = [[token_stats(model, tokenizer, d).features() for d in read_documents(f)] for f in (human, machine)]
+    detector = Detector.fit(*rows, fitted_on=f"{len(rows[0])} human ({human}), {len(rows[1])} machine ({machine}) "
+                                             "documents")
+    right = sum(detector.probability(r) < 0.5 for r in rows[0]) + sum(detector.probability(r) >= 0.5 for r in rows[1])
+    return detector, right / (len(rows[0]) + len(rows[1]))
+
+
+def report(stats: TokenStats, detector: Detector, tokenizer, index: int, per_token: bool, as_json: bool) -> str:
+    """What `gptn detect` prints for one document: a JSON line, or a sentence (and its ranked tokens)."""
+    feats = stats.features()
+    p = detector.probability(feats)
+    pieces = [tokenizer.decode([t]) for t in stats.tokens]
+    if as_json:
+        record = {"document": index, "machine_probability": p, **feats, "tokens": len(stats.tokens)}
+        if per_token:
+            record["per_token"] = [{"token": piece, "rank": r, "logprob": lp}
+                                   for piece, r, lp in zip(pieces, stats.ranks, stats.logprobs)]
+        return json.dumps(record, ensure_ascii=False)
+    text = (f"document {index}: P(machine-generated) {p:.1%}  ({len(stats.tokens)} tokens: top-10 {feats['top10']:.0%}, "
+            f"top-100 {feats['top100']:.0%}, top-1000 {feats['top1000']:.0%}, rest {feats['rest']:.0%}; "
+            f"mean log-prob {feats['mean_logprob']:.2f}, mean entropy {feats['mean_entropy']:.2f})")
+    if per_token:
+        text += "\n  " + " ".join(f"{piece!r}[{bucket(r)}]" for piece, r in zip(pieces, stats.ranks))
+    return text
+
+
+@dataclass(kw_only=True)
+class DetectOptions(RunOptions):
+    """`gptn detect` (RUN is the scoring model)."""
+
+    file: str | None = option(None, "a text file (one document), a .jsonl of {\"text\"} (one per line) or a folder "
+                                    "of .txt files", cli="positional")
+    text: str | None = option(None, "the text itself instead of a file")
+    fit: list[str] | None = option(None, "fit the classifier on human and machine-generated documents (same formats "
+                                         "as FILE) and save it as RUN/detector.json (or --detector)", nargs=2,
+                                   metavar=("HUMAN", "MACHINE"))
+    detector: str | None = option(None, "the classifier to use or write (default RUN/detector.json, else the default)")
+    tokens: bool = option(False, "also print every token with its rank bucket")
+    json: bool = option(False, "print JSON instead of text")
+
+
+def detect_command(o: DetectOptions) -> None:
+    """`gptn detect`: fit a detector (--fit), or print each document's probability of being machine-generated."""
+    if o.fit:
+        if o.file or o.text:
+            raise GptnError("--fit takes the HUMAN and MACHINE documents only")
+        detector, accuracy = fit_files(*o.load(), *o.fit)
+        out = Path(o.detector or Path(o.run) / DETECTOR_FILE)
+        detector.save(out)
+        print(f"fitted on {detector.fitted_on}: training accuracy {accuracy:.1%}; saved {out}")
+        return
+    if (o.file is None) == (o.text is None):
+        raise GptnError("give either FILE or --text (or --fit HUMAN MACHINE)")
+    docs = read_documents(o.file) if o.file else [o.text]
+    detector = detector_for(o.run, o.detector)
+    model, tokenizer = o.load()
+    for i, doc in enumerate(docs):
+        print(report(token_stats(model, tokenizer, doc), detector, tokenizer, i, o.tokens, o.json))
+    if not o.json:
+        print(f"(detector: {detector.fitted_on})")
+
+
 __all__ = ["BUCKETS", "FEATURES", "bucket", "TokenStats", "token_stats", "Detector", "DEFAULT_DETECTOR", "detector_for",
-           "read_documents"]
+           "read_documents", "fit_files", "report"]

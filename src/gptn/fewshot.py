@@ -26,7 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import GptnError
+from .config import GptnError, check_output
+from .inference import DecodeOptions
+from .options import option, positive
 from .data import read_records
 from .scoring import fit_window, loglikelihood_tokens
 from .model import GPT
@@ -501,6 +503,80 @@ def plot_metric_vs_shots(results: list[ShotResult], task: Task, path: str | Path
     return path
 
 
+def _shots(text: str) -> list[int]:
+    import argparse
+    try:
+        shots = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shots takes comma-separated integers like 0,1,8, not {text!r}") from None
+    if not shots or min(shots) < 0:
+        raise argparse.ArgumentTypeError(f"--shots needs one or more integers >= 0, got {text!r}")
+    return shots
+
+
+@dataclass(kw_only=True)
+class FewshotOptions(DecodeOptions):
+    """`gptn fewshot`."""
+
+    task: str = option(help=f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a task file (.json / .yaml)")
+    shots: list[int] = option(help="values of K, e.g. 0,1,8", factory=lambda: [0, 1, 8], parse=_shots,
+                              nargs=None)  # one text, parsed into the list
+    limit: int | None = option(None, "evaluate a seeded random subset of this many examples", parse=positive(int))
+    normalization: str | None = option(None, "multiple choice: how answers' log-likelihoods are compared (default: "
+                                             "the task's)", choices=NORMALIZATIONS)
+    seed: int = option(1234, "seed for drawing demonstrations")
+    batch_size: int = option(32, "requests scored per forward pass", parse=positive(int))
+    data_dir: str | None = option(None, "folder with the built-in tasks' data (default $GPTN_DATA_DIR or a "
+                                        "shared/data folder above the current one)")
+    records: str | None = option(None, "write every example's prompt, scores and answer here (JSONL)")
+    plot: str | None = option(None, "write a PNG of the metric against K here")
+    json: bool = option(False, "print one JSON object per K")
+
+
+def report_fewshot(o: FewshotOptions) -> list[ShotResult]:
+    """`gptn fewshot`: evaluate at each K, printing a table row (or a JSON line) as each K finishes, then
+    what the rows hide (demonstrations that did not fit, truncated prompts); write the records and the plot."""
+    import sys
+    for flag, path in (("--records", o.records), ("--plot", o.plot)):
+        if path:
+            check_output(path, flag)  # before the evaluation, not after it
+    task = load_task(o.task, o.data_dir)
+    model, tokenizer = o.load()
+    as_json, records, plot = o.json, o.records, o.plot
+    if not as_json:
+        print(f"{task.name} ({task.kind}); chance {task.chance if task.chance is not None else 'n/a'}")
+        print(f"{'K':>3}  {'metric':<28} {'value':>8}  {'± stderr':>9}  {'examples':>8}  {'demos used':>10}  "
+              f"{'truncated':>9}")
+    results = []
+    for k in o.shots:
+        r = evaluate_fewshot(model, tokenizer, task, k, limit=o.limit, seed=o.seed, batch_size=o.batch_size,
+                             normalization=o.normalization)
+        results.append(r)
+        if as_json:
+            print(json.dumps({"k": k, "metric": r.metric, "value": r.value, "stderr": r.stderr, "examples": r.examples,
+                              "demos_used": r.demos_used, "truncated": r.truncated, "metrics": r.metrics,
+                              "chance": task.chance}))
+        else:
+            print(f"{k:>3}  {r.metric:<28} {r.value:>8.4f}  {r.stderr:>9.4f}  {r.examples:>8}  {r.demos_used:>10.2f}  "
+                  f"{r.truncated:>9}")
+    n_ctx = model.config.n_ctx
+    for r in results:
+        if r.demos_used < r.k:
+            print(f"gptn fewshot: K={r.k}: on average only {r.demos_used:.2f} of {r.k} demonstrations fit the "
+                  f"context window of {n_ctx} tokens; this row is not {r.k}-shot", file=sys.stderr)
+    if any(r.truncated for r in results):
+        print(f"gptn fewshot: 'truncated' counts examples whose prompt (or answer) lost its start to fit the "
+              f"context window of {n_ctx} tokens, as lm-evaluation-harness does", file=sys.stderr)
+    if records:
+        with open(records, "w") as f:
+            f.writelines(json.dumps({"k": r.k, **rec}, ensure_ascii=False) + "\n" for r in results for rec in r.records)
+    if plot:
+        path = plot_metric_vs_shots(results, task, Path(plot))
+        if not as_json:
+            print(f"plot: {path}")
+    return results
+
+
 __all__ = ["Doc", "Task", "load_task", "load_task_file", "build_prompt", "sample_demos", "encode_pair",
            "fit_prompt", "loglikelihood_tokens", "choose", "token_f1", "evaluate_fewshot", "ShotResult",
-           "BUILTIN_TASKS", "NORMALIZATIONS", "plot_metric_vs_shots"]
+           "BUILTIN_TASKS", "NORMALIZATIONS", "plot_metric_vs_shots", "report_fewshot"]

@@ -38,6 +38,7 @@ from .bert import CLS, SEP
 from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_train_state,
                          read_weights, save_checkpoint)
 from .config import GptnError, is_number, is_whole, read_json
+from .inference import RunOptions
 from .model import GPT, next_token_loss
 from .optim import MUON_LR, OPTIMIZERS
 from .options import check_choices, option
@@ -242,11 +243,12 @@ def compute_metrics(spec: TaskSpec, predictions: list, gold: list) -> dict:
 
 @dataclass
 class FinetuneConfig:
-    run: str  # the pretrained run (or imported model folder)
-    out: str
-    train: str
-    val: str | None = None
-    task: str | None = None  # recognised from the file layout when None
+    run: str = option(help="pretrained run directory (or an imported model folder)", cli="positional")
+    train: str = option(help="training examples (TSV, CSV, JSONL, HellaSwag .txt)")
+    out: str = option(help="run directory for the fine-tuned model")
+    val: str | None = option(None, "validation examples; the best checkpoint by its metric is kept")
+    task: str | None = option(None, "task type: classification, entailment, similarity, multiple_choice or one "
+                                    "registered in task_types.TASK_TYPES (default: recognised from the file's layout)")
     columns: Columns = field(default_factory=Columns)
     regression: bool | None = option(None, "the label is a score (e.g. similarity 0-5), predicted with mean "
                                            "squared error")
@@ -612,6 +614,67 @@ def predict(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], bat
     return records
 
 
+@dataclass(kw_only=True)
+class PredictOptions(RunOptions):
+    """`gptn predict` (RUN is a fine-tuned run; the column flags are Columns')."""
+
+    file: str | None = option(None, "examples to label (same layouts as finetune; labels optional, and scored when "
+                                    "present)", cli="positional")
+    text: str | None = option(None, "the text (or premise / sentence A / context)")
+    text_b: str | None = option(None, "the second text, for entailment and similarity")
+    choice: list[str] = option(help="a candidate answer (repeatable), multiple choice", factory=list)
+    show_inputs: bool = option(False, "also print the token sequences built for each example (start, delimiter and "
+                                      "extract tokens named; both orders for similarity; one sequence per choice or "
+                                      "window)")
+    long_inputs: str | None = option(None, "inputs longer than the context (default: what the run was fine-tuned "
+                                           "with): " + LONG_INPUTS_HELP, choices=LONG_INPUTS)
+    json: bool = option(False, "print one JSON object per example")
+
+
+def predict_command(o: PredictOptions, columns: Columns) -> None:
+    """`gptn predict`: label a file's examples (scored when labeled) or one typed on the command line."""
+    from .describe import describe_inputs
+    if (o.file is None) == (o.text is None):
+        raise GptnError("give either FILE or --text")
+    model, tokenizer = load_task_model(o.run, o.device)
+    spec = model.spec
+    spec.long_inputs = o.long_inputs or spec.long_inputs
+    examples = read_task_file(o.file, spec.task, columns, spec.regression, require_labels=False).examples if o.file \
+        else [example_from_texts(spec, o.text, o.text_b, o.choice)]
+    records = predict(model, tokenizer, examples)
+    for x, r in zip(examples, records):
+        if o.show_inputs:
+            r["inputs"] = describe_inputs(spec, x, tokenizer, model.gpt.config)
+            if not o.json:
+                print("\n".join("  " + line for line in r["inputs"]))
+        print(json.dumps(r, ensure_ascii=False) if o.json else format_prediction(spec, r))
+    if records and all("label" in r for r in records):
+        metrics = compute_metrics(spec, [r["prediction"] for r in records], [r["label"] for r in records])
+        print(f"{len(records)} labeled examples: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+              file=sys.stderr if o.json else sys.stdout)
+
+
+def example_from_texts(spec: TaskSpec, text: str, text_b: str | None = None, choices: list[str] = ()) -> Example:
+    """One example typed on the command line, checked against what the task reads (one line naming
+    what is missing or extra)."""
+    pair = spec.kind.texts == 2
+    if pair != (text_b is not None):
+        raise GptnError(f"a {spec.task} model needs " + ("--text and --text-b" if pair else "--text only"))
+    if spec.kind.choices != bool(choices) or len(choices) == 1:
+        raise GptnError("--choice is for multiple-choice models, which need two or more" if choices and
+                        not spec.kind.choices else "a multiple-choice model needs two or more --choice")
+    return Example((text,) + ((text_b,) if pair else ()), None, tuple(choices))
+
+
+def format_prediction(spec: TaskSpec, r: dict) -> str:
+    """A record of `predict` as `gptn predict` prints it: the prediction, its probability, the input."""
+    if spec.regression:
+        return f"{r['prediction']:.3f}\t" + " | ".join(r["input"])
+    if spec.kind.choices:
+        return f"{r['prediction']}\t{max(r['probs']):.1%}\t{r['choices'][r['prediction']]}"
+    return f"{r['prediction']}\t{r['probs'][r['prediction']]:.1%}\t" + " | ".join(r["input"])
+
+
 __all__ = ["TASK_TYPES", "Example", "Columns", "TaskData", "read_task_file", "input_sequences", "collate", "Batch",
            "TaskSpec", "TaskModel", "l3_loss", "task_loss", "compute_metrics", "FinetuneConfig", "finetune", "load_task_model",
-           "predict", "evaluate_task"]
+           "predict", "evaluate_task", "example_from_texts", "format_prediction"]

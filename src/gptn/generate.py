@@ -11,16 +11,19 @@ An empty prompt starts from the end-of-text token, i.e. "the beginning of a docu
 
 from __future__ import annotations
 
+import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .config import GptnError, is_whole
+from .config import GptnError, is_whole, read_text
+from .inference import DecodeOptions
 from .model import GPT, KVCache, prompt_limit, require_decoder, slide_keep
+from .options import option, positive
 from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
 from .scoring import loglikelihood_tokens
 
@@ -209,3 +212,85 @@ def generate(model: GPT, tokenizer, prompts: list[str], sampling: SamplingConfig
         generate_ids(model, ids, chunk_sampling, pad_id=tokenizer.eot_id, on_token=watcher, warn=warn)
         texts += watcher.finish()
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(DecodeOptions):
+    """`gptn generate` (its sampling options are SamplingConfig's)."""
+
+    prompt: list[str] = option(help="prompt (repeatable; empty = start of a document)", factory=list)
+    prompt_file: list[str] = option(help="a UTF-8 file whose whole text is a prompt (repeatable; - reads standard "
+                                         "input)", factory=list)
+    num_samples: int = option(1, "samples per prompt", parse=positive(int))
+    stream: bool = option(True, "print each sample when it is complete")
+
+
+def print_generations(o: GenerateOptions, sampling: SamplingConfig) -> None:
+    """`gptn generate`: one row streams to stdout as it is produced (notices on stderr start on a line
+    of their own); several rows print each sample when it is complete."""
+    prompts = o.prompt + [read_text(f, "--prompt-file") for f in o.prompt_file] or [""]
+    model, tokenizer = o.load()
+    require_decoder(model, "generate text")  # before any output is streamed
+    if len(prompts) * o.num_samples > 1 or not o.stream:
+        for p, samples in zip(prompts, generate(model, tokenizer, prompts, sampling, o.num_samples)):
+            for i, text in enumerate(samples):
+                print(f"--- prompt {p!r}, sample {i + 1} ---\n{p + text}")
+        return
+    print(prompts[0], end="", flush=True)
+    mid_line = bool(prompts[0]) and not prompts[0].endswith("\n")
+
+    def show(_row, text):
+        nonlocal mid_line
+        print(text, end="", flush=True)
+        mid_line = not text.endswith("\n") if text else mid_line
+
+    def warn(message):
+        nonlocal mid_line
+        print(("\n" if mid_line else "") + f"gptn: {message}", file=sys.stderr, flush=True)
+        mid_line = False
+    generate(model, tokenizer, prompts, sampling, stream=show, warn=warn)
+    print()
+
+
+@dataclass(kw_only=True)
+class NextOptions(DecodeOptions):
+    """`gptn next`."""
+
+    prompt: str = option(help="the text so far, e.g. \"After running I am\" (a BERT run: a text with one [MASK], "
+                              "e.g. \"the cat [MASK] on the mat\")", cli="positional")
+    top: int = option(5, "how many tokens to show", parse=positive(int))
+    words: str | None = option(None, "comma-separated continuations to score as well, e.g. tired,hot,thirsty (a word "
+                                     "of several tokens: the product of its tokens' probabilities)")
+    json: bool = option(False, "print [{token, id, prob}, ...] (with --words: {\"top\": [...], \"words\": [{word, "
+                               "tokens, prob}, ...]})")
+
+
+def show_next(o: NextOptions) -> None:
+    """`gptn next`: the top tokens after a prompt (a BERT run: at its [MASK]) and the named words."""
+    from .bert import fill_mask
+    words = [w.strip() for w in (o.words or "").split(",") if w.strip()]
+    if o.words is not None and not words:
+        raise GptnError("--words: expected comma-separated words, e.g. --words tired,hot")
+    model, tokenizer = o.load()
+    causal = model.config.causal
+    if causal:
+        rows, named = next_token_probs(model, tokenizer, o.prompt, o.top), word_probs(model, tokenizer, o.prompt, words)
+    else:  # BERT: the masked word, read from both sides
+        filled = fill_mask(model, tokenizer, o.prompt, o.top, words)
+        rows, named = filled["top"], filled["words"]
+    print(json.dumps({"top": rows, "words": named} if words else rows, ensure_ascii=False) if o.json else
+          "\n".join(format_probabilities(rows, named, o.prompt, causal)))
+
+
+def format_probabilities(rows: list[dict], named: list[dict], prompt: str, causal: bool = True) -> list[str]:
+    """`gptn next`: the top tokens with bars, then the named words with their rank and share."""
+    percent = lambda p: f"{p:.2%}" if p >= 5e-5 else f"{p:.2e}"  # noqa: E731  # never a bare 0.00%
+    bar = lambda fraction: "█" * round(fraction * 40)  # noqa: E731
+    lines = [f"after {prompt!r}:" if causal else f"at [MASK] in {prompt!r} (both sides read):"]
+    lines += [f"  {r['token']!r:<16} {percent(r['prob']):>9}  {bar(r['prob'])}" for r in rows]
+    if named:
+        lines.append("named words: probability, rank in the vocabulary, share among the named words "
+                     "(several tokens: the product of their probabilities)")
+        lines += [f"  {r['word']!r:<16} {percent(r['prob']):>9}  rank {r['rank']:<7,} share {r['share']:6.1%}  "
+                  f"{bar(r['share'])}" + (f"  ({r['tokens']} tokens)" if r["tokens"] > 1 else "") for r in named]
+    return lines

@@ -18,16 +18,21 @@ fewer bytes, or reads them faster, without changing the model's definition (mode
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GptnError
+from .options import option
 from .runtime import native_bf16
 
 DTYPES = ("fp32", "bf16", "fp16", "int8", "auto")
+DTYPE_HELP = ("weights for decoding: fp32 (default), bf16, fp16 (CPU: fp16 weights, fp32 arithmetic, fbgemm), "
+              "int8 (CPU: int8 weights per output channel, fbgemm), or auto (CPU: fp16; CUDA: bf16)")
 FP16_MAX = 65504.0
 # Multiply-adds (rows x weights) below which a oneDNN call's fixed cost (~15-20 us) outweighs its speed:
 # F.linear wins for a 256 x 256 weight at one row or 128 x 128 at eight, oneDNN for anything larger.
@@ -219,4 +224,25 @@ def load_for_inference(run: str, device: str = "cpu", dtype: str = "fp32", say=N
     return prepare_for_inference(model, dtype, say=say), tokenizer
 
 
-__all__ = ["DTYPES", "resolve_dtype", "prepare_for_inference", "load_for_inference"]
+@dataclass(kw_only=True)
+class RunOptions:
+    """The arguments of a command that reads a run (commands add their own fields)."""
+
+    run: str = option(help="run directory", cli="positional")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto")
+
+    def load(self, dtype: str = "fp32"):
+        """(model, tokenizer) for decoding, telling stderr what the dtype became."""
+        return load_for_inference(self.run, self.device, dtype, say=lambda m: print(m, file=sys.stderr))
+
+
+@dataclass(kw_only=True)
+class DecodeOptions(RunOptions):
+    dtype: str = option("fp32", DTYPE_HELP)
+
+    def load(self, dtype: str | None = None):
+        return super().load(dtype or self.dtype)
+
+
+__all__ = ["DTYPES", "resolve_dtype", "prepare_for_inference", "load_for_inference", "RunOptions",
+           "DecodeOptions"]

@@ -39,12 +39,15 @@ from .tokenizer import load_tokenizer
 class PretrainConfig:
     """Options of `gptn pretrain`. None means: the preset's value (or the run's, when resuming)."""
 
-    corpus: str = option(help="a folder written by `gptn prepare`", cli=False)
-    out: str = option(help="run directory (an existing run is resumed)", cli=False)
-    init_from: str | None = None  # start a new run from this run's (or imported folder's) weights
-    preset: str | None = None  # default "mini" for a new run
-    model_config: str | None = None  # a GPTConfig JSON file instead of a preset
-    overrides: dict = field(default_factory=dict)  # GPTConfig fields, e.g. {"dropout": 0.0}
+    corpus: str = option(help="a folder written by `gptn prepare`", cli="positional")
+    out: str = option(help="run directory (an existing run is resumed)")
+    init_from: str | None = option(None, "start a new run from the weights of SRC (a gptn run, a fine-tuned run or a "
+                                         "folder `gptn import-hf` wrote) with a fresh optimizer, schedule and loader: "
+                                         "continued (domain-adaptive) pretraining; the corpus must use SRC's tokenizer",
+                                   metavar="SRC")
+    preset: str | None = option(None, "model size (default mini; see `gptn sizes`)")
+    model_config: str | None = option(None, "a GPTConfig JSON file instead of a preset")
+    overrides: dict = field(default_factory=dict)  # GPTConfig fields, e.g. {"dropout": 0.0}: --set KEY=VALUE
     steps: int = option(1000, "optimizer steps in total")
     batch_tokens: int | None = option(None, "tokens per optimizer step, all ranks (default: the preset's)")
     micro_batch: int | None = option(None, "sequences per rank per forward pass (gradient accumulation)")
@@ -251,6 +254,22 @@ def _say_schedule(run: Path, step: int, saved_steps: int | None, cfg: PretrainCo
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run in `cfg.out`; returns a summary (steps, losses, tokens/s, paths)."""
     return run_training(cfg.device, cfg.out, lambda d, device: _pretrain(cfg, d, device))
+
+
+def format_summary(s: dict) -> str:
+    """What `gptn pretrain` says at the end: the untrained model's loss beside a uniform guess (step 0),
+    that there was nothing to train, or the steps taken and the validation loss."""
+    val = s["val"]
+    if s["steps"] == s["start_step"] == 0 and val:
+        vocab = s["config"]["vocab_size"]
+        return (f"{s['run']}: the untrained model (random weights, step 0): validation loss {val['val_loss']:.4f}; "
+                f"a uniform guess over {vocab:,} tokens scores ln {vocab:,} = {math.log(vocab):.4f}")
+    if s["steps"] == s["start_step"]:
+        return f"{s['run']}: nothing to train, already at step {s['steps']}"
+    return (f"trained {s['run']}: steps {s['start_step']} -> {s['steps']}, {s['params']:,} parameters, last loss "
+            f"{s['last_loss']:.4f}" + (f", validation loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.2f}, "
+                                       f"{val['val_bpb']:.3f} bits/byte)" if val else "")
+            + (f"; loss curve {s['loss_curve']}" if s.get("loss_curve") else ""))
 
 
 class NextTokenObjective:

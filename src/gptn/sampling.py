@@ -7,6 +7,7 @@ top-p) in `choose_tokens`, and `StopWatcher`, which ends a row at end-of-text or
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -14,24 +15,31 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptnError, is_number, is_whole
+from .options import option
+
+
+def unescape(text: str) -> str:
+    """The escapes a shell user types for a stop string (`--stop "\\n"`): \\n, \\t, \\r and \\\\."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 @dataclass
 class SamplingConfig:
     """How to choose each next token. temperature 0 (or greedy=True) takes the most likely token."""
 
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    # OpenAI's penalties on the tokens generated so far: logit -= frequency * count + presence * (count > 0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    max_new_tokens: int = option(64, "tokens to generate per sample")
+    temperature: float = option(1.0, "0 = greedy")
+    top_k: int | None = option(None, "sample among the k most likely tokens only")
+    top_p: float | None = option(None, "nucleus sampling: keep the smallest set of tokens with this mass")
+    repetition_penalty: float = option(1.0, "divide the logits of tokens already present (CTRL's penalty; 1 = off)")
+    presence_penalty: float = option(0.0, "subtract this from the logit of every token generated so far (OpenAI's)")
+    frequency_penalty: float = option(0.0, "subtract this times its count from the logit of every token generated "
+                                           "so far (OpenAI's)")
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
-    stop: list[str] = field(default_factory=list)
-    greedy: bool = False
-    seed: int | None = None
+    stop: list[str] = option(help="stop string (repeatable; \\n, \\t, \\r and \\\\ as a shell user types them)",
+                             factory=list, parse=unescape)
+    greedy: bool = option(False, "always take the most likely token")
+    seed: int | None = option(None, "seed for reproducible sampling")
 
     def __post_init__(self):
         if not is_number(self.temperature) or self.temperature < 0:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import GptnError
+from .config import GptnError, read_text
+from .inference import DecodeOptions
+from .options import option, positive
 from .model import GPT, KVCache, require_decoder
 
 
@@ -138,6 +140,21 @@ class Score:
     def bits_per_byte(self) -> float:
         return -self.total_logprob / math.log(2) / max(1, self.n_bytes)
 
+    def report(self, tokenizer, per_token: bool = False, as_json: bool = False) -> str:
+        """What `gptn score` prints: a JSON object, or a line of totals (each token's log-probability first)."""
+        pieces = [tokenizer.decode([t]) for t in self.tokens] if per_token else []
+        if as_json:
+            import json
+            summary = {"tokens": len(self.tokens), "bytes": self.n_bytes, "log_likelihood": self.total_logprob,
+                       "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+            if per_token:
+                summary["per_token"] = [{"token": piece, "id": t, "logprob": lp}
+                                        for piece, t, lp in zip(pieces, self.tokens, self.logprobs)]
+            return json.dumps(summary, ensure_ascii=False)
+        return "".join(f"{piece!r:<20} {lp:9.4f}\n" for piece, lp in zip(pieces, self.logprobs)) + (
+            f"tokens {len(self.tokens):,}  bytes {self.n_bytes:,}  log-likelihood {self.total_logprob:.2f} nats  "
+            f"perplexity {self.perplexity:.3f}  bits/byte {self.bits_per_byte:.4f}")
+
 
 @torch.no_grad()
 def score(model: GPT, tokenizer, text: str, stride: int | None = None, batch_size: int = 8) -> Score:
@@ -166,3 +183,24 @@ def score(model: GPT, tokenizer, text: str, stride: int | None = None, batch_siz
         start += stride
     logprobs = [lp for r in score_continuations(model, windows, batch_size) for lp in r.logprobs]
     return Score(ids[1:], logprobs, len(text.encode("utf-8")))
+
+
+@dataclass(kw_only=True)
+class ScoreOptions(DecodeOptions):
+    """`gptn score`."""
+
+    file: str | None = option(None, "a UTF-8 text file", cli="positional")
+    text: str | None = option(None, "the text itself instead of a file")
+    stride: int | None = option(None, "window step for texts longer than the context (default n_ctx/2)",
+                                parse=positive(int))
+    tokens: bool = option(False, "also print every token's log-probability")
+    json: bool = option(False, "print JSON instead of text")
+
+
+def print_score(o: ScoreOptions) -> None:
+    """`gptn score`: a file's (or --text's) log-likelihood, perplexity and bits per byte."""
+    if (o.file is None) == (o.text is None):
+        raise GptnError("give either FILE or --text")
+    text = read_text(o.file, "FILE") if o.file is not None else o.text
+    model, tokenizer = o.load()
+    print(score(model, tokenizer, text, stride=o.stride).report(tokenizer, o.tokens, o.json))

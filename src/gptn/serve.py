@@ -27,13 +27,14 @@ import uuid
 from importlib import resources
 from typing import Annotated, Any
 
-from .config import GptnError, is_number, is_whole
+from .config import GptnError
 from .engine import MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK, ContinuousEngine, Job, QueueFull
 from .generate import encode_prompt
 from .sampling import SamplingConfig, StopWatcher
 from .model import prompt_limit, require_decoder
 from .protocol import (KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, MAX_DETECT_TOKENS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP,
-                       MAX_STOP_CHARS, MAX_TOKENS, REQUEST_SECONDS)
+                       MAX_STOP_CHARS, MAX_TOKENS, REQUEST_SECONDS, ServeConfig, check_connection_options,
+                       check_engine_options)
 
 try:
     from fastapi import FastAPI, Request
@@ -210,13 +211,6 @@ class _ClientGone(Exception):
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def check_options(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
-    """The engine's settings, refused in one line when out of range."""
-    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
-        if not is_whole(value) or value < 1:
-            raise GptnError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
 
 
 class Completions:
@@ -478,7 +472,7 @@ def create_app(model, tokenizer, model_name: str = "gptn", api_key: str | None =
     (gptn.detect.Detector, default DEFAULT_DETECTOR) answers /v1/detect; `engine` replaces the continuous
     engine (benchmarks/static_engine.py's baseline)."""
     require_decoder(model, "serve completions")
-    check_options(max_batch, max_queue, prefill_chunk)
+    check_engine_options(max_batch, max_queue, prefill_chunk)
     n_ctx = model.config.n_ctx
     engine = engine or ContinuousEngine(model, tokenizer, max_batch, max_queue, prefill_chunk)
     service = Completions(engine, tokenizer, model_name, n_ctx, model.config.vocab_size, max_batch,
@@ -630,36 +624,27 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, request_secon
     connections closed, and a cap on open connections (503 beyond it)."""
     import uvicorn
 
-    if not (is_number(request_seconds) and request_seconds > 0):
-        raise GptnError(f"--request-timeout must be a positive number of seconds, not {request_seconds!r}")
-    if not is_whole(max_connections) or max_connections < 1:
-        raise GptnError(f"--max-connections must be a whole number >= 1, not {max_connections!r}")
+    check_connection_options(request_seconds, max_connections)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=request_deadline_protocol(request_seconds),
                           timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=max_connections)
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_batch: int = MAX_BATCH, device: str = "cpu", dtype: str = "fp32",
-          max_body: int | None = None, max_queue: int = MAX_QUEUE,
-          prefill_chunk: int = PREFILL_CHUNK, request_seconds: float = REQUEST_SECONDS,
-          max_connections: int = MAX_CONNECTIONS) -> None:
-    """Load a run and serve it until interrupted; `dtype` as in gptn.inference.prepare_for_inference."""
+def serve(cfg: ServeConfig) -> None:
+    """Load a run and serve it until interrupted; `cfg.dtype` as in gptn.inference.prepare_for_inference."""
     import sys
     from pathlib import Path
 
     import uvicorn
 
-    from .inference import load_for_inference
-    check_options(max_batch, max_queue, prefill_chunk)
-    uvicorn_config(None, request_seconds=request_seconds, max_connections=max_connections)  # refused before loading
-    model, tokenizer = load_for_inference(run, device, dtype, say=lambda m: print(m, file=sys.stderr))
-    name = model_name or Path(run).resolve().name
     from .detect import detector_for
-    app = create_app(model, tokenizer, name, api_key, max_batch, max_body=max_body,
-                     max_queue=max_queue, prefill_chunk=prefill_chunk, detector=detector_for(run))
-    print(f"gptn serve: {name} on http://{host}:{port}/v1 (OpenAI completions; "
-          f"{'API key required' if api_key else 'no API key'})", flush=True)
-    uvicorn.Server(uvicorn_config(app, host, port, request_seconds, max_connections)).run()
+    from .inference import load_for_inference
+    model, tokenizer = load_for_inference(cfg.run, cfg.device, cfg.dtype, say=lambda m: print(m, file=sys.stderr))
+    name = cfg.model_name or Path(cfg.run).resolve().name
+    app = create_app(model, tokenizer, name, cfg.api_key, cfg.max_batch, max_body=cfg.max_body, max_queue=cfg.max_queue,
+                     prefill_chunk=cfg.prefill_chunk, detector=detector_for(cfg.run))
+    print(f"gptn serve: {name} on http://{cfg.host}:{cfg.port}/v1 (OpenAI completions; "
+          f"{'API key required' if cfg.api_key else 'no API key'})", flush=True)
+    uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, cfg.request_timeout, cfg.max_connections)).run()
 
 
 PLAYGROUND = resources.files("gptn").joinpath("playground.html").read_text(encoding="utf-8")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import GptnError
+from .options import option
 from .data import read_records
 from .task_types import TASK_TYPES
 
@@ -33,10 +34,11 @@ class Example:
 class Columns:
     """Column (field) names to read from a TSV/CSV/JSONL file; None means "recognise the layout"."""
 
-    text: str | None = None
-    text_b: str | None = None
-    label: str | None = None
-    choices: str | None = None
+    text_col: str | None = option(None, "column with the text (premise, sentence A, context); GLUE, "
+                                        "multiple-choice JSONL and HellaSwag layouts need no column flags")
+    text_b_col: str | None = option(None, "column with the second text (hypothesis, sentence B)")
+    label_col: str | None = option(None, "column with the label (class, score or right choice's index)")
+    choices_col: str | None = option(None, "JSONL field with the list of candidate answers")
 
 
 # Known layouts: header columns -> (task, regression, text, text_b, label). GLUE's TSVs, as released.
@@ -96,9 +98,9 @@ def read_task_file(path: str | Path, task: str | None = None, columns: Columns |
     if not rows:
         raise GptnError(f"{path} holds no examples")
     first = rows[0]
-    text, text_b, label, choices = columns.text, columns.text_b, columns.label, columns.choices
+    text, text_b, label, choices = columns.text_col, columns.text_b_col, columns.label_col, columns.choices_col
     guessed_regression = False
-    mc_choices = columns.choices or _first_present(first, MC_CHOICE_FIELDS)
+    mc_choices = columns.choices_col or _first_present(first, MC_CHOICE_FIELDS)
     if task is not None and TASK_TYPES[task].choices or \
             task is None and mc_choices and isinstance(first.get(mc_choices), list):
         task, choices = task or "multiple_choice", mc_choices

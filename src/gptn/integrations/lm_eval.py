@@ -87,3 +87,33 @@ class GptnLM(TemplateLM):
 
 
 __all__ = ["GptnLM"]
+
+
+def run_harness(run: str, harness_args: list[str]) -> None:
+    """`gptn lm-eval RUN ...`: lm_eval's own command line with `--model gptn` and `pretrained=RUN` (so the
+    results folder and `model_name` are the run's); --model_args are added to it, and the device is the
+    one this machine has (the harness assumes CUDA)."""
+    import sys
+    from pathlib import Path
+
+    from lm_eval.__main__ import cli_evaluate
+    rest, extra = list(harness_args), ""
+    for flag in ("--model_args", "--model-args"):
+        while flag in rest:
+            i = rest.index(flag)
+            if i + 1 == len(rest):
+                raise GptnError(f"{flag} needs a value, e.g. {flag} batch_size=16")
+            extra += "," + rest.pop(i + 1)
+            rest.pop(i)
+    if any(a == "--model" or a.startswith("--model=") for a in rest):
+        raise GptnError("gptn lm-eval always evaluates the gptn run it is given; drop --model")
+    if not Path(run).is_dir():
+        raise GptnError(f"run {run} does not exist")
+    if not any(a == "--device" or a.startswith("--device=") for a in rest):
+        import torch
+        rest += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    argv, sys.argv = sys.argv, ["lm-eval", "--model", "gptn", "--model_args", f"pretrained={run}{extra}", *rest]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
