@@ -11,7 +11,7 @@ from conftest import kill_after_checkpoint
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig, GptnError
-from gptn.finetune import (Example, FinetuneConfig, TaskModel, TaskSpec, _with_gpt1_tokens, collate,
+from gptn.finetune import (Example, FinetuneConfig, TaskModel, TaskSpec, collate, task_gpt,
                            compute_metrics, finetune, input_sequences, load_task_model, l3_loss, predict,
                            read_task_file)
 from gptn.model import GPT
@@ -161,13 +161,27 @@ def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
     torch.testing.assert_close(model.gpt.h[0].mlp.c_fc.weight.grad, g0)
 
 
-def test_special_tokens_grow_the_embedding_and_keep_pretrained_rows():
+def test_special_tokens_grow_the_embedding_and_keep_pretrained_rows(tmp_path):
     tok = CharTokenizer.from_text(ALPHABET)
     gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=1, d_model=8))
-    grown = _with_gpt1_tokens(gpt, tok)
-    assert grown.config.vocab_size == gpt.config.vocab_size + 3 == tok.vocab_size
+    save_checkpoint(tmp_path / "pre", gpt.config, gpt.state_dict(), tokenizer=tok)
+    grown, grown_tok = task_gpt(FinetuneConfig(run=str(tmp_path / "pre"), train="t", out="o", dropout=0.2), False)
+    assert grown.config.vocab_size == gpt.config.vocab_size + 3 == grown_tok.vocab_size and grown.config.dropout == 0.2
     torch.testing.assert_close(grown.wte.weight[:gpt.config.vocab_size], gpt.wte.weight)
     torch.testing.assert_close(grown.h[0].attn.c_attn.weight, gpt.h[0].attn.c_attn.weight)
+    assert 0.005 < grown.wte.weight[gpt.config.vocab_size:].std() < 0.05  # the new rows: N(0, 0.02), not zeros
+
+
+def test_from_scratch_never_reads_the_source_weights(tmp_path):
+    """--from-scratch needs the source's shape and tokenizer only: its weights may even be unreadable."""
+    tok = CharTokenizer.from_text(ALPHABET)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=1, d_model=8))
+    save_checkpoint(tmp_path / "pre", gpt.config, gpt.state_dict(), tokenizer=tok)
+    (tmp_path / "pre" / "checkpoint" / "model.safetensors").write_bytes(b"damaged")
+    scratch, _ = task_gpt(FinetuneConfig(run=str(tmp_path / "pre"), train="t", out="o", from_scratch=True), False)
+    assert scratch.config.n_layer == 1 and not torch.allclose(scratch.h[0].attn.c_attn.weight, gpt.h[0].attn.c_attn.weight)
+    with pytest.raises(GptnError, match="model.safetensors"):
+        task_gpt(FinetuneConfig(run=str(tmp_path / "pre"), train="t", out="o"), False)
 
 
 def _write_separable(path, n=40):

@@ -301,19 +301,25 @@ def load_config(run_dir: str | Path) -> GPTConfig:
     return GPTConfig.load(ckpt / "config.json")
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load (model, tokenizer or None) from a run directory; the model is in eval mode."""
-    from .model import GPT
+def read_run(run_dir: str | Path) -> tuple[Path, GPTConfig, object]:
+    """(checkpoint folder, config, tokenizer or None) of a run, its files verified; the weights are left
+    for whoever needs them (read_weights checks them as it reads)."""
     from .tokenizer import load_tokenizer
 
     ckpt = checkpoint_dir(run_dir)
     verify_files(ckpt)
-    config = GPTConfig.load(ckpt / "config.json")
+    tokenizer = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
+    return ckpt, GPTConfig.load(ckpt / "config.json"), tokenizer
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load (model, tokenizer or None) from a run directory; the model is in eval mode."""
+    from .model import GPT
+
+    ckpt, config, tokenizer = read_run(run_dir)
     model = GPT(config)
     load_weights(model, read_weights(ckpt / "model.safetensors"), source=str(ckpt))
-    model.to(device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
-    return model, tokenizer
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bert import CLS, SEP
-from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_train_state,
-                         read_weights, save_checkpoint)
+from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_run,
+                         read_train_state, read_weights, save_checkpoint)
 from .config import GptnError, is_number, is_whole, read_json
 from .inference import RunOptions
 from .model import GPT, next_token_loss
@@ -317,26 +317,28 @@ class FinetuneConfig:
         check_choices(self)
 
 
-def _with_gpt1_tokens(model: GPT, tokenizer: Tokenizer) -> GPT:
-    """Add start/delimiter/extract to the tokenizer and, if needed, rows for them to W_e (N(0, 0.02))."""
-    tokenizer.add_special_tokens()
-    if tokenizer.vocab_size <= model.config.vocab_size:
-        return model
-    grown = GPT(model.config.replace(vocab_size=tokenizer.vocab_size))
-    state = model.state_dict()
-    wte = grown.wte.weight.detach().clone()
-    wte[:model.config.vocab_size] = state["wte.weight"]
-    state["wte.weight"] = wte
-    grown.load_state_dict(state)
-    return grown
+def with_new_token_rows(state: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.Tensor]:
+    """Pretrained weights for `model`, whose W_e may have more rows (GPT-1's start/delimiter/extract
+    tokens): the pretrained rows kept, the new ones as `model` initialised them (N(0, 0.02))."""
+    wte, rows = state["wte.weight"], model.config.vocab_size
+    if wte.shape[0] < rows:
+        state = {**state, "wte.weight": torch.cat([wte, model.wte.weight.detach()[wte.shape[0]:rows]])}
+    return state
 
 
-def _reconfigure_dropout(gpt: GPT, dropout: float) -> GPT:
-    if gpt.config.dropout == dropout:
-        return gpt
-    fresh = GPT(gpt.config.replace(dropout=dropout))
-    fresh.load_state_dict(gpt.state_dict())
-    return fresh
+def task_gpt(cfg: FinetuneConfig, resuming: bool) -> tuple[GPT, Tokenizer]:
+    """The GPT fine-tuning starts from, built (and randomly initialised) once: the source's shape at the
+    fine-tuning dropout, with rows for GPT-1's added tokens in W_e (a decoder), and the source's weights
+    unless --from-scratch or a resumed run's own replace them (then they are not read at all)."""
+    ckpt, config, tokenizer = read_run(cfg.run)
+    if tokenizer is None:
+        raise GptnError(f"{cfg.run} has no tokenizer folder; fine-tuning needs the model's tokenizer")
+    if config.causal:
+        tokenizer.add_special_tokens()
+    gpt = GPT(config.replace(dropout=cfg.dropout, vocab_size=max(config.vocab_size, tokenizer.vocab_size)))
+    if not (cfg.from_scratch or resuming):
+        load_weights(gpt, with_new_token_rows(read_weights(ckpt / "model.safetensors"), gpt), source=str(ckpt))
+    return gpt, tokenizer
 
 
 def _targets(spec: TaskSpec, examples: list[Example]) -> torch.Tensor:
@@ -516,14 +518,9 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
     resume = _resume_state(cfg, out)
 
     torch.manual_seed(cfg.seed)
-    gpt, tokenizer = load_model(cfg.run)
-    if tokenizer is None:
-        raise GptnError(f"{cfg.run} has no tokenizer folder; fine-tuning needs the model's tokenizer")
-    gpt = GPT(gpt.config.replace(dropout=cfg.dropout)) if cfg.from_scratch else _reconfigure_dropout(gpt, cfg.dropout)
+    gpt, tokenizer = task_gpt(cfg, resuming=resume is not None)
     arch = gpt.config.arch
-    if gpt.config.causal:
-        gpt = _with_gpt1_tokens(gpt, tokenizer)
-    elif cfg.lm_weight > 0 and cfg.progress and d.is_main:
+    if not gpt.config.causal and cfg.lm_weight > 0 and cfg.progress and d.is_main:
         print("gptn finetune: a BERT-style encoder has no next-token objective; training on the task loss alone "
               "(λ = 0)", file=sys.stderr)
     lm_weight = cfg.lm_weight if gpt.config.causal else 0.0
