@@ -103,7 +103,7 @@ def add_options(parser: argparse.ArgumentParser, cls, config_file: bool = True) 
                             action="append" if listed and "nargs" not in meta else "store", nargs=meta.get("nargs"),
                             metavar=meta.get("metavar"), help=text, required=required)
     if config_file:
-            parser.add_argument("--config", dest="options_file", metavar="FILE.yaml", default=None,
+        parser.add_argument("--config", dest="options_file", metavar="FILE.yaml", default=None,
                             help="read options from a YAML (or JSON) file whose keys are these flags' names "
                                  "with underscores (batch_size: 32); flags on the command line win")
 
