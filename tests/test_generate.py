@@ -11,7 +11,7 @@ from gptn.generate import generate, generate_ids, next_token_probs
 from gptn.sampling import SamplingConfig, choose_tokens, filter_logits
 from gptn.scoring import score
 from gptn.inference import _CpuInferenceLinear, prepare_for_inference
-from gptn.model import GPT
+from gptn.model import GPT, KVCache
 from gptn.tokenizer import CharTokenizer
 from gptn.runtime import native_bf16
 
@@ -208,7 +208,32 @@ def test_a_bf16_decode_step_keeps_fp32_activations_at_any_batch(tok):
             want = F.linear(prompt.bfloat16(), w, None if b is None else b.bfloat16()).float()
         else:
             want = F.linear(prompt, w.float(), b)
-        torch.testing.assert_close(lin(prompt), want, atol=0.02, rtol=0.02)
+        torch.testing.assert_close(lin(prompt).float(), want, atol=0.02, rtol=0.02)
+
+
+def test_bf16_prompt_outputs_left_in_bf16_change_no_number(tok):
+    # A prompt's linear outputs stay bf16 where their reader rounds them to bf16 anyway (the next linear, GELU
+    # between) or adds them exactly to fp32 (the residual stream): the very logits and KV cache of converting
+    # each back to fp32. q, k, v (into the fp32 cache) and the logits come back as fp32.
+    _, fast = twin_models(tok)
+    prepare_for_inference(fast, "bf16")
+    x = torch.randint(0, tok.vocab_size, (2, 40))
+    linears = [m.forward for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+
+    def prefill():
+        cache = KVCache(fast.config, 2, 48)
+        with torch.no_grad():
+            return fast(x, cache=cache), cache.k[:, :, :, :40].clone()
+    kept = prefill()
+    prompt = torch.randn(2, 40, fast.config.d_model)
+    with torch.no_grad():
+        fc, qkv = fast.h[0].mlp.c_fc(prompt), fast.h[0].attn.c_attn(prompt)
+    assert qkv.dtype == kept[0].dtype == torch.float32
+    assert fc.dtype == (torch.bfloat16 if fast.h[0].mlp.c_fc.forward.prompt_path is not None else torch.float32)
+    for forward in linears:
+        forward.bf16_out = False
+    converted = prefill()
+    assert torch.equal(kept[0], converted[0]) and torch.equal(kept[1], converted[1])
 
 
 def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):
