@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptn.config import GPTConfig
-from gptn.engine import ContinuousEngine, Job, SlotCache, _Call
+from gptn.engine import ContinuousEngine, Job, _Call
+from gptn.slots import SlotCache
 from gptn.generate import generate_ids
 from gptn.sampling import SamplingConfig, StopWatcher
 from gptn.model import GPT

@@ -5,7 +5,7 @@ OSDI'22): finished rows leave and waiting rows join at each decode step, and eve
 its own settings (a seeded row with its own generator, so its output does not depend on what else
 runs). A joining prompt is prefilled in chunks, at most `prefill_chunk` prompt tokens per step, so a
 long prompt delays the running streams by one chunk per step rather than by its whole prefill.
-Keys and values live in preallocated slots (SlotCache): the decoding rows hold the first slots, so a
+Keys and values live in preallocated slots (slots.SlotCache): the decoding rows hold the first slots, so a
 step reads a view of the cache, and a row that leaves is replaced by one row copy (the last one).
 _Engine is what an engine shares (the queue, the model thread, calls between steps, metrics); the
 static engine it replaced lives in benchmarks/static_engine.py, for comparison.
@@ -13,8 +13,6 @@ static engine it replaced lives in benchmarks/static_engine.py, for comparison.
 
 from __future__ import annotations
 
-import math
-import mmap
 import queue
 import threading
 import time
@@ -23,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import GptnError
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit, slide_keep
 from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
 from .scoring import score_continuations
+from .slots import DecodeView, PrefillView, SlotCache
 
 MAX_BATCH, MAX_QUEUE, PREFILL_CHUNK = 32, 128, 256  # rows decoded together, requests waiting, prompt tokens per step
 
@@ -193,68 +191,6 @@ class _Engine:
         ])
 
 
-class SlotCache:
-    """Keys and values of up to `slots` rows, n_ctx positions each; row position p sits at index p.
-    Allocated once, at full size (as vLLM allocates its cache at start): no copy while serving, and a
-    request can never make it larger. On a CPU its memory is committed page by page as rows write it
-    (anonymous memory, zero until written), so an idle server holds little and a burst of rows takes
-    what its tokens fill, not a doubling of the cache."""
-
-    def __init__(self, config, slots: int, device, dtype):
-        self.config, self.slots, self.dtype = config, slots, dtype
-        c = config
-        shape = (c.n_layer, slots, c.n_head, c.n_ctx, c.d_head)
-        self.k, self.v = (_zeros_on_demand(shape, torch.device(device), dtype) for _ in "kv")
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row src's first `length` positions into row dst."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
-def _zeros_on_demand(shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """torch.zeros(shape), whose memory on a CPU is an anonymous mapping: the kernel commits and zeroes
-    each page when it is first written, so unwritten slots cost no RAM."""
-    if device.type != "cpu":
-        try:
-            return torch.zeros(shape, device=device, dtype=dtype)
-        except torch.OutOfMemoryError:
-            size = math.prod(shape) * dtype.itemsize * 2 / 2**30
-            raise GptnError(f"the key/value cache for {shape[1]} rows of {shape[3]} positions ({size:.1f} GiB) does not "
-                            f"fit on {device}; lower --max-batch") from None
-    count = math.prod(shape)
-    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
-
-
-class _DecodeView:
-    """The cache as GPT.hidden_states sees it for one decode step of rows 0..B-1, row i writing its
-    new key at its own position pos[i]."""
-
-    def __init__(self, cache: SlotCache, pos: torch.Tensor, span: int):
-        self.cache, self.pos, self.span, self.length = cache, pos, span, 0
-        self.rows = torch.arange(len(pos), device=pos.device)
-
-    def update(self, layer, k, v):
-        B = len(self.pos)
-        self.cache.k[layer][self.rows, :, self.pos] = k[:, :, 0]
-        self.cache.v[layer][self.rows, :, self.pos] = v[:, :, 0]
-        return self.cache.k[layer, :B, :, :self.span], self.cache.v[layer, :B, :, :self.span]
-
-
-class _PrefillView:
-    """The cache for prefilling T tokens of the row in `slot` from position `start`."""
-
-    def __init__(self, cache: SlotCache, slot: int, start: int):
-        self.cache, self.slot, self.start, self.length = cache, slot, start, 0
-
-    def update(self, layer, k, v):
-        end = self.start + k.size(2)
-        s = slice(self.slot, self.slot + 1)
-        self.cache.k[layer, s, :, self.start:end] = k
-        self.cache.v[layer, s, :, self.start:end] = v
-        return self.cache.k[layer, s, :, :end], self.cache.v[layer, s, :, :end]
-
-
 @dataclass
 class _Row:
     """One completion being served: its sequence so far and its own sampling state."""
@@ -418,7 +354,7 @@ class ContinuousEngine(_Engine):
             pos = torch.arange(start, start + len(chunk), device=self.device)[None]
             with torch.no_grad():
                 logits = self.model(x, position_ids=pos, attention_mask=self._mask(pos, start + len(chunk)),
-                                    cache=_PrefillView(self.cache, slot, start), last_only=True)[:, -1]
+                                    cache=PrefillView(self.cache, slot, start), last_only=True)[:, -1]
             self.batches += 1
             row.length += len(chunk)
             budget -= len(chunk)
@@ -435,7 +371,7 @@ class ContinuousEngine(_Engine):
         pos = torch.tensor([row.length for row in rows], device=self.device)
         span = int(pos.max()) + 1
         logits = self.model(x, position_ids=pos[:, None], attention_mask=self._mask(pos[:, None], span),
-                            cache=_DecodeView(self.cache, pos, span))[:, -1]
+                            cache=DecodeView(self.cache, pos, span))[:, -1]
         self._stepped(len(rows))
         for row in rows:
             row.length += 1
