@@ -36,6 +36,12 @@ def read_text(path: str, what: str) -> str:
         raise GptnError(f"{what} {path}: cannot read it as UTF-8 text ({e})") from None
 
 
+def require_one_input(file: str | None, text: str | None, alternative: str = "") -> None:
+    """A command that reads FILE or --text: exactly one of them (one line saying so)."""
+    if (file is None) == (text is None):
+        raise GptnError("give either FILE or --text" + alternative)
+
+
 def check_output(path: str, flag: str) -> None:
     """An output file a command will write at its end: refused now if it cannot be written."""
     p = Path(path)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import GptnError
+from .config import GptnError, require_one_input
 from .inference import RunOptions
 from .options import option
 from .model import require_decoder
@@ -225,8 +225,7 @@ def detect_command(o: DetectOptions) -> None:
         detector.save(out)
         print(f"fitted on {detector.fitted_on}: training accuracy {accuracy:.1%}; saved {out}")
         return
-    if (o.file is None) == (o.text is None):
-        raise GptnError("give either FILE or --text (or --fit HUMAN MACHINE)")
+    require_one_input(o.file, o.text, " (or --fit HUMAN MACHINE)")
     docs = read_documents(o.file) if o.file else [o.text]
     detector = detector_for(o.run, o.detector)
     model, tokenizer = o.load()

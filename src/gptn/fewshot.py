@@ -542,8 +542,7 @@ def report_fewshot(o: FewshotOptions) -> list[ShotResult]:
             check_output(path, flag)  # before the evaluation, not after it
     task = load_task(o.task, o.data_dir)
     model, tokenizer = o.load()
-    as_json, records, plot = o.json, o.records, o.plot
-    if not as_json:
+    if not o.json:
         print(f"{task.name} ({task.kind}); chance {task.chance if task.chance is not None else 'n/a'}")
         print(f"{'K':>3}  {'metric':<28} {'value':>8}  {'± stderr':>9}  {'examples':>8}  {'demos used':>10}  "
               f"{'truncated':>9}")
@@ -552,7 +551,7 @@ def report_fewshot(o: FewshotOptions) -> list[ShotResult]:
         r = evaluate_fewshot(model, tokenizer, task, k, limit=o.limit, seed=o.seed, batch_size=o.batch_size,
                              normalization=o.normalization)
         results.append(r)
-        if as_json:
+        if o.json:
             print(json.dumps({"k": k, "metric": r.metric, "value": r.value, "stderr": r.stderr, "examples": r.examples,
                               "demos_used": r.demos_used, "truncated": r.truncated, "metrics": r.metrics,
                               "chance": task.chance}))
@@ -567,12 +566,12 @@ def report_fewshot(o: FewshotOptions) -> list[ShotResult]:
     if any(r.truncated for r in results):
         print(f"gptn fewshot: 'truncated' counts examples whose prompt (or answer) lost its start to fit the "
               f"context window of {n_ctx} tokens, as lm-evaluation-harness does", file=sys.stderr)
-    if records:
-        with open(records, "w") as f:
+    if o.records:
+        with open(o.records, "w") as f:
             f.writelines(json.dumps({"k": r.k, **rec}, ensure_ascii=False) + "\n" for r in results for rec in r.records)
-    if plot:
-        path = plot_metric_vs_shots(results, task, Path(plot))
-        if not as_json:
+    if o.plot:
+        path = plot_metric_vs_shots(results, task, Path(o.plot))
+        if not o.json:
             print(f"plot: {path}")
     return results
 

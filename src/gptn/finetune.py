@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .bert import CLS, SEP
 from .checkpoint import (checkpoint_dir, claim_out, has_checkpoint, load_model, load_weights, read_run,
                          read_train_state, read_weights, save_checkpoint)
-from .config import GptnError, is_number, is_whole, read_json
+from .config import GptnError, is_number, is_whole, read_json, require_one_input
 from .inference import RunOptions
 from .model import GPT, next_token_loss
 from .optim import MUON_LR, OPTIMIZERS
@@ -631,8 +631,7 @@ class PredictOptions(RunOptions):
 def predict_command(o: PredictOptions, columns: Columns) -> None:
     """`gptn predict`: label a file's examples (scored when labeled) or one typed on the command line."""
     from .describe import describe_inputs
-    if (o.file is None) == (o.text is None):
-        raise GptnError("give either FILE or --text")
+    require_one_input(o.file, o.text)
     model, tokenizer = load_task_model(o.run, o.device)
     spec = model.spec
     spec.long_inputs = o.long_inputs or spec.long_inputs

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import GptnError, read_text
+from .config import GptnError, read_text, require_one_input
 from .inference import DecodeOptions
 from .options import option, positive
 from .model import GPT, KVCache, require_decoder
@@ -199,8 +199,7 @@ class ScoreOptions(DecodeOptions):
 
 def print_score(o: ScoreOptions) -> None:
     """`gptn score`: a file's (or --text's) log-likelihood, perplexity and bits per byte."""
-    if (o.file is None) == (o.text is None):
-        raise GptnError("give either FILE or --text")
+    require_one_input(o.file, o.text)
     text = read_text(o.file, "FILE") if o.file is not None else o.text
     model, tokenizer = o.load()
     print(score(model, tokenizer, text, stride=o.stride).report(tokenizer, o.tokens, o.json))
