@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptnError, is_whole, read_text
-from .inference import DecodeOptions
+from .inference import DecodeOptions, decode_step
 from .model import GPT, KVCache, prompt_limit, require_decoder, slide_keep
 from .options import option, positive
 from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
@@ -147,6 +147,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
 
     logits = prefill(tokens, mask)
     next_pos = mask.sum(-1, keepdim=True)  # position id of the next token, per row
+    step = decode_step(model, B)  # rows without padding share a position: the lean step
     for _ in range(sampling.max_new_tokens):
         nxt, (model_lp, top_lp, top_id) = choose_tokens(logits, sampling, tokens, counts, bias, generator, logprobs)
         for r, t in enumerate(nxt.tolist()):
@@ -176,8 +177,11 @@ def generate_ids(model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
             logits = prefill(tokens, mask)
             next_pos = mask.sum(-1, keepdim=True)
             continue
-        pos = next_pos if padded else None
-        logits = model(nxt[:, None], position_ids=pos, attention_mask=mask if padded else None, cache=cache)[:, -1]
+        if step is not None and not padded:
+            logits = step(nxt, cache)
+        else:
+            logits = model(nxt[:, None], position_ids=next_pos if padded else None,
+                           attention_mask=mask if padded else None, cache=cache)[:, -1]
         next_pos = next_pos + 1
     return out
 
