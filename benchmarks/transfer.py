@@ -16,8 +16,9 @@ The protocol (also written into the JSON's `protocol`):
 3. Selection, on the selection set only. Each arm (pretrained, scratch: the same shape, randomly
    initialised) runs a grid of 12 points (SEARCH: for SST-2 the pretrained arm's is source run x rate x λ,
    the scratch arm's 6 rates x λ; for IMDB long-input handling x λ at SST-2's recipe), then from its best
-   point each of REFINE's changes (head pooling "extract" instead of "mean"; 5 epochs instead of 3), one
-   seed on label subset 0; the epoch kept in every run is the best on the selection set. The best of all
+   point each of REFINE's changes (head pooling "extract" instead of "mean"; 5 epochs instead of 3;
+   ULMFiT's discriminative rates, each block at 0.8 or 0.5 times the rate of the one above), one seed on
+   label subset 0; the epoch kept in every run is the best on the selection set. The best of all
    tried is frozen as the arm's recipe.
 4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets. Each run is a selection run
    (its label subset, the epoch kept is the best on the selection set) followed by a refit: the same
@@ -92,7 +93,7 @@ SEARCH = {
     **{("IMDB", init): [dict(long_inputs=li, lm_weight=lam) for li in ("windows", "tail") for lam in LAMBDAS]
        for init in ARMS},
 }
-REFINE = [dict(pooling="extract"), dict(epochs=5)]
+REFINE = [dict(pooling="extract"), dict(epochs=5), dict(layer_lr_decay=0.8), dict(layer_lr_decay=0.5)]
 # Part of every cache key: raised when fine-tuning gives other results for the same options and seed, so that
 # cached cells are run again (2: the task model is built once, so its new token rows and head draw other numbers).
 NUMERICS = 2

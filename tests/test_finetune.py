@@ -318,6 +318,7 @@ def test_metrics_on_hand_computed_cases():
     (["--train", "{one}"], "only one label"),
     (["--train", "{train}", "--task", "entailment", "--text-col", "sentence"], "second text column"),
     (["--train", "{train}", "--lr", "-1"], "lr must be positive"),
+    (["--train", "{train}", "--layer-lr-decay", "1.5"], "layer_lr_decay must be in (0, 1]"),
 ])
 def test_bad_finetune_input_is_one_line(tmp_path, pretrained_run, capsys, args, message):
     (tmp_path / "bad.tsv").write_text("foo\tbar\n1\t2\n")

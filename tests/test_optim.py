@@ -30,6 +30,27 @@ def test_muon_takes_the_linear_weights_and_adamw_the_rest():
     assert opt.muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_layer_lr_decay_gives_lower_blocks_smaller_steps(kind):
+    # Discriminative rates: one step of each optimizer moves block 0 (of 2) decay^2 as far as the final LayerNorm,
+    # and the embeddings decay^3 as far, measured on the weights themselves after a real backward.
+    torch.manual_seed(0)
+    model = GPT(CONFIG.replace(dropout=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, 1e-3, 0.0, (0.9, 0.95), "cpu", kind, muon_lr=0.02, layer_decay=0.1)
+    for group in opt.param_groups:  # what the training loop does each step
+        group["lr"] = 1e-3 * group["lr_scale"]
+    x = torch.randint(0, 50, (4, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    top = moved["ln_f.weight"]
+    for name, scale in (("h.1.ln_1.weight", 0.1), ("h.0.ln_2.bias", 0.01), ("wpe.weight", 0.001)):
+        assert moved[name] == pytest.approx(top * scale, rel=1e-3)  # Adam's first step: the rate, per element
+    if kind == "muon":  # Muon's steps scale the same way (an orthogonalised gradient: about the same size per block)
+        assert moved["h.0.mlp.c_fc.weight"] == pytest.approx(moved["h.1.mlp.c_fc.weight"] * 0.1, rel=0.3)
+
+
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
 def test_orthogonalize_is_close_to_u_v_transposed(shape):
     g = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))

@@ -256,6 +256,9 @@ class FinetuneConfig:
     batch_size: int = option(32, "examples per optimizer step (GPT-1: 32)")
     lr: float = option(6.25e-5, "peak learning rate (GPT-1: 6.25e-5), warm-up then linear decay")
     warmup_fraction: float = option(0.002, "share of the steps for the linear warm-up (GPT-1: 0.002)")
+    layer_lr_decay: float = option(1.0, "discriminative rates (ULMFiT used 1/2.6): each block learns at this "
+                                        "times the rate of the block above, the head and final LayerNorm at --lr, "
+                                        "the embeddings one step below the first block; 1: one rate for all")
     weight_decay: float = option(0.01, "AdamW weight decay of the weight matrices (biases, LayerNorm and "
                                        "embeddings: none)")
     lm_weight: float = option(0.5, "λ of the auxiliary LM loss in L3 = L2 + λ·L1 (0 disables)")
@@ -311,6 +314,8 @@ class FinetuneConfig:
             raise GptnError(f"seed must be a whole number in [0, 2**63), not {self.seed}")
         if not 0 <= self.warmup_fraction < 1:
             raise GptnError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+        if not (is_number(self.layer_lr_decay) and 0 < self.layer_lr_decay <= 1):
+            raise GptnError(f"layer_lr_decay must be in (0, 1], not {self.layer_lr_decay!r}")
         if self.muon_lr is not None and not self.muon_lr > 0:
             raise GptnError(f"muon_lr must be positive, not {self.muon_lr}")
         parse_loggers(self.logger)
@@ -556,7 +561,7 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
 
     def optimizer(m):
         return make_optimizer(m, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type, cfg.optimizer,
-                              cfg.muon_lr or MUON_LR / 10, adamw_only=[m.head])
+                              cfg.muon_lr or MUON_LR / 10, adamw_only=[m.head], layer_decay=cfg.layer_lr_decay)
 
     def save(step_done: int, state: dict, train_state: dict) -> None:
         train_state["objective"]["config"] = json.loads(json.dumps(asdict(cfg)))

@@ -16,6 +16,7 @@ bfloat16 on GPUs and float32 on CPUs.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -113,19 +114,45 @@ class MuonWithAdamW:
             group["lr_scale"] = scale
 
 
+def layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
+    """id(parameter) -> its rate relative to the top's, for discriminative fine-tuning (ULMFiT, Howard &
+    Ruder 2018; the layer-wise rate decay of BERT-style fine-tuning): what sits above the blocks (the final
+    LayerNorm, a task head) 1, block l of 1..n decay^(n + 1 - l), the embeddings decay^(n + 1)."""
+    depths = {}
+    for name, p in model.named_parameters():
+        block = _BLOCK.search(name)
+        depths[id(p)] = int(block.group(1)) + 1 if block else 0 if _EMBEDDING.search(name) else None
+    top = max((d for d in depths.values() if d is not None), default=0) + 1
+    return {pid: decay ** (top - (top if d is None else d)) for pid, d in depths.items()}
+
+
+_BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")  # GPT's parameter names: h.N.* are block N's (model.py)
+_EMBEDDING = re.compile(r"(?:^|\.)(wte|wpe|wse)\.")
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device_type: str,
-                   kind: str = "adamw", muon_lr: float = MUON_LR, adamw_only=()):
+                   kind: str = "adamw", muon_lr: float = MUON_LR, adamw_only=(), layer_decay: float = 1.0):
     """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or
     LayerNorm; or (kind "muon") Muon at `muon_lr` for the weights of linear layers, AdamW for the rest
-    (and for the modules in `adamw_only`, e.g. a task head: an output layer, as Muon's authors advise)."""
+    (and for the modules in `adamw_only`, e.g. a task head: an output layer, as Muon's authors advise).
+    layer_decay < 1: each block's rates are that times the block above's (layer_lr_scales)."""
     excluded = {id(m) for m in adamw_only}
     muon_params = [m.weight for m in model.modules()
                    if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m) not in excluded] \
         if kind == "muon" else []
     in_muon = {id(p) for p in muon_params}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_muon]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    scales = layer_lr_scales(model, layer_decay)
+
+    def by_scale(params: list, **group) -> list[dict]:
+        """One group per rate scale, in the order the scales first occur."""
+        split: dict[float, list] = {}
+        for p in params:
+            split.setdefault(scales[id(p)], []).append(p)
+        return [{"params": ps, **group, "lr_scale": group.get("lr_scale", 1.0) * scale} for scale, ps in split.items()]
+
+    groups = by_scale([p for p in rest if p.dim() >= 2], weight_decay=weight_decay) \
+        + by_scale([p for p in rest if p.dim() < 2], weight_decay=0.0)
     is_dtensor = any(type(p).__name__ == "DTensor" for p in rest)
     # The fused kernel is several times faster than the per-tensor loop, on CPU as on GPU.
     fused = not is_dtensor and device_type in ("cpu", "cuda")
@@ -136,7 +163,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, devi
         raise ValueError(f"unknown optimizer {kind!r}")
     # Muon's rate is ~10x AdamW's, so decoupled decay (lr x wd per step) would shrink the matrices ~10x
     # faster; it is off, as in the reference implementation's defaults.
-    muon = Muon([{"params": muon_params, "lr_scale": muon_lr / lr}], lr=muon_lr)
+    muon = Muon(by_scale(muon_params, lr_scale=muon_lr / lr), lr=muon_lr)
     return MuonWithAdamW(muon, adamw)
 
 
