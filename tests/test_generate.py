@@ -211,10 +211,10 @@ def test_a_bf16_decode_step_keeps_fp32_activations_at_any_batch(tok):
         torch.testing.assert_close(lin(prompt).float(), want, atol=0.02, rtol=0.02)
 
 
-def test_bf16_prompt_outputs_left_in_bf16_change_no_number(tok):
-    # A prompt's linear outputs stay bf16 where their reader rounds them to bf16 anyway (the next linear, GELU
-    # between) or adds them exactly to fp32 (the residual stream): the very logits and KV cache of converting
-    # each back to fp32. q, k, v (into the fp32 cache) and the logits come back as fp32.
+def test_bf16_prompts_stay_bf16_and_fill_the_same_cache(tok):
+    # On a CPU with native bf16, a prompt's linear outputs stay bf16 (each reader rounds them to bf16 anyway, or adds
+    # them exactly to the fp32 residual stream) and its attention runs in bf16: the KV cache and logits (fp32) come out
+    # close to those of converting every output back to fp32 (attention in fp32).
     _, fast = twin_models(tok)
     prepare_for_inference(fast, "bf16")
     x = torch.randint(0, tok.vocab_size, (2, 40))
@@ -223,60 +223,19 @@ def test_bf16_prompt_outputs_left_in_bf16_change_no_number(tok):
     def prefill():
         cache = KVCache(fast.config, 2, 48)
         with torch.no_grad():
-            return fast(x, cache=cache), cache.k[:, :, :, :40].clone()
+            return fast(x, cache=cache), cache.k[:, :, :, :40].clone(), cache.v[:, :, :, :40].clone()
     kept = prefill()
-    prompt = torch.randn(2, 40, fast.config.d_model)
+    assert kept[0].dtype == kept[1].dtype == torch.float32
     with torch.no_grad():
-        fc, qkv = fast.h[0].mlp.c_fc(prompt), fast.h[0].attn.c_attn(prompt)
-    assert qkv.dtype == kept[0].dtype == torch.float32
-    assert fc.dtype == (torch.bfloat16 if fast.h[0].mlp.c_fc.forward.prompt_path is not None else torch.float32)
+        qkv = fast.h[0].attn.c_attn(torch.randn(2, 40, fast.config.d_model))
+    assert qkv.dtype == (torch.bfloat16 if linears[0].prompt_path is not None else torch.float32)
     for forward in linears:
         forward.bf16_out = False
     converted = prefill()
-    assert torch.equal(kept[0], converted[0]) and torch.equal(kept[1], converted[1])
-
-
-@pytest.mark.parametrize("dtype", [None, "fp32", "bf16", "fp16", "int8"])
-def test_decode_step_computes_the_model_bit_for_bit(dtype):
-    # The lean decode step writes out GPT.forward for one position: the same logits and KV cache, to the bit, for
-    # one row and for several (d_model 256: the oneDNN kernels of fp32 run too, not only F.linear).
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=300, n_ctx=32, n_layer=2, n_head=4, d_model=256, dropout=0.0)).eval()
-    if dtype:
-        prepare_for_inference(model, dtype)
-    for rows in (1, 3):
-        step = decode_step(model, rows)
-        caches = [KVCache(model.config, rows, 32) for _ in range(2)]
-        x = torch.randint(0, 300, (rows, 9))
-        with torch.no_grad():
-            for cache in caches:
-                model(x[:, :5], cache=cache)
-            for t in range(5, 9):
-                want = model(x[:, t:t + 1], cache=caches[0])[:, -1]
-                got = step(x[:, t], caches[1])
-                assert torch.equal(want, got) and caches[0].length == caches[1].length == t + 1
-        assert torch.equal(caches[0].k[:, :, :, :9], caches[1].k[:, :, :, :9])
-        assert torch.equal(caches[0].v[:, :, :, :9], caches[1].v[:, :, :, :9])
-
-
-def test_decode_step_only_where_it_computes_the_model(tok, monkeypatch):
-    plain, _ = twin_models(tok)
-    assert decode_step(plain, 1) is not None
-    for other in (dict(norm="post"), dict(attention="sparse", sparse_band=4), dict(arch="bert")):
-        assert decode_step(GPT(plain.config.replace(**other)).eval(), 1) is None
-    assert decode_step(plain.train(), 1) is None
-    prepare_for_inference(plain.eval(), "int8")
-    with torch.no_grad():
-        plain.h[0].mlp.c_fc.weight.mul_(2)  # changed since it was quantised: the int8 copy is stale
-    assert decode_step(plain, 1) is None
-    # generate uses it: the same tokens without it, past a slide of the context window too
-    _, fast = twin_models(tok)
-    prepare_for_inference(fast, "int8")
-    greedy = SamplingConfig(max_new_tokens=60, greedy=True)
-    with_step = generate_ids(fast, [[1, 2, 3], [4, 5, 6]], greedy, warn=lambda m: None)
-    import gptn.generate
-    monkeypatch.setattr(gptn.generate, "decode_step", lambda model, rows: None)
-    assert generate_ids(fast, [[1, 2, 3], [4, 5, 6]], greedy, warn=lambda m: None) == with_step
+    # the first layer's keys and values are the same numbers; what follows a bf16 attention is close
+    assert torch.equal(kept[1][0], converted[1][0]) and torch.equal(kept[2][0], converted[2][0])
+    for a, b in zip(kept, converted):
+        torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0)
 
 
 def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):

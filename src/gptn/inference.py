@@ -133,9 +133,10 @@ class _Bf16Linear(_Fp16Linear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_out: bool = False):
         super().__init__(weight, bias)
         self.prompt_path = None  # x -> x W^T + b in bf16, for prompt processing
-        # bf16_out: the prompt path's result stays bf16, for a layer whose output is only read by what rounds it to
-        # bf16 anyway (the next linear) or adds it exactly to fp32 (the residual stream); the same numbers, without
-        # two conversions of every activation (the MLP's 4 x d_model wide ones above all).
+        # bf16_out: the prompt path's result stays bf16 (every linear of a block): its readers round it to bf16 anyway
+        # (the next linear), add it exactly to fp32 (the residual stream) or store it exactly (q, k, v into the fp32
+        # KV cache), and attention then runs in bf16 too (model.py: in the queries' dtype), its one change of numbers;
+        # it saves two conversions of every activation (the MLP's 4 x d_model wide ones above all).
         self.bf16_out = bf16_out
         if native_bf16() and _onednn():
             with torch.no_grad():  # oneDNN's layout: 10-20% faster than F.linear in bf16 for a 1024-token prefill here
@@ -221,8 +222,7 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32", say=None) -> nn
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (kind := kind_for(module.weight)) is not None:
-            # bf16 prompts: every linear's output but q, k, v (read by the fp32 KV cache) may stay bf16
-            extra = {"bf16_out": not name.endswith("attn.c_attn")} if kind is _Bf16Linear else {}
+            extra = {"bf16_out": True} if kind is _Bf16Linear else {}  # bf16 prompts: see _Bf16Linear
             module.forward = kind(module.weight, module.bias, **extra)
     if (kind := kind_for(model.wte.weight)) is not None:
         model.inference_head = kind(model.wte.weight)
@@ -246,10 +246,10 @@ def decode_step(model: nn.Module, rows: int):
     prepare_for_inference). Call it without gradients.
 
     It computes what GPT.forward computes for one new position with the cache (model.py), in the same
-    operations on the same numbers, so the logits and the cache are the same bit for bit (tested); only
-    the overhead around them goes: module calls, mask and shape handling, each linear layer's checks
-    (made once here instead). A decode step of gpt2 at batch 1 calls ~400 small operations around 49
-    products, and with int8 or fp16 weights the products take only 2/3 of the step."""
+    operations on the same numbers, so the logits and the cache are the same bit for bit (tested); what
+    goes is the work around them: module calls, mask and shape handling, and each linear layer's checks
+    (made once here). Decoding one row, a step's products read the weights in a few milliseconds, so
+    that this overhead was a large share of a step with int8 or fp16 weights (benchmarks/generate.py)."""
     c = model.config
     if model.training or model.wte.weight.device.type != "cpu" or c.norm != "pre" or c.attention != "dense" \
             or not c.causal or c.segment_embeddings or model.ln_f is None:

@@ -43,6 +43,8 @@ class KVCache:
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
+        if self.length == 0:  # nothing before: these are all, in their own dtype (a bf16 prompt's stay bf16)
+            return k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -65,6 +67,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            # bf16 prompts on a CPU (gptn.inference) meet the fp32 cache: attention runs in the queries' dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if isinstance(mask, dict):  # sparse models carry one mask per pattern
             mask = mask["banded" if self.banded else "dense"]
         dropout_p = self.dropout if self.training else 0.0

@@ -71,4 +71,6 @@ class PrefillView:
         s = slice(self.slot, self.slot + 1)
         self.cache.k[layer, s, :, self.start:end] = k
         self.cache.v[layer, s, :, self.start:end] = v
+        if self.start == 0:  # as KVCache.update: nothing before
+            return k, v
         return self.cache.k[layer, s, :, :end], self.cache.v[layer, s, :, :end]
