@@ -39,6 +39,19 @@ FP16_MAX = 65504.0
 # Multiply-adds (rows x weights) below which a oneDNN call's fixed cost (~15-20 us) outweighs its speed:
 # F.linear wins for a 256 x 256 weight at one row or 128 x 128 at eight, oneDNN for anything larger.
 ONEDNN_MIN_WORK = 2**18
+# On an Intel CPU, MKL's product (F.linear) reads a large W faster than oneDNN's kernel for up to this many rows
+# (gpt2's weights on the AMX Xeon: 1-3 rows, and oneDNN from 4); on AMD it is slower at any count (MKL's slow path
+# there: oneDNN 2.5x faster at one row on the EPYCs).
+MKL_MAX_ROWS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read(4096)
+    except OSError:
+        return False
 
 
 class _CpuInferenceLinear:
@@ -46,9 +59,10 @@ class _CpuInferenceLinear:
 
     W is reordered once into oneDNN's blocked layout (what torch.compile's CPU backend does for
     frozen weights) and multiplied by oneDNN's kernel, which reads W near the memory bandwidth from
-    one row on. Against F.linear (MKL, slow when a few rows meet a large W) on gpt2's 49 weights
-    here: 2.5x faster for 1 row, 3x for 8, 1.8x for a 1024-token prefill. Tiny products
-    (ONEDNN_MIN_WORK), gradients enabled, or a weight changed since reordering: F.linear on W.
+    one row on. Against F.linear (MKL, slow when a few rows meet a large W on an AMD CPU) on gpt2's 49
+    weights on the EPYCs: 2.5x faster for 1 row, 3x for 8, 1.8x for a 1024-token prefill. Tiny
+    products (ONEDNN_MIN_WORK), a few rows on an Intel CPU (MKL_MAX_ROWS), gradients enabled, or a
+    weight changed since reordering: F.linear on W.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -59,14 +73,18 @@ class _CpuInferenceLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight._version != self.version or x.device.type != "cpu" \
-                or x.dtype != torch.float32 or x.numel() // x.shape[-1] * self.weight.numel() < ONEDNN_MIN_WORK:
+                or x.dtype != torch.float32 or not self.onednn_for(x.numel() // x.shape[-1]):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def onednn_for(self, rows: int) -> bool:
+        """Whether oneDNN's kernel is the faster for `rows` rows (else F.linear)."""
+        return rows * self.weight.numel() >= ONEDNN_MIN_WORK and not (rows <= MKL_MAX_ROWS and _intel_cpu())
 
     def kernel(self, rows: int):
         """What __call__ runs for `rows` contiguous fp32 rows, without its checks (see decode_step)."""
         w, b, packed = self.weight, self.bias, self.packed
-        if rows * w.numel() < ONEDNN_MIN_WORK:
+        if not self.onednn_for(rows):
             return lambda x: F.linear(x, w, b)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
