@@ -238,6 +238,49 @@ def test_bf16_prompts_stay_bf16_and_fill_the_same_cache(tok):
         torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [None, "fp32", "bf16", "fp16", "int8"])
+def test_decode_step_computes_the_model_bit_for_bit(dtype):
+    # The lean decode step writes out GPT.forward for one position: the same logits and KV cache, to the bit, for
+    # one row and for four (d_model 256: fp32's oneDNN kernels run too, not only F.linear; see MKL_MAX_ROWS).
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_ctx=32, n_layer=2, n_head=4, d_model=256, dropout=0.0)).eval()
+    if dtype:
+        prepare_for_inference(model, dtype)
+    for rows in (1, 4):
+        step = decode_step(model, rows)
+        caches = [KVCache(model.config, rows, 32) for _ in range(2)]
+        x = torch.randint(0, 300, (rows, 9))
+        with torch.no_grad():
+            for cache in caches:
+                model(x[:, :5], cache=cache)
+            for t in range(5, 9):
+                want = model(x[:, t:t + 1], cache=caches[0])[:, -1]
+                got = step(x[:, t], caches[1])
+                assert torch.equal(want, got) and caches[0].length == caches[1].length == t + 1
+        assert torch.equal(caches[0].k[:, :, :, :9], caches[1].k[:, :, :, :9])
+        assert torch.equal(caches[0].v[:, :, :, :9], caches[1].v[:, :, :, :9])
+
+
+def test_decode_step_only_where_it_computes_the_model(tok, monkeypatch):
+    plain, _ = twin_models(tok)
+    assert decode_step(plain, 1) is not None
+    for other in (dict(norm="post"), dict(attention="sparse", sparse_band=4), dict(arch="bert")):
+        assert decode_step(GPT(plain.config.replace(**other)).eval(), 1) is None
+    assert decode_step(plain.train(), 1) is None
+    prepare_for_inference(plain.eval(), "int8")
+    with torch.no_grad():
+        plain.h[0].mlp.c_fc.weight.mul_(2)  # changed since it was quantised: the int8 copy is stale
+    assert decode_step(plain, 1) is None
+    # generate uses it: the same tokens without it, past a slide of the context window too
+    _, fast = twin_models(tok)
+    prepare_for_inference(fast, "int8")
+    greedy = SamplingConfig(max_new_tokens=60, greedy=True)
+    with_step = generate_ids(fast, [[1, 2, 3], [4, 5, 6]], greedy, warn=lambda m: None)
+    import gptn.generate
+    monkeypatch.setattr(gptn.generate, "decode_step", lambda model, rows: None)
+    assert generate_ids(fast, [[1, 2, 3], [4, 5, 6]], greedy, warn=lambda m: None) == with_step
+
+
 def test_half_precision_without_fbgemm_casts_the_whole_model(tok, monkeypatch):
     # What CUDA runs for bf16 / fp16, and a CPU whose torch has no fbgemm (ARM) for bf16: weights, activations
     # and the KV cache in the half type; sampling, scores and probabilities still come out as fp32.
