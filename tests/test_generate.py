@@ -211,7 +211,7 @@ def test_a_bf16_decode_step_keeps_fp32_activations_at_any_batch(tok):
         torch.testing.assert_close(lin(prompt).float(), want, atol=0.02, rtol=0.02)
 
 
-def test_bf16_prompts_stay_bf16_and_fill_the_same_cache(tok):
+def test_bf16_prompts_stay_bf16_close_to_fp32_attention(tok):
     # On a CPU with native bf16, a prompt's linear outputs stay bf16 (each reader rounds them to bf16 anyway, or adds
     # them exactly to the fp32 residual stream) and its attention runs in bf16: the KV cache and logits (fp32) come out
     # close to those of converting every output back to fp32 (attention in fp32).
