@@ -148,13 +148,13 @@ class _Bf16Linear(_Fp16Linear):
     row) keeps fp32 activations whatever the batch: rounding them to bf16 too flipped near-tied
     greedy picks (free-running agreement with fp32 80% against 98%, benchmarks/generate.py's model)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_out: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_out: bool = True):
         super().__init__(weight, bias)
         self.prompt_path = None  # x -> x W^T + b in bf16, for prompt processing
-        # bf16_out: the prompt path's result stays bf16 (every linear of a block): its readers round it to bf16 anyway
-        # (the next linear), add it exactly to fp32 (the residual stream) or store it exactly (q, k, v into the fp32
-        # KV cache), and attention then runs in bf16 too (model.py: in the queries' dtype), its one change of numbers;
-        # it saves two conversions of every activation (the MLP's 4 x d_model wide ones above all).
+        # bf16_out (every block's linear layers; not the tied softmax layer): the prompt path's result stays bf16. Its
+        # readers round it to bf16 anyway (the next linear), add it exactly to fp32 (the residual stream) or store it
+        # exactly (q, k, v into the fp32 KV cache), and attention then runs in bf16 too (model.py: in the queries'
+        # dtype), its one change of numbers. It saves two conversions of every activation (the MLP's above all).
         self.bf16_out = bf16_out
         if native_bf16() and _onednn():
             with torch.no_grad():  # oneDNN's layout: 10-20% faster than F.linear in bf16 for a 1024-token prefill here
@@ -238,12 +238,11 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32", say=None) -> nn
             return _Fp16Linear
         return fallback  # fp32, or a weight fp16 cannot hold
 
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Linear) and (kind := kind_for(module.weight)) is not None:
-            extra = {"bf16_out": True} if kind is _Bf16Linear else {}  # bf16 prompts: see _Bf16Linear
-            module.forward = kind(module.weight, module.bias, **extra)
+            module.forward = kind(module.weight, module.bias)
     if (kind := kind_for(model.wte.weight)) is not None:
-        model.inference_head = kind(model.wte.weight)
+        model.inference_head = kind(model.wte.weight, **({"bf16_out": False} if kind is _Bf16Linear else {}))
     return model
 
 
