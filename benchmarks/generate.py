@@ -5,8 +5,9 @@ Prompt 16 tokens, 256 new tokens, batch 1 and batch 8, the same random weights e
 `gptn export-hf`, converted by CTranslate2's own converter; `gptn export-gguf` for llama.cpp, run through
 llama-cpp-python at batch 1 only: its Python API decodes one sequence); gptn as `gptn generate --dtype D` runs it
 (gptn.inference.prepare_for_inference). The batch-1 bandwidth limit of each dtype is the copy bandwidth
-measured in this run over the weight bytes read per token. Also: a 1 x 1024 prefill (last-position
-logits) at each dtype beside Hugging Face fp32 and bf16.
+measured in this run over the weight bytes read per token: a bound only where the last-level cache is small
+beside the weights (a CPU whose L3 holds much of them, like the AMX Xeon's 300 MiB, passes it). Also: a
+1 x 1024 prefill (last-position logits) at each dtype beside Hugging Face fp32 and bf16.
 
 Each engine runs in its own worker process (multiprocessing, spawn), and the runs alternate between
 engines rep by rep, the best of REPS kept: a CTranslate2 Generator alive in the same process slowed
