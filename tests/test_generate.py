@@ -12,6 +12,7 @@ from gptn.sampling import SamplingConfig, choose_tokens, filter_logits
 from gptn.scoring import score
 from gptn.inference import _CpuInferenceLinear, decode_step, prepare_for_inference
 from gptn.model import GPT, KVCache
+from gptn.slots import DecodeView, PrefillView, SlotCache
 from gptn.tokenizer import CharTokenizer
 from gptn.runtime import native_bf16
 
@@ -241,7 +242,8 @@ def test_bf16_prompts_stay_bf16_close_to_fp32_attention(tok):
 @pytest.mark.parametrize("dtype", [None, "fp32", "bf16", "fp16", "int8"])
 def test_decode_step_computes_the_model_bit_for_bit(dtype):
     # The lean decode step writes out GPT.forward for one position: the same logits and KV cache, to the bit, for
-    # one row and for four (d_model 256: fp32's oneDNN kernels run too, not only F.linear; see MKL_MAX_ROWS).
+    # generate's rows at one position and the engine's each at its own, for one row and for four (d_model 256:
+    # fp32's oneDNN kernels run too, not only F.linear; see MKL_MAX_ROWS).
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=300, n_ctx=32, n_layer=2, n_head=4, d_model=256, dropout=0.0)).eval()
     if dtype:
@@ -259,6 +261,22 @@ def test_decode_step_computes_the_model_bit_for_bit(dtype):
                 assert torch.equal(want, got) and caches[0].length == caches[1].length == t + 1
         assert torch.equal(caches[0].k[:, :, :, :9], caches[1].k[:, :, :, :9])
         assert torch.equal(caches[0].v[:, :, :, :9], caches[1].v[:, :, :, :9])
+        # as the serving engine decodes: each row at its own position in a slot cache, under a mask
+        slots = [SlotCache(model.config, rows, "cpu", torch.float32) for _ in range(2)]
+        pos = torch.tensor([3, 7, 5, 6][:rows])
+        with torch.no_grad():
+            for cache in slots:
+                for r, n in enumerate(pos.tolist()):
+                    model(x[r:r + 1, :n], cache=PrefillView(cache, r, 0))
+            for t in range(3):
+                span = int(pos.max()) + 1
+                mask = (torch.arange(span)[None, None, :] <= pos[:, None, None])[:, None]
+                want = model(x[:, t:t + 1], position_ids=pos[:, None], attention_mask=mask,
+                             cache=DecodeView(slots[0], pos, span))[:, -1]
+                got = step(x[:, t], DecodeView(slots[1], pos, span), pos, mask)
+                assert torch.equal(want, got)
+                pos = pos + 1
+        assert torch.equal(slots[0].k, slots[1].k) and torch.equal(slots[0].v, slots[1].v)
 
 
 def test_decode_step_only_where_it_computes_the_model(tok, monkeypatch):

@@ -17,10 +17,12 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .inference import decode_step
 from .metrics import Histogram, prometheus_text
 from .model import prompt_limit, slide_keep
 from .sampling import SamplingConfig, StopWatcher, choose_tokens, logit_bias_tensor
@@ -225,6 +227,7 @@ class ContinuousEngine(_Engine):
         self.queued: deque[_Row] = deque()  # admitted rows waiting for a slot
         self.jobs: deque[Job] = deque()  # requests not started
         self.calls: deque[_Call] = deque()  # functions to run on this thread between steps (Engine.call)
+        self.steps: dict[int, Callable | None] = {}  # rows -> inference.decode_step for that many
         super().__init__(model, tokenizer, max_batch, max_queue)
 
     @property
@@ -370,8 +373,13 @@ class ContinuousEngine(_Engine):
         x = torch.tensor([[row.tokens[row.length]] for row in rows], device=self.device)
         pos = torch.tensor([row.length for row in rows], device=self.device)
         span = int(pos.max()) + 1
-        logits = self.model(x, position_ids=pos[:, None], attention_mask=self._mask(pos[:, None], span),
-                            cache=DecodeView(self.cache, pos, span))[:, -1]
+        mask, view = self._mask(pos[:, None], span), DecodeView(self.cache, pos, span)
+        if len(rows) not in self.steps:
+            self.steps[len(rows)] = decode_step(self.model, len(rows))
+        if (step := self.steps[len(rows)]) is not None:
+            logits = step(x[:, 0], view, pos, mask)
+        else:
+            logits = self.model(x, position_ids=pos[:, None], attention_mask=mask, cache=view)[:, -1]
         self._stepped(len(rows))
         for row in rows:
             row.length += 1

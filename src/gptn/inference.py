@@ -257,16 +257,18 @@ def _kernel(linear, rows: int):
 
 
 def decode_step(model: nn.Module, rows: int):
-    """step(tokens (rows,), cache) -> logits (rows, V): one decode step of `rows` rows that share one
-    position (cache.length), on a CPU; None where it does not apply (GPT-1's post-LN blocks, sparse or
-    bidirectional attention, a model in training, another device, weights changed since
-    prepare_for_inference). Call it without gradients.
+    """step(tokens (rows,), cache, positions=None, mask=None) -> logits (rows, V): one decode step of
+    `rows` rows on a CPU, through any cache GPT.forward takes (its `update(layer, k, v)`): the rows at
+    one shared position (cache.length) by default, or each at positions[i] under an attention mask
+    (rows, 1, 1, keys), as the serving engine decodes. None where it does not apply (GPT-1's post-LN
+    blocks, sparse or bidirectional attention, a model in training, another device, weights changed
+    since prepare_for_inference). Call it without gradients.
 
-    It computes what GPT.forward computes for one new position with the cache (model.py), in the same
-    operations on the same numbers, so the logits and the cache are the same bit for bit (tested); what
-    goes is the work around them: module calls, mask and shape handling, and each linear layer's checks
-    (made once here). Decoding one row, a step's products read the weights in a few milliseconds, so
-    that this overhead was a large share of a step with int8 or fp16 weights (benchmarks/generate.py)."""
+    It computes what GPT.forward computes for one new position (model.py), in the same operations on
+    the same numbers, so the logits and the cache are the same bit for bit (tested); what goes is the
+    work around them: module calls, mask and shape handling, and each linear layer's checks (made once
+    here). Decoding one row, a step's products read the weights in a few milliseconds, so that this
+    overhead was a large share of a step with int8 or fp16 weights (benchmarks/generate.py)."""
     c = model.config
     if model.training or model.wte.weight.device.type != "cpu" or c.norm != "pre" or c.attention != "dense" \
             or not c.causal or c.segment_embeddings or model.ln_f is None:
@@ -280,20 +282,17 @@ def decode_step(model: nn.Module, rows: int):
         return None
     wte, wpe, ln_f = model.wte.weight, model.wpe.weight, (model.ln_f.weight, model.ln_f.bias)
 
-    def step(tokens: torch.Tensor, cache) -> torch.Tensor:
-        pos = cache.length
-        if pos >= c.n_ctx:
-            raise GptnError(f"sequence of {pos + 1} tokens exceeds the context window n_ctx={c.n_ctx}")
-        x = wte[tokens] + wpe[pos]  # h_0 (rows, C)
+    def step(tokens: torch.Tensor, cache, positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        if positions is None and cache.length >= c.n_ctx:
+            raise GptnError(f"sequence of {cache.length + 1} tokens exceeds the context window n_ctx={c.n_ctx}")
+        x = wte[tokens] + wpe[cache.length if positions is None else positions]  # h_0 (rows, C)
         with torch._C.DisableTorchFunctionSubclass():  # see _FbgemmLinear.__call__
             for i, (w1, b1, qkv, proj, w2, b2, fc, proj2) in enumerate(layers):
                 q, k, v = qkv(F.layer_norm(x, (C,), w1, b1, eps)).view(rows, 3, H, 1, D).unbind(1)
-                keys, values = cache.k[i, :, :, :pos + 1], cache.v[i, :, :, :pos + 1]
-                keys[:, :, pos:] = k
-                values[:, :, pos:] = v
-                x = x + proj(F.scaled_dot_product_attention(q, keys, values).view(rows, C))
+                keys, values = cache.update(i, k, v)
+                x = x + proj(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).view(rows, C))
                 x = x + proj2(F.gelu(fc(F.layer_norm(x, (C,), w2, b2, eps)), approximate="tanh"))
-            cache.length = pos + 1
+            cache.length += 1
             return head(F.layer_norm(x, (C,), *ln_f, eps))
     return step
 
