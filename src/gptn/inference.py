@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GptnError
+from .model import require_in_context
 from .options import option
 from .runtime import native_bf16
 
@@ -283,8 +284,8 @@ def decode_step(model: nn.Module, rows: int):
     wte, wpe, ln_f = model.wte.weight, model.wpe.weight, (model.ln_f.weight, model.ln_f.bias)
 
     def step(tokens: torch.Tensor, cache, positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
-        if positions is None and cache.length >= c.n_ctx:
-            raise GptnError(f"sequence of {cache.length + 1} tokens exceeds the context window n_ctx={c.n_ctx}")
+        if positions is None:
+            require_in_context(cache.length + 1, c.n_ctx)
         x = wte[tokens] + wpe[cache.length if positions is None else positions]  # h_0 (rows, C)
         with torch._C.DisableTorchFunctionSubclass():  # see _FbgemmLinear.__call__
             for i, (w1, b1, qkv, proj, w2, b2, fc, proj2) in enumerate(layers):

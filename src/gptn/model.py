@@ -118,6 +118,12 @@ def prompt_limit(n_ctx: int, generating: bool) -> int:
     return n_ctx - 1 if generating else n_ctx
 
 
+def require_in_context(length: int, n_ctx: int) -> None:
+    """The limit of every pass that numbers positions itself: at most n_ctx of them (W_p has n_ctx rows)."""
+    if length > n_ctx:
+        raise GptnError(f"sequence of {length} tokens exceeds the context window n_ctx={n_ctx}")
+
+
 def slide_keep(n_ctx: int) -> int:
     """Tokens a full context keeps when generation slides past it: the last 3/4 (a slide every n_ctx/4
     new tokens, not every token), for generate and the engine alike."""
@@ -223,8 +229,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            if past + T > self.config.n_ctx:
-                raise GptnError(f"sequence of {past + T} tokens exceeds the context window n_ctx={self.config.n_ctx}")
+            require_in_context(past + T, self.config.n_ctx)
             position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
         h = self.wte(idx) + self.wpe(position_ids)  # h_0 = U W_e + W_p   (B, T, C)
         if self.config.segment_embeddings:
