@@ -270,6 +270,22 @@ def test_activation_checkpointing_fine_tunes_the_same_model(tmp_path, pretrained
         torch.testing.assert_close(value, results[1][name], atol=1e-6, rtol=1e-5)
 
 
+def test_without_val_the_final_model_is_kept_and_nothing_is_scored(tmp_path, pretrained_run, capsys):
+    # A separable task is fitted within a few epochs: keeping the best training-set score (as before) kept that
+    # early epoch, not the model the whole schedule trains.
+    train = tmp_path / "train.tsv"
+    _write_separable(train)
+    assert main(["finetune", str(pretrained_run), "--train", str(train), "--out", str(tmp_path / "ft"), "--epochs", "8",
+                 "--batch-size", "8", "--lr", "3e-3", "--dropout", "0", "--head-dropout", "0", "--no-progress"]) == 0
+    assert "40 examples, 40 steps" in (out := capsys.readouterr().out) and "the final model (no --val)" in out
+    meta = json.loads((tmp_path / "ft" / "checkpoint" / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["value"] is None
+    logged = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in logged) and not any(k.startswith(("val_", "train_eval")) for r in logged for k in r)
+    assert main(["predict", str(tmp_path / "ft"), "--text", "the awful movie"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == "neg"
+
+
 def test_cli_finetunes_multiple_choice_from_jsonl(tmp_path, pretrained_run, capsys):
     rows = [{"context": "pick the vowel", "endings": ["b", "a", "c"], "label": 1},
             {"context": "pick the vowel", "endings": ["e", "d", "f"], "label": 0},

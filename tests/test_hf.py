@@ -164,6 +164,8 @@ def test_finetuned_run_exports_as_a_text_classification_pipeline(norm, task, tmp
     assert model.head.bias.abs().max() > 1e-3  # trained: the folded bias matters
     assert main(["export-hf", str(tmp_path / "ft"), str(tmp_path / "hf")]) == 0
     assert "folded" in capsys.readouterr().err
+    steps = 3 * -(-(len(rows) - 1) // 8)
+    assert f"the final model after {steps} steps (no validation set)" in (tmp_path / "hf" / "README.md").read_text()
 
     clf = transformers.pipeline("text-classification", model=str(tmp_path / "hf"), top_k=None)
     assert type(clf.model).__name__ == ("GPT2" if norm == "pre" else "OpenAIGPT") + "ForSequenceClassification"

@@ -211,8 +211,9 @@ def _finetune(cfg: FinetuneConfig, columns: Columns) -> None:
     r = finetune(dataclasses.replace(cfg, columns=columns))
     if _is_main():
         best = r["best"]
-        print(f"{r['task']}: {r['train_examples']} examples, {r['steps']} steps, {r['seconds']:.0f} s; best "
-              f"{r['metric']} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']}); saved to "
+        kept = (f"best {r['metric']} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']})"
+                if best["value"] is not None else "the final model (no --val)")
+        print(f"{r['task']}: {r['train_examples']} examples, {r['steps']} steps, {r['seconds']:.0f} s; {kept}; saved to "
               f"{r['checkpoint']}")
 
 

@@ -246,7 +246,8 @@ class FinetuneConfig:
     run: str = option(help="pretrained run directory (or an imported model folder)", cli="positional")
     train: str = option(help="training examples (TSV, CSV, JSONL, HellaSwag .txt)")
     out: str = option(help="run directory for the fine-tuned model")
-    val: str | None = option(None, "validation examples; the best checkpoint by its metric is kept")
+    val: str | None = option(None, "validation examples; the best checkpoint by its metric is kept (without: the "
+                                   "final model, with no evaluation passes)")
     task: str | None = option(None, "task type: classification, entailment, similarity, multiple_choice or one "
                                     "registered in task_types.TASK_TYPES (default: recognised from the file's layout)")
     columns: Columns = field(default_factory=Columns)
@@ -405,11 +406,12 @@ RESUMABLE_CHANGES = ("progress", "device", "checkpoint_interval", "logger")
 
 class TaskObjective:
     """GPT-1's L3 = L2 + λ·L1 over epochs of shuffled examples; keeps the best checkpoint by the
-    validation metric. L2 is a mean over the step's examples and L1 over its tokens, however the
-    step is split into micro-batches and ranks."""
+    validation metric, or without validation examples the latest model (the final one once done). L2 is
+    a mean over the step's examples and L1 over its tokens, however the step is split into micro-batches
+    and ranks."""
 
     def __init__(self, cfg: FinetuneConfig, model: TaskModel, tokenizer: Tokenizer, train_seqs: list, targets,
-                 val_examples: list, lm_weight: float, steps_per_epoch: int, out: Path, d, meta: dict):
+                 val_examples: list | None, lm_weight: float, steps_per_epoch: int, out: Path, d, meta: dict):
         self.cfg, self.model, self.tokenizer, self.seqs, self.targets = cfg, model, tokenizer, train_seqs, targets
         self.val_examples, self.lm_weight, self.steps_per_epoch = val_examples, lm_weight, steps_per_epoch
         self.out, self.d, self.meta = out, d, meta
@@ -452,18 +454,27 @@ class TaskObjective:
         return l3_loss(model, self.spec, inputs, targets, self.lm_weight, example_share, token_share)
 
     def evaluate(self, model, step: int, ctx):
-        examples = self.val_examples
-        metrics = evaluate_task(self.model, self.tokenizer, examples)
         epoch = math.ceil(step / self.steps_per_epoch)
+        if self.val_examples is None:
+            # No validation set: keep the latest model, as the HF Trainer does. Scoring the training examples
+            # instead kept the epoch where training accuracy first peaked, before the schedule's end (often
+            # with few examples, which a model soon fits), and cost a pass over them at every evaluation.
+            self._keep(step, epoch, None, {}, ctx)
+            return {}, False
+        metrics = evaluate_task(self.model, self.tokenizer, self.val_examples)
         self.history.append({"step": step, "epoch": epoch, **metrics})
         value = metrics[self.spec.metric]
         if self.best is None or value > self.best["value"]:
-            self.best = {"value": value, "step": step, "epoch": epoch, "metrics": metrics}
-            state = ctx.full_state()  # a collective under FSDP
-            if ctx.d.is_main:
-                _save(self.out, self.model.gpt.config, state, self.tokenizer, self.spec,
-                      {**self.meta, "step": step, "metric": self.spec.metric, "value": value, "metrics": metrics})
-        return {("val" if self.cfg.val else "train_eval") + f"_{k}": v for k, v in metrics.items()}, False
+            self._keep(step, epoch, value, metrics, ctx)
+        return {f"val_{k}": v for k, v in metrics.items()}, False
+
+    def _keep(self, step: int, epoch: int, value: float | None, metrics: dict, ctx) -> None:
+        """Save the model now as the run's checkpoint."""
+        self.best = {"value": value, "step": step, "epoch": epoch, "metrics": metrics}
+        state = ctx.full_state()  # a collective under FSDP
+        if ctx.d.is_main:
+            _save(self.out, self.model.gpt.config, state, self.tokenizer, self.spec,
+                  {**self.meta, "step": step, "metric": self.spec.metric, "value": value, "metrics": metrics})
 
     def state_dict(self) -> dict:
         return {"best": self.best, "history": self.history}
@@ -493,8 +504,9 @@ def _resume_state(cfg: FinetuneConfig, out: Path) -> dict | None:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune a pretrained GPT on a labeled task with L3 = L2 + λ·L1; keep the best checkpoint by
-    validation metric in `cfg.out`, and resume a killed run exactly. Works under torchrun (DDP or
-    FSDP2). Returns a summary (best metric, its epoch/step, val metrics)."""
+    validation metric in `cfg.out` (without `cfg.val`, the final model), and resume a killed run
+    exactly. Works under torchrun (DDP or FSDP2). Returns a summary (best metric, its epoch/step, val
+    metrics; the value None without validation examples)."""
     return run_training(cfg.device, cfg.out, lambda d, device: _finetune(cfg, d, device))
 
 
@@ -549,7 +561,7 @@ def _finetune(cfg: FinetuneConfig, d, device: torch.device) -> dict:
     meta = {"kind": "finetune", "task": task, "source": str(cfg.run), "from_scratch": cfg.from_scratch,
             "lm_weight": lm_weight, "arch": arch}
     objective = TaskObjective(cfg, model, tokenizer, train_seqs, _targets(spec, train_data.examples),
-                              val_data.examples if val_data else train_data.examples, lm_weight, steps_per_epoch,
+                              val_data.examples if val_data else None, lm_weight, steps_per_epoch,
                               out, d, meta)
     # GPT-1: linear warm-up over 0.2% of training, then linear decay to 0.
     schedule = Schedule(cfg.lr, max(1, round(cfg.warmup_fraction * total)), total, 0.0, "linear")

@@ -259,7 +259,8 @@ def model_card(run, out: Path, config: GPTConfig, tokenizer, hf_cfg: dict, spec=
     if meta.get("kind") == "finetune":
         lines.append(f"- fine-tuned from `{meta.get('source')}` for {spec.task if spec else meta.get('task')}"
                      + (f" (labels {', '.join(spec.labels)})" if spec and spec.labels else "")
-                     + (f"; {meta['metric']} {meta['value']:.4f} on its validation set" if "value" in meta else ""))
+                     + (f"; {meta['metric']} {meta['value']:.4f} on its validation set" if meta.get("value") is not None
+                        else f"; the final model after {steps:,} steps (no validation set)" if steps is not None else ""))
     else:
         lines.append(f"- corpus: `{meta.get('corpus', train_config.get('corpus', 'unknown'))}`")
         if steps is not None and batch:
