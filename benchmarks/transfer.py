@@ -314,7 +314,7 @@ def cached(work: Path, key: dict, compute):
 def tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, **options) -> dict:
     """Fine-tune, keep the epoch that scores best on `select` (without one, the final model), and (with a
     report set) score that checkpoint item by item on `report`. Cached (see `cached`); a run without
-    `select` is keyed as keeping the final model, since until 797e8e1 it kept the epoch that scored best
+    `select` is keyed as keeping the final model, since before 60e1c81 it kept the epoch that scored best
     on its own training examples (an earlier one in 27 of the 97 cached refits)."""
     kept = {} if select is not None else {"kept": "final"}
     return cached(work, {"source": source, "train": train, "select": select, "report": report, **options, **kept},
