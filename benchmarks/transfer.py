@@ -37,7 +37,8 @@ The protocol (also written into the JSON's `protocol`):
 
 Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keyed by the source weights'
 checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
-stopped when started again with the same --work.
+stopped when started again with the same --work. The JSON is written as each part finishes (SST-2, the
+curve, IMDB's pretrained arm against TF-IDF, IMDB's scratch arm, GLUE), its `pending` naming what is left.
 
     python benchmarks/transfer.py [--pretrain-seconds 2400] [--tapt-seconds 300] [--books-seconds 0] [--work /tmp/gptn-transfer]
                                   [--seeds 5] [--subsets 2] [--sections sst2,imdb,curve,glue] [--fresh]
@@ -487,30 +488,64 @@ def main():
                        lambda: tfidf_baseline([labels(task, k, n), s["select"]], s["report"], steps))
                 for k in range(args.subsets)]
 
-    for task, section, prefix in (("SST-2", "sst2", ""), ("IMDB", "imdb", "imdb_")):
-        if section not in sections:
-            continue
-        if task == "IMDB" and "SST-2: pretrained" not in recipes:
-            search("SST-2", {})
-        # IMDB starts from SST-2's recipe of each arm (all but λ, and the IMDB-only source) and searches the rest
-        search(task, {init: {k: v for k, v in recipes[f"SST-2: {init}"].items() if k not in ("source", "lm_weight")}
-                      for init in ARMS} if task == "IMDB" else {})
-        for init in ARMS:
-            cells[(task, init)] = report(task, init)
-        bow[task] = tfidf(task)
-        pre_c, scr_c = ([r["correct"] for r in cells[(task, init)]] for init in ARMS)
-        vs_bow, vs_scratch = bootstrap_difference(pre_c, bow[task]), bootstrap_difference(pre_c, scr_c)
-        results[f"{prefix}pretrained_minus_bow"], results[f"{prefix}pretrained_minus_bow_ci95"] = vs_bow["points"], vs_bow["ci95"]
-        results[f"{prefix}pretrained_minus_scratch"] = vs_scratch["points"]
-        results[f"{prefix}pretrained_minus_scratch_ci95"] = vs_scratch["ci95"]
+    def write(pending: list[str]) -> None:
+        """transfer.json with every cell finished so far; `pending` names what this run has still to do."""
+        results.update({
+            "tfidf_logreg": {task: {"mean": float(np.mean(v)), "per_subset": [float(np.mean(x)) for x in v]}
+                             for task, v in bow.items()},
+            "cells": {f"{task}: {init}": summary(runs) for (task, init), runs in cells.items()},
+            "cells_without_refit": {f"{task}: {init}": summary([r["without_refit"] | {k: r[k] for k in ("select", "epoch", "seconds")}
+                                                                  for r in runs]) for (task, init), runs in cells.items()},
+            "recipes": recipes, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
+            "pretrained_search": {k: v for k, v in searches.items() if "pretrained" in k}, "fixed": FIXED,
+            "defaults_before_refine": DEFAULTS, "refine": REFINE,
+            "frozen_probe": {task: cached(work, {"name": "probe", "source": probe_source(task), "train": sets[task]["subsets"][0]},
+                                          lambda: frozen_probe(probe_source(task), sets[task]["subsets"][0], sets[task]["report"]))
+                             for task in bow},
+            "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
+                                   sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
+            "pretraining": {**pre, "model": LM, "batch_tokens": LM_BATCH * LM["n_ctx"], "optimizer": "muon",
+                            "precision": str(autocast_dtype("auto", torch.device("cpu"), LM["d_model"]) or "fp32"),
+                            "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
+                            "tokenizer": "bpe:8192"},
+            "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
+            "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds,
+            "curve_seeds": args.curve_seeds or args.seeds, "subsets": args.subsets, "sections": sections,
+            "pending": pending, "command": " ".join(["python", *sys.argv]), "starts": starts,
+            "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": started_on})
+        print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)"
+              + (f"; still to run: {', '.join(pending)}" if pending else ""), flush=True)
+
+    # In the order of what the targets read, the JSON written after each: SST-2, its label curve, IMDB's
+    # pretrained arm against TF-IDF, IMDB's scratch arm (an IMDB run costs ~20 SST-2 runs), GLUE.
+    todo = [s for s in ("SST-2", "curve", "IMDB: pretrained", "IMDB: scratch", "GLUE")
+            if {"SST-2": "sst2", "curve": "curve", "GLUE": "glue"}.get(s, "imdb") in sections]
+
+    def done(step: str) -> None:
+        todo.remove(step)
+        write(todo)
+
+    def compare(task: str, prefix: str, *against: str) -> None:
+        """The task's table, and the paired differences pretrained - each of `against` ("bow": TF-IDF, "scratch")."""
         print(f"\n{task}, {N_LABELED:,} labels, {len(runs_of)} runs per arm ({args.seeds} seeds x {args.subsets} label "
               f"subsets), reported on {sets[task]['report_size']:,} items")
         print(table([(init, f"{100 * summary(cells[(task, init)])['mean']:.1f}", f"{100 * summary(cells[(task, init)])['sd']:.1f}",
-                      json.dumps(recipes[f"{task}: {init}"])) for init in ARMS]
+                      json.dumps(recipes[f"{task}: {init}"])) for init in ARMS if (task, init) in cells]
                     + [("TF-IDF + LR", f"{100 * np.mean(bow[task]):.1f}", "", "C by 5-fold CV")],
                     ("arm", "accuracy %", "sd", "recipe (chosen on the selection set)")))
-        print(f"pretrained - TF-IDF {vs_bow['points']:+.2f} points {vs_bow['ci95']}; "
-              f"pretrained - scratch {vs_scratch['points']:+.2f} {vs_scratch['ci95']}", flush=True)
+        pre_c = [r["correct"] for r in cells[(task, "pretrained")]]
+        for other in against:
+            diff = bootstrap_difference(pre_c, bow[task] if other == "bow" else [r["correct"] for r in cells[(task, other)]])
+            results[f"{prefix}pretrained_minus_{other}"], results[f"{prefix}pretrained_minus_{other}_ci95"] = diff["points"], diff["ci95"]
+            print(f"pretrained - {'TF-IDF' if other == 'bow' else other} {diff['points']:+.2f} points {diff['ci95']}", flush=True)
+
+    if "sst2" in sections:
+        search("SST-2", {})
+        for init in ARMS:
+            cells[("SST-2", init)] = report("SST-2", init)
+        bow["SST-2"] = tfidf("SST-2")
+        compare("SST-2", "", "bow", "scratch")
+        done("SST-2")
 
     if "curve" in sections:
         curve = {}
@@ -522,6 +557,21 @@ def main():
         results["label_curve"] = curve
         print("\nSST-2, pretrained - TF-IDF by labels: "
               + ", ".join(f"{n}: {c['points']:+.1f} {c['ci95']}" for n, c in curve.items()))
+        done("curve")
+
+    if "imdb" in sections:
+        if "SST-2: pretrained" not in recipes:
+            search("SST-2", {})
+        # IMDB starts from SST-2's recipe of each arm (all but λ, and the IMDB-only source) and searches the rest
+        search("IMDB", {init: {k: v for k, v in recipes[f"SST-2: {init}"].items() if k not in ("source", "lm_weight")}
+                        for init in ARMS})
+        cells[("IMDB", "pretrained")] = report("IMDB", "pretrained")
+        bow["IMDB"] = tfidf("IMDB")
+        compare("IMDB", "imdb_", "bow")
+        done("IMDB: pretrained")
+        cells[("IMDB", "scratch")] = report("IMDB", "scratch")
+        compare("IMDB", "imdb_", "bow", "scratch")
+        done("IMDB: scratch")
 
     if "glue" in sections:
         glue = {}
@@ -535,32 +585,7 @@ def main():
                 glue[f"{task}: {init}"] = {"metric": runs[0]["metric"], **summary(runs)}
         results["glue"] = glue
         print("\nGLUE (2,000 train, 500 selection, dev): " + ", ".join(f"{k} {v['metric']} {v['mean']:.3f}" for k, v in glue.items()))
-
-    results.update({
-        "tfidf_logreg": {task: {"mean": float(np.mean(v)), "per_subset": [float(np.mean(x)) for x in v]}
-                         for task, v in bow.items()},
-        "cells": {f"{task}: {init}": summary(runs) for (task, init), runs in cells.items()},
-        "cells_without_refit": {f"{task}: {init}": summary([r["without_refit"] | {k: r[k] for k in ("select", "epoch", "seconds")}
-                                                              for r in runs]) for (task, init), runs in cells.items()},
-        "recipes": recipes, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
-        "pretrained_search": {k: v for k, v in searches.items() if "pretrained" in k}, "fixed": FIXED,
-        "defaults_before_refine": DEFAULTS, "refine": REFINE,
-        "frozen_probe": {task: cached(work, {"name": "probe", "source": probe_source(task), "train": sets[task]["subsets"][0]},
-                                      lambda: frozen_probe(probe_source(task), sets[task]["subsets"][0], sets[task]["report"]))
-                         for task in bow},
-        "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
-                               sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
-        "pretraining": {**pre, "model": LM, "batch_tokens": LM_BATCH * LM["n_ctx"], "optimizer": "muon",
-                        "precision": str(autocast_dtype("auto", torch.device("cpu"), LM["d_model"]) or "fp32"),
-                        "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
-                        "tokenizer": "bpe:8192"},
-        "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
-        "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds,
-        "curve_seeds": args.curve_seeds or args.seeds, "subsets": args.subsets, "sections": sections,
-        "command": " ".join(["python", *sys.argv]), "starts": starts,
-        "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": started_on})
-    print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)")
-
+        done("GLUE")
 
 if __name__ == "__main__":
     main()
