@@ -488,6 +488,16 @@ def main():
                        lambda: tfidf_baseline([labels(task, k, n), s["select"]], s["report"], steps))
                 for k in range(args.subsets)]
 
+    def compute_seconds() -> dict:
+        """What the finished parts cost from an empty --work, whichever start ran each cell (the
+        *_seconds above time this start only): pretraining, the searches' trials, the reported runs."""
+        out = {"pretraining": sum(p["seconds"] for p in pre.values()),
+               "search": round(sum(t["seconds"] for tried in searches.values() for t in tried)),
+               "reported": round(sum(r["seconds"] for runs in cells.values() for r in runs)),
+               "curve_below_2000": round(sum(c["pretrained"]["seconds"] for n, c in results.get("label_curve", {}).items()
+                                             if int(n) != N_LABELED))}
+        return {**out, "total": sum(out.values())}
+
     def write(pending: list[str]) -> None:
         """transfer.json with every cell finished so far; `pending` names what this run has still to do."""
         results.update({
@@ -512,7 +522,8 @@ def main():
             "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds,
             "curve_seeds": args.curve_seeds or args.seeds, "subsets": args.subsets, "sections": sections,
             "pending": pending, "command": " ".join(["python", *sys.argv]), "starts": starts,
-            "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all), "machine": started_on})
+            "finetune_seconds": round(time.time() - t_ft), "total_seconds": round(time.time() - t_all),
+            "compute_seconds": compute_seconds(), "machine": started_on})
         print(f"\nwrote {write_results('transfer', results)} ({time.time() - t_all:.0f} s)"
               + (f"; still to run: {', '.join(pending)}" if pending else ""), flush=True)
 
