@@ -110,19 +110,24 @@ def test_last_only_logits():
     torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
 
 
+@pytest.mark.parametrize("vocab", [97, 40_000])  # 40,000: the CPU loss runs over several chunks of rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_next_token_loss_matches_cross_entropy(dtype):
-    """Under torch.compile the loss is our own autograd function; value and gradient must be F.cross_entropy's."""
+def test_next_token_loss_matches_cross_entropy(dtype, vocab):
+    """Eagerly on a CPU and under torch.compile the loss is our own autograd function; value and gradient
+    must be F.cross_entropy's, without gradients too."""
     torch.manual_seed(0)
-    logits = (torch.randn(3, 17, 97) * 3).to(dtype).requires_grad_()
-    targets = torch.randint(0, 97, (3, 17))
+    logits = (torch.randn(3, 17, vocab) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (3, 17))
     targets[0, :4] = -100  # ignored positions count neither in the sum nor in the mean
-    ref = F.cross_entropy(logits.float().reshape(-1, 97), targets.reshape(-1), ignore_index=-100)
+    targets[1, :] = -100  # a whole chunk of rows ignored
+    ref = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
     (ref_grad,) = torch.autograd.grad(ref, logits)
     compiled = torch.compile(next_token_loss, backend="aot_eager", fullgraph=True)
     for loss_fn in (next_token_loss, compiled):
         loss = loss_fn(logits, targets)
-        (grad,) = torch.autograd.grad(loss, logits)
+        (grad,) = torch.autograd.grad(loss * 2, logits)  # the upstream gradient scales it
         torch.testing.assert_close(loss, ref)
         assert grad.dtype == dtype
-        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad.float(), 2 * ref_grad.float(), atol=2e-6, rtol=1e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(next_token_loss(logits, targets), ref)

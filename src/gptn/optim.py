@@ -10,7 +10,8 @@ decay, Keller Jordan's sqrt(max(1, rows/cols)) learning-rate scale); it is ours 
 orthogonalises in bfloat16 one matrix at a time, which on a CPU without bf16 matmul units is slow:
 for the 16 matrices of the 4x128 Shakespeare model, 932 ms per step against 36 ms here (the whole
 AdamW training step is ~80 ms). Here matrices of one shape go through one batched iteration, in
-bfloat16 on GPUs and float32 on CPUs.
+bfloat16 on GPUs and on CPUs where bf16 products of the matrices' width beat float32 ones
+(`runtime.cpu_bf16_pays`), else in float32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import re
 import torch
 from torch import nn
 
+from .runtime import cpu_bf16_pays
+
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # quintic iteration, as torch.optim.Muon
 OPTIMIZERS = ("adamw", "muon")  # AdamW everywhere, or Muon for the blocks' matrices and AdamW for the rest
 MUON_LR = 0.02  # the reference implementation's default
@@ -29,7 +32,8 @@ MUON_LR = 0.02  # the reference implementation's default
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U V^T of each (m, n) matrix in `g` (m, n) or (k, m, n), by quintic Newton-Schulz."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32).reshape(-1, *g.shape[-2:])
+    fast_bf16 = g.is_cuda or cpu_bf16_pays(min(g.shape[-2:]))
+    x = g.to(torch.bfloat16 if fast_bf16 else torch.float32).reshape(-1, *g.shape[-2:])
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT  # iterate on the (small, small) Gram matrix side

@@ -74,9 +74,16 @@ def cpu_bf16_is_faster() -> bool:
     return measure_matmul_peak(cpu, torch.bfloat16, 512, 0.2) > 1.5 * measure_matmul_peak(cpu, torch.float32, 512, 0.2)
 
 
-# Below this width bf16 autocast's casts cost more than its products save on a CPU (EPYC with
-# AVX512-BF16, training steps fp32 / bf16: d_model 32: 0.68x, 128: 1.28x, 256: 1.86x, 384: 2.71x).
+# Below this width bf16's casts cost more than its products save on a CPU (EPYC with AVX512-BF16,
+# training steps fp32 / bf16: d_model 32: 0.68x, 128: 1.28x, 256: 1.86x, 384: 2.71x; Muon's
+# orthogonalisation on an AMX Xeon likewise loses below ~96).
 CPU_BF16_MIN_WIDTH = 128
+
+
+def cpu_bf16_pays(width: int | None = None) -> bool:
+    """Whether bf16 products of this width (a model's d_model, a matrix's smaller side; None: any) beat
+    float32 ones on this CPU."""
+    return (width is None or width >= CPU_BF16_MIN_WIDTH) and cpu_bf16_is_faster()
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training autocast (--precision)
@@ -92,8 +99,7 @@ def autocast_dtype(precision: str, device: torch.device, d_model: int | None = N
     if device.type != "cuda":
         if precision == "fp16":
             raise GptnError("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")
-        wide = d_model is None or d_model >= CPU_BF16_MIN_WIDTH
-        return torch.bfloat16 if precision == "bf16" or precision == "auto" and wide and cpu_bf16_is_faster() else None
+        return torch.bfloat16 if precision == "bf16" or precision == "auto" and cpu_bf16_pays(d_model) else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
