@@ -530,8 +530,8 @@ def main():
 
     # In the order of what the targets read, the JSON written after each: SST-2, its label curve, IMDB's
     # pretrained arm against TF-IDF, IMDB's scratch arm (an IMDB run costs ~20 SST-2 runs), GLUE.
-    todo = [s for s in ("SST-2", "curve", "IMDB: pretrained", "IMDB: scratch", "GLUE")
-            if {"SST-2": "sst2", "curve": "curve", "GLUE": "glue"}.get(s, "imdb") in sections]
+    todo = [step for step, section in (("SST-2", "sst2"), ("curve", "curve"), ("IMDB: pretrained", "imdb"),
+                                       ("IMDB: scratch", "imdb"), ("GLUE", "glue")) if section in sections]
 
     def done(step: str) -> None:
         todo.remove(step)
