@@ -175,6 +175,7 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
         runs = {e: _pretrain(work / f"pretrained-sst2-{e}ep", sst, init_from, steps=e * per_epoch,
                              warmup_steps=max(1, e * per_epoch // 10), lr_scale=TAPT_LR_SCALE) for e in tapt_epochs}
         kept = min(runs, key=lambda e: runs[e]["val_loss"])
+        # the kept run's figures, but the seconds of all of them: what the stage cost
         summary["sst2"] = {**runs[kept], "epochs": kept, "seconds": sum(r["seconds"] for r in runs.values()),
                            "val_loss_by_epochs": {str(e): r["val_loss"] for e, r in runs.items()}}
     return summary
@@ -408,11 +409,22 @@ def summary(runs: list[dict]) -> dict:
             "seconds": sum(r["seconds"] for r in runs)}
 
 
+def epoch_counts(text: str) -> tuple[int, ...]:
+    """--tapt-epochs: a comma list of epoch counts (0 or nothing: no task-adaptive stage)."""
+    try:
+        counts = {int(x) for x in text.split(",") if x.strip()} - {0}
+    except ValueError:
+        counts = {-1}
+    if min(counts, default=1) < 1:
+        raise argparse.ArgumentTypeError(f"a comma list of epoch counts >= 1 (0: none), not {text!r}")
+    return tuple(sorted(counts))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/gptn-transfer")
     ap.add_argument("--pretrain-seconds", type=float, default=2400, help="IMDB pretraining budget (default 40 min)")
-    ap.add_argument("--tapt-epochs", default="1,2,4",
+    ap.add_argument("--tapt-epochs", type=epoch_counts, default="1,2,4",
                     help="then continue on SST-2's unlabeled training sentences for each of these many epochs, keeping "
                          "the run with the lowest loss on their held-out sentences (default 1,2,4; 0: none)")
     ap.add_argument("--books-seconds", type=float, default=0,
@@ -427,12 +439,6 @@ def main():
     sections = [x for x in args.sections.split(",") if x]
     if set(sections) - set(SECTIONS) or ("curve" in sections and "sst2" not in sections) or min(args.seeds, args.subsets) < 1:
         ap.error(f"--sections: a comma list of {', '.join(SECTIONS)} (curve needs sst2); --seeds, --subsets >= 1")
-    try:
-        tapt = tuple(sorted({int(x) for x in args.tapt_epochs.split(",") if x.strip()} - {0}))
-    except ValueError:
-        tapt = (-1,)
-    if min(tapt, default=1) < 1:
-        ap.error(f"--tapt-epochs: a comma list of epoch counts >= 1 (0: none), not {args.tapt_epochs!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # its 1.10 / 1.11 default changes
     work = Path(args.work)
@@ -445,7 +451,7 @@ def main():
     starts.append({"commit": started_on.get("gptn_commit"), "command": " ".join(sys.argv[1:]),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     starts_path.write_text(json.dumps(starts, indent=1))
-    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, tapt)
+    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
     sources = {name: Path(pre[name]["run"]) for name in ("imdb", "sst2") if name in pre}
     print("pretraining: " + json.dumps(pre), flush=True)
     t_ft = time.time()
