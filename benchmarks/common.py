@@ -17,6 +17,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def cpu_kind() -> str:
+    """The CPU kinds speed figures differ between (vendor and the widest matrix ISA): intel-amx,
+    amd-avx512bf16, amd-avx2, ...; a results file of speed is one per kind (NAME-KIND.json)."""
+    import torch
+    try:
+        head = open("/proc/cpuinfo").read(8192)
+    except OSError:
+        return platform.machine()
+    vendor = "intel" if "GenuineIntel" in head else "amd" if "AuthenticAMD" in head else platform.machine()
+    flags = next((ln for ln in head.splitlines() if ln.startswith("flags")), "").split()
+    isa = ("amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags
+           else torch.backends.cpu.get_cpu_capability().lower())
+    return f"{vendor}-{isa}"
+
+
 def machine() -> dict:
     import numpy
     import torch
@@ -28,6 +43,7 @@ def machine() -> dict:
         info["cpu"] = platform.processor()
     # "AMD EPYC" names CPUs from AVX2-only to AVX512-BF16 here: the vector ISA torch uses tells them apart
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["cpu_kind"] = cpu_kind()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     for pkg in ("transformers", "tiktoken", "tokenizers", "lm_eval"):

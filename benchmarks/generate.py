@@ -25,6 +25,9 @@ Targets (issues 22, 39): int8 >= 1.0x CTranslate2 int8 and fp32 >= 1.1x CTransla
 bf16 >= 1.7x fp32 at batch 1 (fp16, the other 2-byte path, reported beside it); fp32 >= 1.25x / 1.5x Hugging Face;
 prefill no slower than Hugging Face's; int8 >= 1.0x llama.cpp Q8_0 and fp16 >= 1.0x llama.cpp F16 at batch 1.
 
+Results go to results/generate-KIND.json, one file per CPU kind (common.cpu_kind: intel-amx, amd-avx512bf16,
+amd-avx2): each kind's speed paths are chosen by what measures faster there, and its figures are its own.
+
     python benchmarks/generate.py [--quality-minutes 6 | --quality-run RUN --quality-corpus CORPUS] [--dtypes fp32,bf16,fp16,int8]
 """
 
@@ -40,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED, machine, table, write_results  # noqa: E402
+from common import SHARED, cpu_kind, machine, table, write_results  # noqa: E402
 
 from gptn.checkpoint import save_checkpoint  # noqa: E402
 from gptn.config import get_preset  # noqa: E402
@@ -387,7 +390,7 @@ def main():
     print("prefill 1x1024 (last-position logits): " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in prefill.items()))
     if quality_res:
         res["quality"] = quality_res
-    print("wrote", write_results("generate", res))
+    print("wrote", write_results(f"generate-{cpu_kind()}", res))
 
 
 if __name__ == "__main__":
