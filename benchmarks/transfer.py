@@ -16,26 +16,26 @@ The protocol (also written into the JSON's `protocol`):
    SST-2 dev (872) and on 5,000 IMDB test reviews, minus every report item that occurs verbatim in the
    pretraining text (the JSON says how many).
 3. Selection, on the selection set only. Each arm (pretrained, scratch: the same shape, randomly
-   initialised) runs a grid of 12 points (SEARCH: for SST-2 the pretrained arm's is source run x rate x λ,
-   the scratch arm's 6 rates x λ; for IMDB long-input handling x λ at SST-2's recipe), then from its best
-   point each of REFINE's changes (head pooling "extract" instead of "mean"; 5 epochs instead of 3;
-   ULMFiT's discriminative rates, each block at 0.8 or 0.5 times the rate of the one above), one seed on
-   label subset 0; the epoch kept in every run is the best on the selection set. The best of all
-   tried is frozen as the arm's recipe.
-4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets. Each run is a selection run
-   (its label subset, the epoch kept is the best on the selection set) followed by a refit: the same
-   recipe and seed on the label subset plus the selection set, for the epochs the selection run kept,
-   scored once on the report set (what a practitioner does once the choices are made: the model and
-   TF-IDF then learn from the same labeled examples). TF-IDF (words + bigrams) + logistic regression (C by
-   5-fold cross-validation) is fitted on those examples too. The refit was decided before any refit
-   was scored; the selection runs' report scores stay in the JSON (`cells_without_refit`). Differences
-   come with paired bootstrap 95% intervals on the same report items (items and runs resampled).
+   initialised) runs a grid (SEARCH: for SST-2 the pretrained arm's is source run x rate x λ, 12 points,
+   the scratch arm's 6 rates x λ; for IMDB, at SST-2's recipe, how long reviews are read x λ: all windows
+   in every step, one window drawn per review each epoch (all of them at evaluation: about a quarter of
+   the training cost), or the tail), then for SST-2 from its best point each of REFINE's changes (head
+   pooling "extract" instead of "mean"; 5 epochs instead of 3; ULMFiT's discriminative rates, each block
+   at 0.8 or 0.5 times the rate of the one above), one seed on label subset 0; every run keeps the epoch
+   that is best on the selection set. The best trial is frozen as the arm's recipe, with the epoch it
+   kept as the number of epochs to train for from then on (`refit_epochs`).
+4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets, each on its label subset plus
+   the selection set for the frozen epochs (what a practitioner does once the choices are made; no
+   per-seed selection run: every choice, epochs included, was made in 3), scored once on the report
+   set. TF-IDF (words + bigrams) + logistic regression (C by 5-fold cross-validation) is fitted on the
+   same examples. Validation and report scoring run under training's autocast (bf16 where the CPU has
+   it natively and it measures faster). Differences come with paired bootstrap 95% intervals on the
+   same report items (items and runs resampled).
 5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
-   of each subset, the selection run's epochs scaled to as many steps as at 2,000; --curve-seeds seeds
-   per subset below 2,000), each refit with the selection set as in 4 for the epochs its selection run
-   kept, beside TF-IDF on the same labels plus the selection set.
-6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection,
-   refit as in 4, reported once on dev.
+   of each subset plus the selection set, the frozen epochs scaled to as many steps as at 2,000;
+   --curve-seeds seeds per subset below 2,000), beside TF-IDF on the same labels plus the selection set.
+6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection;
+   SST-2's recipe, its epochs chosen by one seed on the selection split, then as in 4, reported once on dev.
 
 Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keyed by the source weights'
 checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
@@ -94,14 +94,17 @@ SEARCH = {
     ("SST-2", "pretrained"): [dict(source=src, lr=lr, lm_weight=lam) for src in ("imdb", "sst2") for lr in RATES
                               for lam in LAMBDAS],
     ("SST-2", "scratch"): [dict(lr=lr, lm_weight=lam) for lr in (1e-4, *RATES, 3e-3, 6e-3) for lam in LAMBDAS],
-    **{("IMDB", init): [dict(long_inputs=li, lm_weight=lam) for li in ("windows", "tail") for lam in LAMBDAS]
+    # Long reviews: all windows in every step, one window drawn per review each epoch (all at evaluation), or the tail
+    **{("IMDB", init): [dict(long_inputs=li, **({"train_windows": tw} if tw else {}), lm_weight=lam)
+                        for li, tw in (("windows", "all"), ("windows", "one"), ("tail", None)) for lam in LAMBDAS]
        for init in ARMS},
 }
 REFINE = [dict(pooling="extract"), dict(epochs=5), dict(layer_lr_decay=0.8), dict(layer_lr_decay=0.5)]
 # Part of every cache key: raised when fine-tuning gives other results for the same options and seed, so that
 # cached cells are run again (2: the task model is built once, so its new token rows and head draw other numbers;
-# 3: on a CPU the LM loss of λ > 0 is gptn.losses' chunked pass, its gradient rounded to bf16 in another order).
-NUMERICS = 3
+# 3: on a CPU the LM loss of λ > 0 is gptn.losses' chunked pass, its gradient rounded to bf16 in another order;
+# 4: validation and report scoring under training's autocast).
+NUMERICS = 4
 
 
 def full_sentences(phrases: list[str]) -> list[int]:
@@ -348,16 +351,6 @@ def with_selection(train: Path, select: Path) -> Path:
     return out
 
 
-def tune_and_refit(work: Path, source: Path, train: Path, select: Path, report: Path, **options) -> dict:
-    """A reported run: `tune` on train (the epoch kept is the best on `select`), then the refit: the same
-    options on train + select for the epochs it kept, scored on `report` (the first run's own report
-    score kept as `without_refit`)."""
-    chosen = tune(work, source, train, select, report, **options)
-    refit = tune(work, source, with_selection(train, select), None, report, **{**options, "epochs": chosen["epoch"]})
-    return {**refit, "select": chosen["select"], "epoch": chosen["epoch"], "seconds": chosen["seconds"] + refit["seconds"],
-            "without_refit": {k: chosen[k] for k in ("value", "correct") if k in chosen}}
-
-
 def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, **options) -> dict:
     from gptn.finetune import compute_metrics, load_task_model, run_task_model
     from gptn.tasks import read_task_file
@@ -370,7 +363,10 @@ def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Pa
     if report is not None:
         model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
         examples = read_task_file(report, r["task"]).examples
-        preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
+        device = next(model.parameters()).device
+        amp = autocast_dtype(options.get("precision", "auto"), device, model.gpt.config.d_model)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # as its validation was scored
+            preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
         result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]
         if not model.spec.regression:  # per item, for the paired bootstrap
             result["correct"] = [int(p == x.label) for p, x in zip(preds, examples)]
@@ -405,8 +401,7 @@ def bootstrap_difference(a: list[list[int]], b: list[list[int]], resamples: int 
 def summary(runs: list[dict]) -> dict:
     values = [r["value"] for r in runs]
     return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "values": values, "selection": [r["select"] for r in runs], "epochs": [r["epoch"] for r in runs],
-            "seconds": sum(r["seconds"] for r in runs)}
+            "values": values, "epochs": runs[0]["epoch"], "seconds": sum(r["seconds"] for r in runs)}
 
 
 def epoch_counts(text: str) -> tuple[int, ...]:
@@ -459,7 +454,7 @@ def main():
     sets = labeled_sets(work, args.subsets, steps)
     runs_of = [(seed, k) for k in range(args.subsets) for seed in range(1, args.seeds + 1)]
     curve_runs = [(seed, k) for k in range(args.subsets) for seed in range(1, (args.curve_seeds or args.seeds) + 1)]
-    results, recipes, searches, cells, bow = {}, {}, {}, {}, {}
+    results, recipes, refit_epochs, searches, cells, bow = {}, {}, {}, {}, {}, {}
 
     def arm(init: str, recipe: dict, change: dict) -> tuple[Path, dict]:
         """An arm's source run (the scratch arm reads only the shape from IMDB's) and fine-tuning options."""
@@ -471,13 +466,16 @@ def main():
         source, options = arm(init, recipe, change)
         return tune(work, source, train, select, report, seed=seed, **options)
 
-    def reported(init: str, recipe: dict, train: Path, select: Path, report: Path, seed: int, **change) -> dict:
-        source, options = arm(init, recipe, change)
-        return tune_and_refit(work, source, train, select, report, seed=seed, **options)
+    def reported(init: str, recipe: dict, train: Path, select: Path, report: Path, seed: int, epochs: int) -> dict:
+        """The frozen recipe on the label subset plus the selection set, for the epochs the search kept, scored on
+        the report set (what a practitioner does once the choices are made)."""
+        source, options = arm(init, recipe, {"epochs": epochs})
+        return tune(work, source, with_selection(train, select), None, report, seed=seed, **options)
 
     def search(task: str, base: dict, arms: tuple = ARMS) -> None:
         """Each arm's grid, then REFINE's changes one at a time from its best point: one seed on subset 0,
-        scored on the selection set; the best of everything tried is frozen as the arm's recipe."""
+        scored on the selection set; the best of everything tried is frozen as the arm's recipe, and the epoch
+        that trial kept as the epochs of its reported runs."""
         s = sets[task]
         for init in arms:
             print(f"{task}, {init}: search on the selection set", flush=True)
@@ -491,7 +489,8 @@ def main():
             best = max(tried, key=lambda t: t["select"])["options"]
             tried += [trial({**best, **change}) for change in REFINE if task == "SST-2"]
             searches[f"{task}: {init}"] = tried
-            recipes[f"{task}: {init}"] = max(tried, key=lambda t: t["select"])["options"]
+            best = max(tried, key=lambda t: t["select"])
+            recipes[f"{task}: {init}"], refit_epochs[f"{task}: {init}"] = best["options"], best["epoch"]
 
     def labels(task: str, k: int, n: int) -> Path:
         """The first n examples of label subset k: what the model and TF-IDF both learn from."""
@@ -500,7 +499,7 @@ def main():
 
     def report(task: str, init: str, n: int = N_LABELED, runs: list | None = None) -> list[dict]:
         s, recipe = sets[task], recipes[f"{task}: {init}"]
-        epochs = round({**DEFAULTS, **recipe}["epochs"] * N_LABELED / n)  # as many optimizer steps as 2,000 labels
+        epochs = round(refit_epochs[f"{task}: {init}"] * N_LABELED / n)  # as many optimizer steps as 2,000 labels
         runs = runs or runs_of
         print(f"{task}, {init}, {n} labels: {len(runs)} runs of {json.dumps(recipe)}", flush=True)
         return [reported(init, recipe, labels(task, k, n), s["select"], s["report"], seed, epochs=epochs)
@@ -532,9 +531,7 @@ def main():
             "tfidf_logreg": {task: {"mean": float(np.mean(v)), "per_subset": [float(np.mean(x)) for x in v]}
                              for task, v in bow.items()},
             "cells": {f"{task}: {init}": summary(runs) for (task, init), runs in cells.items()},
-            "cells_without_refit": {f"{task}: {init}": summary([r["without_refit"] | {k: r[k] for k in ("select", "epoch", "seconds")}
-                                                                  for r in runs]) for (task, init), runs in cells.items()},
-            "recipes": recipes, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
+            "recipes": recipes, "refit_epochs": refit_epochs, "scratch_search": {k: v for k, v in searches.items() if "scratch" in k},
             "pretrained_search": {k: v for k, v in searches.items() if "pretrained" in k}, "fixed": FIXED,
             "defaults_before_refine": DEFAULTS, "refine": REFINE,
             "frozen_probe": {task: cached(work, {"name": "probe", "source": probe_source(task), "train": sets[task]["subsets"][0]},
@@ -622,7 +619,8 @@ def main():
             for init in ARMS:
                 recipe = {k: v for k, v in (recipes.get(f"SST-2: {init}") or SEARCH[("SST-2", init)][0]).items()
                           if k != "source"}  # the SST-2 task-adaptive run is not GLUE's
-                runs = [reported(init, recipe, paths["train"], paths["select"], paths["report"], seed)
+                kept = run(init, recipe, paths["train"], paths["select"], None, seed=1)["epoch"]  # epochs: GLUE's own
+                runs = [reported(init, recipe, paths["train"], paths["select"], paths["report"], seed, kept)
                         for seed in range(1, args.seeds + 1)]
                 glue[f"{task}: {init}"] = {"metric": runs[0]["metric"], **summary(runs)}
         results["glue"] = glue

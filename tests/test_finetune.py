@@ -113,6 +113,35 @@ def test_fine_tuning_with_windows_learns_a_label_written_before_the_last_window(
     assert "accuracy 0.5000" in capsys.readouterr().out
 
 
+def test_train_windows_one_reads_one_window_of_each_long_input_each_epoch(tok, tmp_path):
+    from gptn.finetune import TaskObjective
+    from gptn.runtime import Dist
+    spec = TaskSpec("classification", ["neg", "pos"], long_inputs="windows")
+    model = _task_model(tok, spec)
+    filler = " and then the film goes on for a long while, as films do"
+    examples = [Example((w + filler * 3,), "pos" if w == "good" else "neg") for w in ("good", "bad", "fine", "dull")]
+    seqs = [spec.sequences(x, tok, model.gpt.config) for x in examples]
+    assert min(map(len, seqs)) > 2
+
+    def objective(train_windows):
+        cfg = FinetuneConfig(run="-", out="-", train="-", train_windows=train_windows, batch_size=4, seed=3)
+        return TaskObjective(cfg, model, tok, seqs, torch.zeros(4, dtype=torch.long), None, 0.5, 1, tmp_path, Dist(), {})
+
+    def sequences_read(obj, epoch):  # one step per epoch here
+        parts = list(obj.micro_batches(epoch))
+        assert sum(p[2] for p in parts) == pytest.approx(1.0) and sum(p[3] for p in parts) == pytest.approx(1.0)
+        return sum(len(p[0].groups) for p in parts), sum(len(p[0].ids) for p in parts)
+
+    assert sequences_read(objective("all"), 0) == (4, sum(map(len, seqs)))  # every window of every example
+    one = objective("one")
+    assert all(sequences_read(one, epoch) == (4, 4) for epoch in range(3))  # one window of each
+    draws = [[one._read(i, epoch) for i in range(4)] for epoch in range(6)]
+    assert all(len(w) == 1 and w[0] in seqs[i] for drawn in draws for i, w in enumerate(drawn))
+    assert len({str(drawn) for drawn in draws}) > 1  # another draw in another epoch
+    # a function of the seed, the epoch and the example: a resumed run (a new objective) draws alike
+    assert [[objective("one")._read(i, epoch) for i in range(4)] for epoch in range(6)] == draws
+
+
 def _task_model(tok, spec, seed=0):
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0))

@@ -17,6 +17,8 @@ Inputs longer than the context (`long_inputs`):
   start of the context first), so the words nearest the extract token are kept (one pass);
 - "head": the same from the end, keeping the start of the text.
 Similarity and multiple choice always truncate ("head" or "tail"; "windows" reads as "tail" there).
+Under "windows", `train_windows="one"` trains each epoch on one window of each long input, drawn at random
+(evaluation and prediction still read them all): a forward pass per example instead of one per window.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ POOLINGS = ("extract", "mean")
 LONG_INPUTS = ("windows", "tail", "head")
 LONG_INPUTS_HELP = ("windows: read the whole input in overlapping windows and average their features (a "
                     "forward pass per window); tail: keep its end; head: keep its start")
+TRAIN_WINDOWS = ("all", "one")
 HEAD_FILE = "head.safetensors"
 TASK_FILE = "task.json"
 
@@ -266,6 +269,9 @@ class FinetuneConfig:
     pooling: str = option("extract", "what the linear head reads: h_n at the extract token (GPT-1) or h_n "
                                      "averaged over the input", choices=POOLINGS)
     long_inputs: str = option("windows", "inputs longer than the context: " + LONG_INPUTS_HELP, choices=LONG_INPUTS)
+    train_windows: str = option("all", "with --long-inputs windows, what a training step reads of a long input: all "
+                                       "its windows, as evaluation does, or one drawn at random each epoch (one "
+                                       "forward pass per example instead of one per window)", choices=TRAIN_WINDOWS)
     optimizer: str = option("adamw", "adamw (GPT-1's) or muon: Muon for the blocks' matrices (at --muon-lr), "
                                      "AdamW for embeddings, LayerNorm and the head", choices=OPTIMIZERS)
     muon_lr: float | None = option(None, f"Muon's peak rate (default {MUON_LR / 10:g})")
@@ -416,7 +422,6 @@ class TaskObjective:
         self.val_examples, self.lm_weight, self.steps_per_epoch = val_examples, lm_weight, steps_per_epoch
         self.out, self.d, self.meta = out, d, meta
         self.spec = model.spec
-        self.lm_tokens = [sum(len(s) - 1 for s in seqs) for seqs in train_seqs]  # L1's targets per example
         self.best, self.history = None, []
         self._orders: dict[int, list[int]] = {}
 
@@ -434,12 +439,22 @@ class TaskObjective:
         weight = 1.0
         if not mine:  # a short last batch leaves this rank nothing: a weightless example keeps ranks in step
             mine, weight = idx[:1], 0.0
-        step_tokens = sum(self.lm_tokens[i] for i in idx)
-        for part in self._split(mine):
-            yield (collate([self.seqs[i] for i in part], self.tokenizer.eot_id), self.targets[part],
-                   weight * len(part) / len(idx), weight * sum(self.lm_tokens[i] for i in part) / max(1, step_tokens))
+        seqs = {i: self._read(i, epoch) for i in idx}
+        lm_tokens = {i: sum(len(s) - 1 for s in seqs[i]) for i in idx}  # L1's targets per example
+        step_tokens = sum(lm_tokens.values())
+        for part in self._split(mine, seqs):
+            yield (collate([seqs[i] for i in part], self.tokenizer.eot_id), self.targets[part],
+                   weight * len(part) / len(idx), weight * sum(lm_tokens[i] for i in part) / max(1, step_tokens))
 
-    def _split(self, mine: list[int]) -> list[list[int]]:
+    def _read(self, i: int, epoch: int) -> list[list[int]]:
+        """The sequences example i trains on in `epoch`: all of them, or under train_windows="one" one
+        window, drawn from the seed, the epoch and the example (a resumed run draws alike)."""
+        seqs = self.seqs[i]
+        if self.cfg.train_windows == "all" or len(seqs) == 1:
+            return seqs
+        return [seqs[random.Random(f"{self.cfg.seed}/{epoch}/{i}").randrange(len(seqs))]]
+
+    def _split(self, mine: list[int], seqs: dict) -> list[list[int]]:
         """--micro-batch examples per forward; by default all of them, except that inputs read in
         several windows are grouped at most batch_size sequences a forward (a step of 32 long reviews
         would otherwise be a forward of up to 32 x MAX_WINDOWS sequences)."""
@@ -447,7 +462,7 @@ class TaskObjective:
             return [mine[k:k + self.cfg.micro_batch] for k in range(0, len(mine), self.cfg.micro_batch)]
         if self.spec.long_inputs != "windows" or not self.spec.kind.windows:
             return [mine]
-        return pack(mine, [len(self.seqs[i]) for i in mine], self.cfg.batch_size)
+        return pack(mine, [len(seqs[i]) for i in mine], self.cfg.batch_size)
 
     def loss(self, model, batch, ctx):
         inputs, targets, example_share, token_share = batch
@@ -461,7 +476,8 @@ class TaskObjective:
             # with few examples, which a model soon fits), and cost a pass over them at every evaluation.
             self._keep(step, epoch, None, {}, ctx)
             return {}, False
-        metrics = evaluate_task(self.model, self.tokenizer, self.val_examples)
+        with ctx.amp:  # training's autocast, as pretraining's validation loss (bf16: about half the time on a CPU)
+            metrics = evaluate_task(self.model, self.tokenizer, self.val_examples)
         self.history.append({"step": step, "epoch": epoch, **metrics})
         value = metrics[self.spec.metric]
         if self.best is None or value > self.best["value"]:
