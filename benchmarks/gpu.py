@@ -434,10 +434,13 @@ def transfer_tier(r: Runner) -> dict:
                 if p.get("source", "imdb") == "imdb"]
         grid = grid[:1] if r.smoke else grid
         options = lambda point: {**t.FIXED, **t.DEFAULTS, **point, "from_scratch": init == "scratch", **device}  # noqa: E731
-        tried = [(t.tune(r.work, run, train, select, None, seed=1, **options(p))["select"], p) for p in grid]
-        recipe = max(tried, key=lambda x: x[0])[1]
-        cells[init] = {"recipe": recipe, "search": [{"select": s, **p} for s, p in tried],
-                       "runs": [t.tune_and_refit(r.work, run, train, select, report, seed=s, **options(recipe))
+        tried = [(t.tune(r.work, run, train, select, None, seed=1, **options(p)), p) for p in grid]
+        best, recipe = max(tried, key=lambda x: x[0]["select"])
+        # as transfer.py reports: labels + selection set, for the epochs the search kept
+        refit = {**options(recipe), "epochs": best["epoch"]}
+        cells[init] = {"recipe": recipe, "epochs": best["epoch"],
+                       "search": [{"select": s["select"], "epoch": s["epoch"], **p} for s, p in tried],
+                       "runs": [t.tune(r.work, run, t.with_selection(train, select), None, report, seed=s, **refit)
                                 for s in seeds]}
     bow = [t.tfidf_baseline([train, select], report, steps_norm)]
     pre_c = [x["correct"] for x in cells["pretrained"]["runs"]]
@@ -447,7 +450,7 @@ def transfer_tier(r: Runner) -> dict:
             "pretrained_minus_scratch": vs_scratch["points"], "pretrained_minus_scratch_ci95": vs_scratch["ci95"],
             "model": shape, "pretrain_seconds": seconds, "labels": n_labels, "seeds": len(seeds),
             "report_items": len(report.read_text().splitlines()), "dropped_verbatim": sum(seen),
-            "recipes": {k: v["recipe"] for k, v in cells.items()},
+            "recipes": {k: {**v["recipe"], "epochs": v["epochs"]} for k, v in cells.items()},
             "accuracy": {k: [x["value"] for x in v["runs"]] for k, v in cells.items()},
             "tfidf": sum(bow[0]) / len(bow[0]), "passed": None}
 
