@@ -21,12 +21,10 @@ def cpu_kind() -> str:
     """The CPU kinds speed figures differ between (vendor and the widest matrix ISA): intel-amx,
     amd-avx512bf16, amd-avx2, ...; a results file of speed is one per kind (NAME-KIND.json)."""
     import torch
-    try:
-        head = open("/proc/cpuinfo").read(8192)
-    except OSError:
-        return platform.machine()
-    vendor = "intel" if "GenuineIntel" in head else "amd" if "AuthenticAMD" in head else platform.machine()
-    flags = next((ln for ln in head.splitlines() if ln.startswith("flags")), "").split()
+
+    from gptn.runtime import cpu_vendor_and_flags
+    vendor_id, flags = cpu_vendor_and_flags()
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor_id, platform.machine())
     isa = ("amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags
            else torch.backends.cpu.get_cpu_capability().lower())
     return f"{vendor}-{isa}"

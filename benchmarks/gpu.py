@@ -436,11 +436,10 @@ def transfer_tier(r: Runner) -> dict:
         options = lambda point: {**t.FIXED, **t.DEFAULTS, **point, "from_scratch": init == "scratch", **device}  # noqa: E731
         tried = [(t.tune(r.work, run, train, select, None, seed=1, **options(p)), p) for p in grid]
         best, recipe = max(tried, key=lambda x: x[0]["select"])
-        # as transfer.py reports: labels + selection set, for the epochs the search kept
-        refit = {**options(recipe), "epochs": best["epoch"]}
         cells[init] = {"recipe": recipe, "epochs": best["epoch"],
                        "search": [{"select": s["select"], "epoch": s["epoch"], **p} for s, p in tried],
-                       "runs": [t.tune(r.work, run, t.with_selection(train, select), None, report, seed=s, **refit)
+                       "runs": [t.refit(r.work, run, train, select, report, seed=s,
+                                        **{**options(recipe), "epochs": best["epoch"]})
                                 for s in seeds]}
     bow = [t.tfidf_baseline([train, select], report, steps_norm)]
     pre_c = [x["correct"] for x in cells["pretrained"]["runs"]]

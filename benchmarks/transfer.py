@@ -69,7 +69,7 @@ from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.normalize import normalize  # noqa: E402
 from gptn.pretrain import PretrainConfig, pretrain  # noqa: E402
-from gptn.runtime import autocast_dtype  # noqa: E402
+from gptn.runtime import autocast, autocast_dtype  # noqa: E402
 
 GLUE = SHARED / "glue"
 IMDB = SHARED / "imdb"
@@ -351,6 +351,12 @@ def with_selection(train: Path, select: Path) -> Path:
     return out
 
 
+def refit(work: Path, source: Path, train: Path, select: Path, report: Path, **options) -> dict:
+    """A reported run: the frozen options (epochs: those the search kept) on train + select, scored on
+    `report` (what a practitioner does once the choices are made)."""
+    return tune(work, source, with_selection(train, select), None, report, **options)
+
+
 def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, **options) -> dict:
     from gptn.finetune import compute_metrics, load_task_model, run_task_model
     from gptn.tasks import read_task_file
@@ -364,8 +370,7 @@ def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Pa
         model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
         examples = read_task_file(report, r["task"]).examples
         device = next(model.parameters()).device
-        amp = autocast_dtype(options.get("precision", "auto"), device, model.gpt.config.d_model)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # as its validation was scored
+        with autocast(options.get("precision", "auto"), device, model.gpt.config.d_model):  # as validation was scored
             preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
         result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]
         if not model.spec.regression:  # per item, for the paired bootstrap
@@ -467,10 +472,8 @@ def main():
         return tune(work, source, train, select, report, seed=seed, **options)
 
     def reported(init: str, recipe: dict, train: Path, select: Path, report: Path, seed: int, epochs: int) -> dict:
-        """The frozen recipe on the label subset plus the selection set, for the epochs the search kept, scored on
-        the report set (what a practitioner does once the choices are made)."""
         source, options = arm(init, recipe, {"epochs": epochs})
-        return tune(work, source, with_selection(train, select), None, report, seed=seed, **options)
+        return refit(work, source, train, select, report, seed=seed, **options)
 
     def search(task: str, base: dict, arms: tuple = ARMS) -> None:
         """Each arm's grid, then REFINE's changes one at a time from its best point: one seed on subset 0,
@@ -566,7 +569,8 @@ def main():
         print(f"\n{task}, {N_LABELED:,} labels, {len(runs_of)} runs per arm ({args.seeds} seeds x {args.subsets} label "
               f"subsets), reported on {sets[task]['report_size']:,} items")
         print(table([(init, f"{100 * summary(cells[(task, init)])['mean']:.1f}", f"{100 * summary(cells[(task, init)])['sd']:.1f}",
-                      json.dumps(recipes[f"{task}: {init}"])) for init in ARMS if (task, init) in cells]
+                      f"{json.dumps(recipes[f'{task}: {init}'])}, trained {refit_epochs[f'{task}: {init}']} epochs")
+                     for init in ARMS if (task, init) in cells]
                     + [("TF-IDF + LR", f"{100 * np.mean(bow[task]):.1f}", "", "C by 5-fold CV")],
                     ("arm", "accuracy %", "sd", "recipe (chosen on the selection set)")))
         pre_c = [r["correct"] for r in cells[(task, "pretrained")]]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .config import GptnError
 from .model import require_in_context
 from .options import option
-from .runtime import native_bf16
+from .runtime import cpu_vendor_and_flags, native_bf16
 
 DTYPES = ("fp32", "bf16", "fp16", "int8", "auto")
 DTYPE_HELP = ("weights for decoding: fp32 (default), bf16, fp16 (CPU: fp16 weights, fp32 arithmetic, fbgemm), "
@@ -46,13 +46,8 @@ ONEDNN_MIN_WORK = 2**18
 MKL_MAX_ROWS = 3
 
 
-@functools.lru_cache(maxsize=None)
 def _intel_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "GenuineIntel" in f.read(4096)
-    except OSError:
-        return False
+    return cpu_vendor_and_flags()[0] == "GenuineIntel"
 
 
 class _CpuInferenceLinear:

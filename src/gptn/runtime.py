@@ -4,6 +4,7 @@ and the peak FLOP/s that MFU is measured against."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -54,13 +55,26 @@ def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
 
 
 @functools.cache
+def cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
+    """This CPU's vendor ("GenuineIntel", "AuthenticAMD"; "" when unknown) and feature flags, from
+    /proc/cpuinfo (empty elsewhere): what the CPU speed paths are chosen by."""
+    vendor, flags = "", ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            key = line.split(":", 1)[0].strip()
+            if key == "vendor_id" and not vendor:
+                vendor = line.split(":", 1)[1].strip()
+            elif key == "flags":
+                flags = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    return vendor, frozenset(flags.split())
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
-    try:
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_vendor_and_flags()[1])
 
 
 @functools.cache
@@ -88,6 +102,13 @@ def cpu_bf16_pays(width: int | None = None) -> bool:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training autocast (--precision)
 STRATEGIES = ("ddp", "fsdp")  # how torchrun's ranks share the model (--strategy)
+
+
+def autocast(precision: str, device: torch.device, d_model: int | None = None):
+    """The autocast context of training at `precision` (autocast_dtype): also what its validation, and a
+    benchmark scoring the result, run under."""
+    dtype = autocast_dtype(precision, device, d_model)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def autocast_dtype(precision: str, device: torch.device, d_model: int | None = None) -> torch.dtype | None:

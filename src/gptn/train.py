@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .checkpoint import model_state_dict, read_metrics, run_lock
 from .config import GptnError
 from .model import Block
-from .runtime import Dist, autocast_dtype, setup_distributed
+from .runtime import Dist, autocast, autocast_dtype, setup_distributed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def fit(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torc
         objective.load_state_dict(resume.get("objective", {}))
         step = resume["step"]
     amp_dtype = autocast_dtype(loop.precision, device, loop.d_model)
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    amp = autocast(loop.precision, device, loop.d_model)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     forward = torch.compile(wrapped) if loop.compile else wrapped
     ctx = Context(d, device, amp, lambda: full_model_state(wrapped, loop.strategy, d))
