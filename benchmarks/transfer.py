@@ -32,8 +32,9 @@ The protocol (also written into the JSON's `protocol`):
    it natively and it measures faster). Differences come with paired bootstrap 95% intervals on the
    same report items (items and runs resampled).
 5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
-   of each subset plus the selection set, the frozen epochs scaled to as many steps as at 2,000;
-   --curve-seeds seeds per subset below 2,000), beside TF-IDF on the same labels plus the selection set.
+   of each subset plus the selection set, trained for as many steps as 2,000 labels plus the selection set
+   are at the frozen epochs; --curve-seeds seeds per subset below 2,000), beside TF-IDF on the same labels
+   plus the selection set.
 6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection;
    SST-2's recipe, its epochs chosen by one seed on the selection split, then as in 4, reported once on dev.
 
@@ -502,7 +503,8 @@ def main():
 
     def report(task: str, init: str, n: int = N_LABELED, runs: list | None = None) -> list[dict]:
         s, recipe = sets[task], recipes[f"{task}: {init}"]
-        epochs = round(refit_epochs[f"{task}: {init}"] * N_LABELED / n)  # as many optimizer steps as 2,000 labels
+        # as many optimizer steps as at 2,000 labels: a reported run trains on its labels plus the selection set
+        epochs = max(1, round(refit_epochs[f"{task}: {init}"] * (N_LABELED + N_SELECT) / (n + N_SELECT)))
         runs = runs or runs_of
         print(f"{task}, {init}, {n} labels: {len(runs)} runs of {json.dumps(recipe)}", flush=True)
         return [reported(init, recipe, labels(task, k, n), s["select"], s["report"], seed, epochs=epochs)
