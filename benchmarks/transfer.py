@@ -2,7 +2,8 @@
 
 The protocol (also written into the JSON's `protocol`):
 
-1. Pretrain once, at this commit, a 4 x 256 GPT (d_ff 1024, context 128, Muon) for --pretrain-seconds
+1. Pretrain once, at this commit, a GPT of --shape (blocks x width; default 4 x 256: d_ff 4 x the width,
+   context 128, Muon) for --pretrain-seconds
    (default 40 min, ending annealed: the cosine decays over the time budget) on IMDB's unlabeled + train
    reviews (never test), normalised like SST-2 (`gptn prepare --normalize sst`), then continue it on
    SST-2's unlabeled training sentences (task-adaptive pretraining, Gururangan et al. 2020; never dev,
@@ -79,8 +80,7 @@ N_LABELED, N_SELECT, N_IMDB_REPORT = 2000, 500, 5000
 CURVE = (100, 250, 500, 1000, 2000)
 SECTIONS = ("sst2", "imdb", "curve", "glue")
 ARMS = ("pretrained", "scratch")
-# 4 x 256 (d_ff 4 x 256), context 128 (IMDB reviews are long; SST-2's sentences fit in 64), no biases.
-LM = dict(n_layer=4, n_head=4, d_model=256, n_ctx=128, dropout=0.0, bias=False)
+SHAPE = "4x256"  # the pretrained model's blocks x width (--shape; lm_config)
 LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
 TAPT_LR_SCALE = 1 / 3  # task-adaptive pretraining continues an annealed model: a gentler peak
 # Fine-tuning: what is fixed for both arms, and what each arm searches on the selection set: a grid, then
@@ -106,6 +106,18 @@ REFINE = [dict(pooling="extract"), dict(epochs=5), dict(layer_lr_decay=0.8), dic
 # 3: on a CPU the LM loss of λ > 0 is gptn.losses' chunked pass, its gradient rounded to bf16 in another order;
 # 4: validation and report scoring under training's autocast).
 NUMERICS = 4
+
+
+def lm_config(shape: str) -> dict:
+    """--shape "LxD": L blocks of width D in heads of 64 (d_ff 4 x D, derived by GPTConfig), context 128
+    (IMDB reviews are long; SST-2's sentences fit in 64), no biases."""
+    try:
+        n_layer, d_model = (int(x) for x in shape.lower().split("x"))
+    except ValueError:
+        n_layer = d_model = 0
+    if n_layer < 1 or d_model < 64 or d_model % 64:
+        raise argparse.ArgumentTypeError(f"blocks x width (the width a multiple of 64), e.g. 4x256, not {shape!r}")
+    return dict(n_layer=n_layer, n_head=d_model // 64, d_model=d_model, n_ctx=128, dropout=0.0, bias=False)
 
 
 def full_sentences(phrases: list[str]) -> list[int]:
@@ -136,8 +148,8 @@ def sst2_sentences() -> list[dict]:
     return [sst[i] for i in whole]
 
 
-def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_epochs: tuple = ()) -> dict:
-    """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2, optionally pretrain
+def pretrain_stage(work: Path, lm: dict, seconds: float, books_seconds: float = 0.0, tapt_epochs: tuple = ()) -> dict:
+    """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2, pretrain `lm` (lm_config) on them, optionally
     on Gutenberg first and continue on IMDB through init_from; with tapt_epochs, continue the IMDB run on
     SST-2's unlabeled training sentences for each of that many epochs (task-adaptive pretraining, runs of
     their own) and keep the one whose loss on its corpus's held-out sentences is lowest: both sources stay
@@ -165,7 +177,7 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
             plan_path.write_text(json.dumps(plan, indent=1))
         # The clock ends the run: the step count is only a cap, and the cosine decays over the time budget,
         # so the run ends annealed whatever the machine's speed (precision auto: bf16 where it is faster).
-        summary[name] = _pretrain(work / f"pretrained-{name}", data, init_from, steps=10 ** 7, warmup_steps=100,
+        summary[name] = _pretrain(work / f"pretrained-{name}", lm, data, init_from, steps=10 ** 7, warmup_steps=100,
                                   max_seconds=plan[name]["seconds"], started_at=plan[name].get("commit"))
         init_from = summary[name]["run"]
     if tapt_epochs:
@@ -175,8 +187,8 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
             text = _write_jsonl(work / "sst2_unlabeled.jsonl",
                                 [{"text": r["sentence"].strip()} for r in sst2_sentences()[N_SELECT:]])
             prepare([str(text)], str(corpus / "tokenizer"), sst, val_fraction=0.02, progress=False)
-        per_epoch = math.ceil(json.loads((sst / "manifest.json").read_text())["tokens"]["train"] / (LM_BATCH * LM["n_ctx"]))
-        runs = {e: _pretrain(work / f"pretrained-sst2-{e}ep", sst, init_from, steps=e * per_epoch,
+        per_epoch = math.ceil(json.loads((sst / "manifest.json").read_text())["tokens"]["train"] / (LM_BATCH * lm["n_ctx"]))
+        runs = {e: _pretrain(work / f"pretrained-sst2-{e}ep", lm, sst, init_from, steps=e * per_epoch,
                              warmup_steps=max(1, e * per_epoch // 10), lr_scale=TAPT_LR_SCALE) for e in tapt_epochs}
         kept = min(runs, key=lambda e: runs[e]["val_loss"])
         # the kept run's figures, but the seconds of all of them: what the stage cost
@@ -185,19 +197,19 @@ def pretrain_stage(work: Path, seconds: float, books_seconds: float = 0.0, tapt_
     return summary
 
 
-def _pretrain(run: Path, data: Path, init_from: str | None, steps: int, warmup_steps: int, max_seconds: float | None = None,
+def _pretrain(run: Path, lm: dict, data: Path, init_from: str | None, steps: int, warmup_steps: int, max_seconds: float | None = None,
               lr_scale: float = 1.0, started_at: str | None = None) -> dict:
-    """One pretraining run of LM's shape (from init_from's weights, if given; an interrupted run resumes,
+    """One pretraining run of `lm` (from init_from's weights, if given; an interrupted run resumes,
     a finished one returns at once), and what it did."""
     pretrain(PretrainConfig(
-        corpus=str(data), out=str(run), init_from=init_from, overrides=dict(LM) if not init_from else {},
-        steps=steps, batch_tokens=LM_BATCH * LM["n_ctx"], lr=LM_LR * lr_scale, min_lr=LM_LR * lr_scale / 10,
+        corpus=str(data), out=str(run), init_from=init_from, overrides=dict(lm) if not init_from else {},
+        steps=steps, batch_tokens=LM_BATCH * lm["n_ctx"], lr=LM_LR * lr_scale, min_lr=LM_LR * lr_scale / 10,
         optimizer="muon", muon_lr=LM_MUON_LR * lr_scale, warmup_steps=warmup_steps, eval_interval=500, eval_batches=40,
         checkpoint_interval=500, max_seconds=max_seconds, progress=False))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     val = [r for r in records if "val_loss" in r]
     state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False, map_location="cpu")
-    tokens = state["step"] * LM_BATCH * LM["n_ctx"]
+    tokens = state["step"] * LM_BATCH * lm["n_ctx"]
     return {"run": str(run), "steps": state["step"], "budget": {"seconds": max_seconds} if max_seconds else {"steps": steps},
             "tokens": tokens, "started_at_commit": started_at or machine().get("gptn_commit"),
             "seconds": round(state["train_seconds"]), "tokens_per_s": round(tokens / state["train_seconds"]),
@@ -425,6 +437,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/gptn-transfer")
     ap.add_argument("--pretrain-seconds", type=float, default=2400, help="IMDB pretraining budget (default 40 min)")
+    ap.add_argument("--shape", default=SHAPE, type=lambda x: lm_config(x) and x,
+                    help=f"the pretrained model: blocks x width, in heads of 64 (default {SHAPE})")
     ap.add_argument("--tapt-epochs", type=epoch_counts, default="1,2,4",
                     help="then continue on SST-2's unlabeled training sentences for each of these many epochs, keeping "
                          "the run with the lowest loss on their held-out sentences (default 1,2,4; 0: none)")
@@ -452,7 +466,8 @@ def main():
     starts.append({"commit": started_on.get("gptn_commit"), "command": " ".join(sys.argv[1:]),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     starts_path.write_text(json.dumps(starts, indent=1))
-    pre = pretrain_stage(work, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
+    lm = lm_config(args.shape)
+    pre = pretrain_stage(work, lm, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
     sources = {name: Path(pre[name]["run"]) for name in ("imdb", "sst2") if name in pre}
     print("pretraining: " + json.dumps(pre), flush=True)
     t_ft = time.time()
@@ -544,8 +559,8 @@ def main():
                              for task in bow},
             "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
                                    sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
-            "pretraining": {**pre, "model": LM, "batch_tokens": LM_BATCH * LM["n_ctx"], "optimizer": "muon",
-                            "precision": str(autocast_dtype("auto", torch.device("cpu"), LM["d_model"]) or "fp32"),
+            "pretraining": {**pre, "shape": args.shape, "model": lm, "batch_tokens": LM_BATCH * lm["n_ctx"],
+                            "optimizer": "muon", "precision": str(autocast_dtype("auto", torch.device("cpu"), lm["d_model"]) or "fp32"),
                             "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
                             "tokenizer": "bpe:8192"},
             "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
