@@ -439,6 +439,9 @@ def main():
     ap.add_argument("--pretrain-seconds", type=float, default=2400, help="IMDB pretraining budget (default 40 min)")
     ap.add_argument("--shape", default=SHAPE, type=lambda x: lm_config(x) and x,
                     help=f"the pretrained model: blocks x width, in heads of 64 (default {SHAPE})")
+    ap.add_argument("--shape-candidates", default="", metavar="WORK[,WORK]",
+                    help="the --work folders of runs of other shapes (their SST-2 search done): the JSON's "
+                         "shape_selection compares them with this run on the selection set")
     ap.add_argument("--tapt-epochs", type=epoch_counts, default="1,2,4",
                     help="then continue on SST-2's unlabeled training sentences for each of these many epochs, keeping "
                          "the run with the lowest loss on their held-out sentences (default 1,2,4; 0: none)")
@@ -454,6 +457,9 @@ def main():
     sections = [x for x in args.sections.split(",") if x]
     if set(sections) - set(SECTIONS) or ("curve" in sections and "sst2" not in sections) or min(args.seeds, args.subsets) < 1:
         ap.error(f"--sections: a comma list of {', '.join(SECTIONS)} (curve needs sst2); --seeds, --subsets >= 1")
+    candidates = [Path(w) / "shape.json" for w in args.shape_candidates.split(",") if w]
+    if missing := [str(c.parent) for c in candidates if not c.exists()]:
+        ap.error(f"--shape-candidates: no finished SST-2 search in {', '.join(missing)} (its shape.json)")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # its 1.10 / 1.11 default changes
     work = Path(args.work)
@@ -596,8 +602,28 @@ def main():
             results[f"{prefix}pretrained_minus_{other}"], results[f"{prefix}pretrained_minus_{other}_ci95"] = diff["points"], diff["ci95"]
             print(f"pretrained - {'TF-IDF' if other == 'bow' else other} {diff['points']:+.2f} points {diff['ci95']}", flush=True)
 
+    def shape_trial() -> dict:
+        """This run's shape and what its arms' best trials scored on SST-2's selection set: WORK/shape.json,
+        what another run's --shape-candidates reads."""
+        return {"shape": args.shape, "work": str(work), "pretrained_at": starts[0]["commit"],
+                **{k: pre["imdb"][k] for k in ("tokens", "tokens_per_s", "val_loss")},
+                "tapt_val_loss": pre.get("sst2", {}).get("val_loss"),
+                **{f"select_{init}": max(t["select"] for t in searches[f"SST-2: {init}"]) for init in ARMS}}
+
     if "sst2" in sections:
         search("SST-2", {})
+        (work / "shape.json").write_text(json.dumps(shape_trial(), indent=1))
+        if candidates:
+            trials = [json.loads(c.read_text()) for c in candidates] + [shape_trial()]
+            results["shape_selection"] = {"chosen_by": "the pretrained arm's best SST-2 selection-set accuracy, "
+                                                       "each shape pretrained for the same --pretrain-seconds",
+                                          "candidates": trials}
+            print(table([(t["shape"], f"{t['tokens'] / 1e6:.1f}M", f"{t['val_loss']:.3f}", f"{t['select_pretrained']:.3f}",
+                          f"{t['select_scratch']:.3f}") for t in trials],
+                        ("shape", "tokens", "val loss", "select pretrained", "select scratch")), flush=True)
+            best = max(trials, key=lambda t: t["select_pretrained"])
+            if best["shape"] != args.shape:
+                print(f"note: {best['shape']} ({best['work']}) scored higher on the selection set than this run's {args.shape}")
         for init in ARMS:
             cells[("SST-2", init)] = report("SST-2", init)
         bow["SST-2"] = tfidf("SST-2")
