@@ -11,6 +11,9 @@ The protocol (also written into the JSON's `protocol`):
    2 min in all), keeping the run whose loss on those sentences' held-out 2% is lowest (a fixed 5 minutes
    was 20 epochs, and that loss rose from 4.64 to 5.83). --books-seconds N pretrains on Gutenberg first.
    Every section below uses these runs; which of the two SST-2 starts from is a selection choice.
+   The shape is one too: each candidate pretrained for the same budget (its own --work) and its SST-2
+   search run as in 3, the one whose pretrained arm scores best on the selection set is the default
+   (--shape-candidates puts the others beside a run in the JSON's `shape_selection`).
 2. Data. SST-2: whole training sentences (dev holds whole sentences; the training rows are every phrase
    of the parse trees), shuffled once: 500 form the selection set, and label subsets of 2,000 are drawn
    from the rest (subset k: its own seeded draw). IMDB: the same from the train reviews. Reported once on
@@ -80,7 +83,7 @@ N_LABELED, N_SELECT, N_IMDB_REPORT = 2000, 500, 5000
 CURVE = (100, 250, 500, 1000, 2000)
 SECTIONS = ("sst2", "imdb", "curve", "glue")
 ARMS = ("pretrained", "scratch")
-SHAPE = "4x256"  # the pretrained model's blocks x width (--shape; lm_config)
+SHAPE = "4x256"  # the pretrained model's blocks x width (--shape; lm_config), chosen as protocol point 1 says
 LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
 TAPT_LR_SCALE = 1 / 3  # task-adaptive pretraining continues an annealed model: a gentler peak
 # Fine-tuning: what is fixed for both arms, and what each arm searches on the selection set: a grid, then
