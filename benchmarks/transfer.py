@@ -83,6 +83,7 @@ N_LABELED, N_SELECT, N_IMDB_REPORT = 2000, 500, 5000
 CURVE = (100, 250, 500, 1000, 2000)
 SECTIONS = ("sst2", "imdb", "curve", "glue")
 ARMS = ("pretrained", "scratch")
+VOCAB = 8192  # the BPE tokenizer's size, trained on the pretraining text (--vocab)
 SHAPE = "4x256"  # the pretrained model's blocks x width (--shape; lm_config), chosen as protocol point 1 says
 LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
 TAPT_LR_SCALE = 1 / 3  # task-adaptive pretraining continues an annealed model: a gentler peak
@@ -151,8 +152,9 @@ def sst2_sentences() -> list[dict]:
     return [sst[i] for i in whole]
 
 
-def pretrain_stage(work: Path, lm: dict, seconds: float, books_seconds: float = 0.0, tapt_epochs: tuple = ()) -> dict:
-    """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2, pretrain `lm` (lm_config) on them, optionally
+def pretrain_stage(work: Path, lm: dict, vocab: int, seconds: float, books_seconds: float = 0.0, tapt_epochs: tuple = ()) -> dict:
+    """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2 with a BPE tokenizer of `vocab`
+    tokens, pretrain `lm` (lm_config) on them, optionally
     on Gutenberg first and continue on IMDB through init_from; with tapt_epochs, continue the IMDB run on
     SST-2's unlabeled training sentences for each of that many epochs (task-adaptive pretraining, runs of
     their own) and keep the one whose loss on its corpus's held-out sentences is lowest: both sources stay
@@ -161,7 +163,7 @@ def pretrain_stage(work: Path, lm: dict, seconds: float, books_seconds: float = 
     corpus = work / "imdb-corpus"
     if not (corpus / "manifest.json").exists():
         t0 = time.time()
-        prepare([str(IMDB / "unsup.jsonl"), str(IMDB / "train.jsonl")], "bpe:8192", corpus, val_fraction=0.01,
+        prepare([str(IMDB / "unsup.jsonl"), str(IMDB / "train.jsonl")], f"bpe:{vocab}", corpus, val_fraction=0.01,
                 normalize="sst", progress=False)
         print(f"IMDB corpus prepared in {time.time() - t0:.0f} s", flush=True)
     stages = []
@@ -442,6 +444,7 @@ def main():
     ap.add_argument("--pretrain-seconds", type=float, default=2400, help="IMDB pretraining budget (default 40 min)")
     ap.add_argument("--shape", default=SHAPE, type=lambda x: lm_config(x) and x,
                     help=f"the pretrained model: blocks x width, in heads of 64 (default {SHAPE})")
+    ap.add_argument("--vocab", type=int, default=VOCAB, help=f"BPE tokens (default {VOCAB})")
     ap.add_argument("--shape-candidates", default="", metavar="WORK[,WORK]",
                     help="the --work folders of runs of other shapes (their SST-2 search done): the JSON's "
                          "shape_selection compares them with this run on the selection set")
@@ -470,13 +473,19 @@ def main():
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    manifest = work / "imdb-corpus" / "manifest.json"
+    if manifest.exists() and (have := json.loads(manifest.read_text())["tokenizer"]["vocab_size"]) != args.vocab:
+        ap.error(f"--vocab {args.vocab}: {work} holds a corpus of {have} tokens (another --work, or --fresh)")
+    config = work / "pretrained-imdb" / "checkpoint" / "config.json"
+    if config.exists() and (have := "{n_layer}x{d_model}".format(**json.loads(config.read_text()))) != args.shape.lower():
+        ap.error(f"--shape {args.shape}: {work} holds a {have} model (another --work, or --fresh)")
     starts_path = work / "starts.json"  # every start of this run: the cached cells of one may be another's
     starts = json.loads(starts_path.read_text()) if starts_path.exists() else []
     starts.append({"commit": started_on.get("gptn_commit"), "command": " ".join(sys.argv[1:]),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     starts_path.write_text(json.dumps(starts, indent=1))
     lm = lm_config(args.shape)
-    pre = pretrain_stage(work, lm, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
+    pre = pretrain_stage(work, lm, args.vocab, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
     sources = {name: Path(pre[name]["run"]) for name in ("imdb", "sst2") if name in pre}
     print("pretraining: " + json.dumps(pre), flush=True)
     t_ft = time.time()
@@ -571,7 +580,7 @@ def main():
             "pretraining": {**pre, "shape": args.shape, "model": lm, "batch_tokens": LM_BATCH * lm["n_ctx"],
                             "optimizer": "muon", "precision": str(autocast_dtype("auto", torch.device("cpu"), lm["d_model"]) or "fp32"),
                             "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
-                            "tokenizer": "bpe:8192"},
+                            "tokenizer": f"bpe:{args.vocab}"},
             "protocol": __doc__.split("The protocol (also written into the JSON's `protocol`):", 1)[1].split("Every fine-tuning")[0].strip(),
             "search_grid": {f"{task}: {init}": grid for (task, init), grid in SEARCH.items()}, "seeds": args.seeds,
             "curve_seeds": args.curve_seeds or args.seeds, "subsets": args.subsets, "sections": sections,
@@ -608,7 +617,7 @@ def main():
     def shape_trial() -> dict:
         """This run's shape and what its arms' best trials scored on SST-2's selection set: WORK/shape.json,
         what another run's --shape-candidates reads."""
-        return {"shape": args.shape, "work": str(work), "pretrained_at": starts[0]["commit"],
+        return {"shape": args.shape, "vocab": args.vocab, "work": str(work), "pretrained_at": starts[0]["commit"],
                 **{k: pre["imdb"][k] for k in ("tokens", "tokens_per_s", "val_loss")},
                 "tapt_val_loss": pre.get("sst2", {}).get("val_loss"),
                 **{f"select_{init}": max(t["select"] for t in searches[f"SST-2: {init}"]) for init in ARMS}}
@@ -621,9 +630,9 @@ def main():
             results["shape_selection"] = {"chosen_by": "the pretrained arm's best SST-2 selection-set accuracy, "
                                                        "each shape pretrained for the same --pretrain-seconds",
                                           "candidates": trials}
-            print(table([(t["shape"], f"{t['tokens'] / 1e6:.1f}M", f"{t['val_loss']:.3f}", f"{t['select_pretrained']:.3f}",
+            print(table([(t["shape"], t.get("vocab", VOCAB), f"{t['tokens'] / 1e6:.1f}M", f"{t['val_loss']:.3f}", f"{t['select_pretrained']:.3f}",
                           f"{t['select_scratch']:.3f}") for t in trials],
-                        ("shape", "tokens", "val loss", "select pretrained", "select scratch")), flush=True)
+                        ("shape", "vocab", "tokens", "val loss", "select pretrained", "select scratch")), flush=True)
             best = max(trials, key=lambda t: t["select_pretrained"])
             if best["shape"] != args.shape:
                 print(f"note: {best['shape']} ({best['work']}) scored higher on the selection set than this run's {args.shape}")

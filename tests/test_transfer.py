@@ -195,3 +195,27 @@ def test_normalisation_is_applied_alike_at_prepare_finetune_and_predict(tmp_path
     same = predict(model, ft_tok, read_task_file(train).examples[:1])[0]["probs"]
     (tmp_path / "norm.jsonl").write_text(json.dumps({"text": "a gorgeous movie !", "label": 1}) + "\n")
     assert predict(model, ft_tok, read_task_file(tmp_path / "norm.jsonl").examples)[0]["probs"] == same
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "4x100"], "--shape: blocks x width (the width a multiple of 64), e.g. 4x256, not '4x100'"),
+    (["--vocab", "4096"], "--vocab 4096: {work} holds a corpus of 8192 tokens"),
+    (["--shape", "4x192"], "--shape 4x192: {work} holds a 4x256 model"),
+    (["--shape-candidates", "{work}"], "--shape-candidates: no finished SST-2 search in {work}"),
+])
+def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line(tmp_path, args, message):
+    # Resuming a --work folder with another shape or vocabulary would report its cells under the wrong name.
+    import subprocess
+    import sys
+    from pathlib import Path
+    work = tmp_path / "work"
+    (work / "imdb-corpus").mkdir(parents=True)
+    (work / "imdb-corpus" / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 8192}}))
+    (work / "pretrained-imdb" / "checkpoint").mkdir(parents=True)
+    (work / "pretrained-imdb" / "checkpoint" / "config.json").write_text(json.dumps({"n_layer": 4, "d_model": 256}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+    out = subprocess.run([sys.executable, str(script), "--work", str(work), *[a.format(work=work) for a in args]],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert message.format(work=work) in out.stderr.strip().splitlines()[-1]
+    assert not (work / "starts.json").exists()  # nothing was started
