@@ -70,6 +70,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine, table, write_results  # noqa: E402
 
+from gptn.config import GptnError  # noqa: E402
 from gptn.data import Corpus, prepare, read_records  # noqa: E402
 from gptn.finetune import FinetuneConfig, finetune  # noqa: E402
 from gptn.normalize import normalize  # noqa: E402
@@ -485,7 +486,10 @@ def main():
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     starts_path.write_text(json.dumps(starts, indent=1))
     lm = lm_config(args.shape)
-    pre = pretrain_stage(work, lm, args.vocab, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
+    try:
+        pre = pretrain_stage(work, lm, args.vocab, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
+    except GptnError as e:  # gptn's own one-line refusals (e.g. a --vocab no BPE can have)
+        ap.error(str(e))
     sources = {name: Path(pre[name]["run"]) for name in ("imdb", "sst2") if name in pre}
     print("pretraining: " + json.dumps(pre), flush=True)
     t_ft = time.time()

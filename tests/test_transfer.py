@@ -202,6 +202,7 @@ def test_normalisation_is_applied_alike_at_prepare_finetune_and_predict(tmp_path
     (["--vocab", "4096"], "--vocab 4096: {work} holds a corpus of 8192 tokens"),
     (["--shape", "4x192"], "--shape 4x192: {work} holds a 4x256 model"),
     (["--shape-candidates", "{work}"], "--shape-candidates: no finished SST-2 search in {work}"),
+    (["--vocab", "100", "--work", "{work}/new"], "bpe:100: a byte-level BPE needs at least 257 tokens"),
 ])
 def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line(tmp_path, args, message):
     # Resuming a --work folder with another shape or vocabulary would report its cells under the wrong name.
