@@ -47,7 +47,7 @@ checksum and the options, and the pretraining run resumes: a run that is interru
 stopped when started again with the same --work. The JSON is written as each part finishes (SST-2, the
 curve, IMDB's pretrained arm against TF-IDF, IMDB's scratch arm, GLUE), its `pending` naming what is left.
 
-    python benchmarks/transfer.py [--pretrain-seconds 2400] [--tapt-epochs 1,2,4] [--books-seconds 0] [--work /tmp/gptn-transfer]
+    python benchmarks/transfer.py [--pretrain-seconds 2400] [--shape 4x256] [--vocab 8192] [--tapt-epochs 1,2,4] [--books-seconds 0] [--work /tmp/gptn-transfer]
                                   [--seeds 5] [--subsets 2] [--sections sst2,imdb,curve,glue] [--fresh]
 """
 
