@@ -11,9 +11,10 @@ The protocol (also written into the JSON's `protocol`):
    2 min in all), keeping the run whose loss on those sentences' held-out 2% is lowest (a fixed 5 minutes
    was 20 epochs, and that loss rose from 4.64 to 5.83). --books-seconds N pretrains on Gutenberg first.
    Every section below uses these runs; which of the two SST-2 starts from is a selection choice.
-   The shape is one too: each candidate pretrained for the same budget (its own --work) and its SST-2
-   search run as in 3, the one whose pretrained arm scores best on the selection set is the default
-   (--shape-candidates puts the others beside a run in the JSON's `shape_selection`).
+   So are the shape, the vocabulary and the corpus: each candidate (--shape, --vocab, --books-seconds)
+   pretrained for the same budget in its own --work and its SST-2 search run as in 3, the one whose
+   pretrained arm scores best on the selection set is the default (--candidates puts the others beside
+   a run in the JSON's `pretraining_selection`).
 2. Data. SST-2: whole training sentences (dev holds whole sentences; the training rows are every phrase
    of the parse trees), shuffled once: 500 form the selection set, and label subsets of 2,000 are drawn
    from the rest (subset k: its own seeded draw). IMDB: the same from the train reviews. Reported once on
@@ -86,6 +87,7 @@ SECTIONS = ("sst2", "imdb", "curve", "glue")
 ARMS = ("pretrained", "scratch")
 VOCAB = 8192  # the BPE tokenizer's size, trained on the pretraining text (--vocab)
 SHAPE = "4x256"  # the pretrained model's blocks x width (--shape; lm_config), chosen as protocol point 1 says
+CANDIDATE = "candidate.json"  # in each --work: its pretraining and SST-2 selection scores, for --candidates
 LM_BATCH, LM_LR, LM_MUON_LR = 16, 3e-3, 0.02
 TAPT_LR_SCALE = 1 / 3  # task-adaptive pretraining continues an annealed model: a gentler peak
 # Fine-tuning: what is fixed for both arms, and what each arm searches on the selection set: a grid, then
@@ -220,6 +222,7 @@ def _pretrain(run: Path, lm: dict, data: Path, init_from: str | None, steps: int
             "tokens": tokens, "started_at_commit": started_at or machine().get("gptn_commit"),
             "seconds": round(state["train_seconds"]), "tokens_per_s": round(tokens / state["train_seconds"]),
             "val_loss_step0": val[0]["val_loss"], "val_loss": val[-1]["val_loss"], "val_ppl": val[-1]["val_ppl"],
+            "val_bpb": val[-1]["val_bpb"],  # bits per byte: comparable across vocabularies, unlike the loss per token
             "lr": LM_LR * lr_scale, "final_lr": [r for r in records if "lr" in r][-1]["lr"], "min_lr": LM_LR * lr_scale / 10,
             "corpus": str(data.name), "d_ff": json.loads((run / "checkpoint" / "config.json").read_text())["d_ff"]}
 
@@ -443,12 +446,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/gptn-transfer")
     ap.add_argument("--pretrain-seconds", type=float, default=2400, help="IMDB pretraining budget (default 40 min)")
-    ap.add_argument("--shape", default=SHAPE, type=lambda x: lm_config(x) and x,
+    ap.add_argument("--shape", default=SHAPE, type=lm_config,
                     help=f"the pretrained model: blocks x width, in heads of 64 (default {SHAPE})")
     ap.add_argument("--vocab", type=int, default=VOCAB, help=f"BPE tokens (default {VOCAB})")
-    ap.add_argument("--shape-candidates", default="", metavar="WORK[,WORK]",
-                    help="the --work folders of runs of other shapes (their SST-2 search done): the JSON's "
-                         "shape_selection compares them with this run on the selection set")
+    ap.add_argument("--candidates", default="", metavar="WORK[,WORK]",
+                    help="the --work folders of runs of another --shape, --vocab or --books-seconds (their SST-2 "
+                         "search done): the JSON's pretraining_selection compares them with this run on the selection set")
     ap.add_argument("--tapt-epochs", type=epoch_counts, default="1,2,4",
                     help="then continue on SST-2's unlabeled training sentences for each of these many epochs, keeping "
                          "the run with the lowest loss on their held-out sentences (default 1,2,4; 0: none)")
@@ -464,9 +467,9 @@ def main():
     sections = [x for x in args.sections.split(",") if x]
     if set(sections) - set(SECTIONS) or ("curve" in sections and "sst2" not in sections) or min(args.seeds, args.subsets) < 1:
         ap.error(f"--sections: a comma list of {', '.join(SECTIONS)} (curve needs sst2); --seeds, --subsets >= 1")
-    candidates = [Path(w) / "shape.json" for w in args.shape_candidates.split(",") if w]
+    candidates = [Path(w) / CANDIDATE for w in args.candidates.split(",") if w]
     if missing := [str(c.parent) for c in candidates if not c.exists()]:
-        ap.error(f"--shape-candidates: no finished SST-2 search in {', '.join(missing)} (its shape.json)")
+        ap.error(f"--candidates: no finished SST-2 search in {', '.join(missing)} (its {CANDIDATE})")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # its 1.10 / 1.11 default changes
     work = Path(args.work)
@@ -478,14 +481,17 @@ def main():
     if manifest.exists() and (have := json.loads(manifest.read_text())["tokenizer"]["vocab_size"]) != args.vocab:
         ap.error(f"--vocab {args.vocab}: {work} holds a corpus of {have} tokens (another --work, or --fresh)")
     config = work / "pretrained-imdb" / "checkpoint" / "config.json"
-    if config.exists() and (have := "{n_layer}x{d_model}".format(**json.loads(config.read_text()))) != args.shape.lower():
-        ap.error(f"--shape {args.shape}: {work} holds a {have} model (another --work, or --fresh)")
+    lm, shape = args.shape, "{n_layer}x{d_model}".format(**args.shape)
+    if config.exists() and (have := "{n_layer}x{d_model}".format(**json.loads(config.read_text()))) != shape:
+        ap.error(f"--shape {shape}: {work} holds a {have} model (another --work, or --fresh)")
+    plan = work / "plan.json"  # pretrain_stage's: each stage's budget
+    if plan.exists() and (have := json.loads(plan.read_text()).get("books", {}).get("seconds", 0)) != args.books_seconds:
+        ap.error(f"--books-seconds {args.books_seconds:g}: {work} was pretrained with {have:g} (another --work, or --fresh)")
     starts_path = work / "starts.json"  # every start of this run: the cached cells of one may be another's
     starts = json.loads(starts_path.read_text()) if starts_path.exists() else []
     starts.append({"commit": started_on.get("gptn_commit"), "command": " ".join(sys.argv[1:]),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     starts_path.write_text(json.dumps(starts, indent=1))
-    lm = lm_config(args.shape)
     try:
         pre = pretrain_stage(work, lm, args.vocab, args.pretrain_seconds, args.books_seconds, args.tapt_epochs)
     except GptnError as e:  # gptn's own one-line refusals (e.g. a --vocab no BPE can have)
@@ -581,7 +587,7 @@ def main():
                              for task in bow},
             "report_sets": {task: {"items": sets[task]["report_size"], "dropped_verbatim_in_pretraining":
                                    sets[task]["report_dropped_verbatim"]} for task in ("SST-2", "IMDB")},
-            "pretraining": {**pre, "shape": args.shape, "model": lm, "batch_tokens": LM_BATCH * lm["n_ctx"],
+            "pretraining": {**pre, "shape": shape, "model": lm, "batch_tokens": LM_BATCH * lm["n_ctx"],
                             "optimizer": "muon", "precision": str(autocast_dtype("auto", torch.device("cpu"), lm["d_model"]) or "fp32"),
                             "corpus": "IMDB unsup + train reviews (never test), normalised like SST-2 (html, lower, punct)",
                             "tokenizer": f"bpe:{args.vocab}"},
@@ -618,28 +624,30 @@ def main():
             results[f"{prefix}pretrained_minus_{other}"], results[f"{prefix}pretrained_minus_{other}_ci95"] = diff["points"], diff["ci95"]
             print(f"pretrained - {'TF-IDF' if other == 'bow' else other} {diff['points']:+.2f} points {diff['ci95']}", flush=True)
 
-    def shape_trial() -> dict:
-        """This run's shape and what its arms' best trials scored on SST-2's selection set: WORK/shape.json,
-        what another run's --shape-candidates reads."""
-        return {"shape": args.shape, "vocab": args.vocab, "work": str(work), "pretrained_at": starts[0]["commit"],
-                **{k: pre["imdb"][k] for k in ("tokens", "tokens_per_s", "val_loss")},
+    def candidate() -> dict:
+        """This run's pretraining (shape, vocabulary, corpus) and what its arms' best trials scored on SST-2's
+        selection set: WORK/CANDIDATE, what another run's --candidates reads."""
+        return {"shape": shape, "vocab": args.vocab, "books_seconds": args.books_seconds, "work": str(work), "pretrained_at": starts[0]["commit"],
+                **{k: pre["imdb"][k] for k in ("tokens", "tokens_per_s", "val_loss", "val_bpb")},
                 "tapt_val_loss": pre.get("sst2", {}).get("val_loss"),
                 **{f"select_{init}": max(t["select"] for t in searches[f"SST-2: {init}"]) for init in ARMS}}
 
     if "sst2" in sections:
         search("SST-2", {})
-        (work / "shape.json").write_text(json.dumps(shape_trial(), indent=1))
+        this = candidate()
+        (work / CANDIDATE).write_text(json.dumps(this, indent=1))
         if candidates:
-            trials = [json.loads(c.read_text()) for c in candidates] + [shape_trial()]
-            results["shape_selection"] = {"chosen_by": "the pretrained arm's best SST-2 selection-set accuracy, "
-                                                       "each shape pretrained for the same --pretrain-seconds",
-                                          "candidates": trials}
-            print(table([(t["shape"], t.get("vocab", VOCAB), f"{t['tokens'] / 1e6:.1f}M", f"{t['val_loss']:.3f}", f"{t['select_pretrained']:.3f}",
-                          f"{t['select_scratch']:.3f}") for t in trials],
-                        ("shape", "vocab", "tokens", "val loss", "select pretrained", "select scratch")), flush=True)
+            trials = [json.loads(c.read_text()) for c in candidates] + [this]
+            results["pretraining_selection"] = {
+                "chosen_by": "the pretrained arm's best SST-2 selection-set accuracy, each candidate pretrained "
+                             "for the same --pretrain-seconds", "candidates": trials}
+            print(table([(t["shape"], t["vocab"], t["books_seconds"], f"{t['tokens'] / 1e6:.1f}M", f"{t['val_bpb']:.3f}",
+                          f"{t['select_pretrained']:.3f}", f"{t['select_scratch']:.3f}") for t in trials],
+                        ("shape", "vocab", "books s", "tokens", "val bits/byte", "select pretrained", "select scratch")), flush=True)
             best = max(trials, key=lambda t: t["select_pretrained"])
-            if best["shape"] != args.shape:
-                print(f"note: {best['shape']} ({best['work']}) scored higher on the selection set than this run's {args.shape}")
+            if best["select_pretrained"] > this["select_pretrained"]:
+                print(f"note: {best['work']} ({best['shape']}, vocab {best['vocab']}, books {best['books_seconds']} s) "
+                      f"scored higher on the selection set than this run")
         for init in ARMS:
             cells[("SST-2", init)] = report("SST-2", init)
         bow["SST-2"] = tfidf("SST-2")

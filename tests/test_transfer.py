@@ -201,11 +201,12 @@ def test_normalisation_is_applied_alike_at_prepare_finetune_and_predict(tmp_path
     (["--shape", "4x100"], "--shape: blocks x width (the width a multiple of 64), e.g. 4x256, not '4x100'"),
     (["--vocab", "4096"], "--vocab 4096: {work} holds a corpus of 8192 tokens"),
     (["--shape", "4x192"], "--shape 4x192: {work} holds a 4x256 model"),
-    (["--shape-candidates", "{work}"], "--shape-candidates: no finished SST-2 search in {work}"),
+    (["--candidates", "{work}"], "--candidates: no finished SST-2 search in {work}"),
+    (["--books-seconds", "600"], "--books-seconds 600: {work} was pretrained with 0"),
     (["--vocab", "100", "--work", "{work}/new"], "bpe:100: a byte-level BPE needs at least 257 tokens"),
 ])
 def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line(tmp_path, args, message):
-    # Resuming a --work folder with another shape or vocabulary would report its cells under the wrong name.
+    # Resuming a --work folder with another shape, vocabulary or corpus would report its cells under the wrong name.
     import subprocess
     import sys
     from pathlib import Path
@@ -214,6 +215,7 @@ def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line
     (work / "imdb-corpus" / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 8192}}))
     (work / "pretrained-imdb" / "checkpoint").mkdir(parents=True)
     (work / "pretrained-imdb" / "checkpoint" / "config.json").write_text(json.dumps({"n_layer": 4, "d_model": 256}))
+    (work / "plan.json").write_text(json.dumps({"imdb": {"seconds": 2400}}))
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
     out = subprocess.run([sys.executable, str(script), "--work", str(work), *[a.format(work=work) for a in args]],
                          capture_output=True, text=True)
