@@ -642,7 +642,7 @@ def main():
                 "chosen_by": "the pretrained arm's best SST-2 selection-set accuracy, each candidate pretrained "
                              "for the same --pretrain-seconds", "candidates": trials}
             print(table([(t["shape"], t["vocab"], t["books_seconds"], f"{t['tokens'] / 1e6:.1f}M", f"{t['val_bpb']:.3f}",
-                          f"{t['select_pretrained']:.3f}", f"{t['select_scratch']:.3f}") for t in trials],
+                          f"{t['select_pretrained']:.3f}", f"{t['select_scratch']:.3f}" if t["select_scratch"] else "not run") for t in trials],
                         ("shape", "vocab", "books s", "tokens", "val bits/byte", "select pretrained", "select scratch")), flush=True)
             best = max(trials, key=lambda t: t["select_pretrained"])
             if best["select_pretrained"] > this["select_pretrained"]:
