@@ -455,7 +455,7 @@ def main():
     ap.add_argument("--tapt-epochs", type=epoch_counts, default="1,2,4",
                     help="then continue on SST-2's unlabeled training sentences for each of these many epochs, keeping "
                          "the run with the lowest loss on their held-out sentences (default 1,2,4; 0: none)")
-    ap.add_argument("--books-seconds", type=float, default=0,
+    ap.add_argument("--books-seconds", type=float, default=0.0,
                     help="pretrain on Gutenberg this long first, then on IMDB from it (--init-from)")
     ap.add_argument("--fresh", action="store_true", help="delete --work first (default: resume what it holds)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per label subset of every reported cell")
@@ -641,7 +641,7 @@ def main():
             results["pretraining_selection"] = {
                 "chosen_by": "the pretrained arm's best SST-2 selection-set accuracy, each candidate pretrained "
                              "for the same --pretrain-seconds", "candidates": trials}
-            print(table([(t["shape"], t["vocab"], t["books_seconds"], f"{t['tokens'] / 1e6:.1f}M", f"{t['val_bpb']:.3f}",
+            print(table([(t["shape"], t["vocab"], f"{t['books_seconds']:g}", f"{t['tokens'] / 1e6:.1f}M", f"{t['val_bpb']:.3f}",
                           f"{t['select_pretrained']:.3f}", f"{t['select_scratch']:.3f}" if t["select_scratch"] else "not run") for t in trials],
                         ("shape", "vocab", "books s", "tokens", "val bits/byte", "select pretrained", "select scratch")), flush=True)
             best = max(trials, key=lambda t: t["select_pretrained"])
