@@ -12,7 +12,7 @@ The protocol (also written into the JSON's `protocol`):
    was 20 epochs, and that loss rose from 4.64 to 5.83). --books-seconds N pretrains on Gutenberg first.
    Every section below uses these runs; which of the two SST-2 starts from is a selection choice.
    So are the shape, the vocabulary and the corpus: each candidate (--shape, --vocab, --books-seconds)
-   pretrained for the same wall clock in all in its own --work and its SST-2 search run as in 3, the one whose
+   pretrained for the same wall clock (books + reviews) in its own --work and its SST-2 search run as in 3, the one whose
    pretrained arm scores best on the selection set is the default (--candidates puts the others beside
    a run in the JSON's `pretraining_selection`).
 2. Data. SST-2: whole training sentences (dev holds whole sentences; the training rows are every phrase
