@@ -22,18 +22,21 @@ The protocol (also written into the JSON's `protocol`):
    pretraining text (the JSON says how many).
 3. Selection, on the selection set only. Each arm (pretrained, scratch: the same shape, randomly
    initialised) runs a grid (SEARCH: for SST-2 the pretrained arm's is source run x rate x λ, 12 points,
-   the scratch arm's 6 rates x λ; for IMDB, at SST-2's recipe, how long reviews are read x λ: all windows
-   in every step, one window drawn per review each epoch (all of them at evaluation: about a quarter of
-   the training cost), or the tail), then for SST-2 from its best point each of REFINE's changes (head
+   the scratch arm's 6 rates x λ; for IMDB, at SST-2's recipe less what reads SST-2's own text, how long
+   reviews are read x λ: all windows in every step, one window drawn per review each epoch (all of them
+   at evaluation: about a quarter of the training cost), or the tail), then for SST-2 from its best point each of REFINE's changes (head
    pooling "extract" instead of "mean"; 5 epochs instead of 3; ULMFiT's discriminative rates, each block
-   at 0.8 or 0.5 times the rate of the one above), one seed on label subset 0; every run keeps the epoch
-   that is best on the selection set. The best trial is frozen as the arm's recipe, with the epoch it
+   at 0.8 or 0.5 times the rate of the one above; self-training: the point, trained on its labels, labels
+   SST-2's unlabeled training sentences, and trains again from its source on its labels plus the most
+   confident half of each predicted class), one seed on label subset 0; every run keeps the epoch that is
+   best on the selection set (a self-training run's teacher too). The best trial is frozen as the arm's recipe, with the epoch it
    kept as the number of epochs to train for from then on (`refit_epochs`).
 4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets, each on its label subset plus
    the selection set for the frozen epochs (what a practitioner does once the choices are made; no
    per-seed selection run: every choice, epochs included, was made in 3), scored once on the report
-   set. TF-IDF (words + bigrams) + logistic regression (C by 5-fold cross-validation) is fitted on the
-   same examples. Validation and report scoring run under training's autocast (bf16 where the CPU has
+   set (a self-trained recipe's teacher: the same options on the same examples, its pseudo-labels for the
+   unlabeled sentences outside them). TF-IDF (words + bigrams) + logistic regression (C by 5-fold
+   cross-validation) is fitted on the same labeled examples. Validation and report scoring run under training's autocast (bf16 where the CPU has
    it natively and it measures faster). Differences come with paired bootstrap 95% intervals on the
    same report items (items and runs resampled).
 5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
@@ -41,7 +44,7 @@ The protocol (also written into the JSON's `protocol`):
    are at the frozen epochs; --curve-seeds seeds per subset below 2,000), beside TF-IDF on the same labels
    plus the selection set.
 6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection;
-   SST-2's recipe, its epochs chosen by one seed on the selection split, then as in 4, reported once on dev.
+   SST-2's recipe (less what reads SST-2's own text), its epochs chosen by one seed on the selection split, then as in 4, reported once on dev.
 
 Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keyed by the source weights'
 checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
@@ -107,7 +110,13 @@ SEARCH = {
                         for li, tw in (("windows", "all"), ("windows", "one"), ("tail", None)) for lam in LAMBDAS]
        for init in ARMS},
 }
-REFINE = [dict(pooling="extract"), dict(epochs=5), dict(layer_lr_decay=0.8), dict(layer_lr_decay=0.5)]
+# Self-training (Yarowsky 1995; Du et al. 2021 with pretrained models): the trial's options, fine-tuned on its labels
+# (the teacher), label SST-2's unlabeled training sentences (never the selection set, dev or those labels); the most
+# confident SELF_TRAIN share of each predicted class joins the labels and the same options train again from the source.
+SELF_TRAIN = 0.5
+REFINE = [dict(pooling="extract"), dict(epochs=5), dict(layer_lr_decay=0.8), dict(layer_lr_decay=0.5),
+          dict(self_train=SELF_TRAIN)]
+SST2_ONLY = ("source", "self_train")  # recipe keys that read SST-2's own unlabeled text: IMDB's and GLUE's recipes drop them
 # Part of every cache key: raised when fine-tuning gives other results for the same options and seed, so that
 # cached cells are run again (2: the task model is built once, so its new token rows and head draw other numbers;
 # 3: on a CPU the LM loss of λ > 0 is gptn.losses' chunked pass, its gradient rounded to bf16 in another order;
@@ -155,6 +164,15 @@ def sst2_sentences() -> list[dict]:
     return [sst[i] for i in whole]
 
 
+def sst2_unlabeled(work: Path) -> Path:
+    """SST-2's whole training sentences outside the selection set, without labels: the task-adaptive pretraining
+    text, and self-training's pool (less the labels of the run that reads it)."""
+    path = work / "sst2_unlabeled.jsonl"
+    if not path.exists():
+        _write_jsonl(path, [{"text": r["sentence"].strip()} for r in sst2_sentences()[N_SELECT:]])
+    return path
+
+
 def pretrain_stage(work: Path, lm: dict, vocab: int, seconds: float, books_seconds: float = 0.0, tapt_epochs: tuple = ()) -> dict:
     """Prepare IMDB's unlabeled + train reviews (never test) normalised like SST-2 with a BPE tokenizer of `vocab`
     tokens, pretrain `lm` (lm_config) on them, optionally
@@ -192,9 +210,7 @@ def pretrain_stage(work: Path, lm: dict, vocab: int, seconds: float, books_secon
         sst = work / "sst2-corpus"
         if not (sst / "manifest.json").exists():
             # never the selection set's sentences: their text seen in pretraining would favour this source there
-            text = _write_jsonl(work / "sst2_unlabeled.jsonl",
-                                [{"text": r["sentence"].strip()} for r in sst2_sentences()[N_SELECT:]])
-            prepare([str(text)], str(corpus / "tokenizer"), sst, val_fraction=0.02, progress=False)
+            prepare([str(sst2_unlabeled(work))], str(corpus / "tokenizer"), sst, val_fraction=0.02, progress=False)
         per_epoch = math.ceil(json.loads((sst / "manifest.json").read_text())["tokens"]["train"] / (LM_BATCH * lm["n_ctx"]))
         runs = {e: _pretrain(work / f"pretrained-sst2-{e}ep", lm, sst, init_from, steps=e * per_epoch,
                              warmup_steps=max(1, e * per_epoch // 10), lr_scale=TAPT_LR_SCALE) for e in tapt_epochs}
@@ -379,15 +395,45 @@ def refit(work: Path, source: Path, train: Path, select: Path, report: Path, **o
     return tune(work, source, with_selection(train, select), None, report, **options)
 
 
-def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, **options) -> dict:
+def with_pseudo_labels(work: Path, source: Path, train: Path, select: Path | None, unlabeled: Path, keep: float,
+                       **options) -> tuple[Path, dict]:
+    """Self-training's training file: `train`, then the most confident `keep` share of each class that the teacher
+    (`options` fine-tuned on `train`, its epoch kept as `tune` keeps it) predicts for the `unlabeled` texts not in
+    `train`; and what the teacher did."""
+    from gptn.finetune import example_from_texts, load_task_model, run_task_model
+    out = work / "teacher"
+    shutil.rmtree(out, ignore_errors=True)
+    r = finetune(FinetuneConfig(run=str(source), out=str(out), train=str(train), val=select and str(select),
+                                progress=False, **options))
+    model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
+    labeled = read_records(train)
+    seen = {x["text"] for x in labeled}
+    pool = [x["text"] for x in read_records(unlabeled) if x["text"] not in seen]
+    with autocast(options.get("precision", "auto"), next(model.parameters()).device, model.gpt.config.d_model):
+        preds, probs = run_task_model(model, tokenizer, [example_from_texts(model.spec, t) for t in pool], batch_size=64)
+    shutil.rmtree(out, ignore_errors=True)
+    rows = []
+    for label in model.spec.labels:
+        mine = sorted((i for i, p in enumerate(preds) if p == label), key=lambda i: -max(probs[i]))
+        rows += [{"text": pool[i], "label": label} for i in mine[:int(len(mine) * keep)]]
+    teacher = {"select": r["best"]["value"], "epoch": r["best"]["epoch"], "pool": len(pool), "added": len(rows)}
+    return _write_jsonl(work / "self_training.jsonl", [{"text": x["text"], "label": x["label"]} for x in labeled] + rows), teacher
+
+
+def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, self_train: float = 0,
+          unlabeled: Path | None = None, **options) -> dict:
     from gptn.finetune import compute_metrics, load_task_model, run_task_model
     from gptn.tasks import read_task_file
     out = work / "ft"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
+    teacher = None
+    if self_train:
+        train, teacher = with_pseudo_labels(work, source, train, select, unlabeled, self_train, **options)
     r = finetune(FinetuneConfig(run=str(source), out=str(out), train=str(train), val=select and str(select),
                                 progress=False, **options))
-    result = {"metric": r["metric"], "select": r["best"]["value"], "epoch": r["best"]["epoch"]}
+    result = {"metric": r["metric"], "select": r["best"]["value"], "epoch": r["best"]["epoch"],
+              **({"teacher": teacher} if teacher else {})}
     if report is not None:
         model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
         examples = read_task_file(report, r["task"]).examples
@@ -509,6 +555,8 @@ def main():
         """An arm's source run (the scratch arm reads only the shape from IMDB's) and fine-tuning options."""
         options = {**FIXED, **DEFAULTS, **recipe, **change}
         source = sources[options.pop("source", "imdb") if init == "pretrained" else "imdb"]
+        if options.get("self_train"):
+            options["unlabeled"] = sst2_unlabeled(work)
         return source, {**options, "from_scratch": init == "scratch"}
 
     def run(init: str, recipe: dict, train: Path, select: Path, report: Path | None, seed: int, **change) -> dict:
@@ -670,9 +718,9 @@ def main():
     if "imdb" in sections:
         if "SST-2: pretrained" not in recipes:
             search("SST-2", {})
-        # IMDB starts from SST-2's recipe of each arm (all but λ, and the IMDB-only source) and searches the rest;
+        # IMDB starts from SST-2's recipe of each arm (all but λ and what reads SST-2's own text) and searches the rest;
         # the pretrained arm first, so that its comparison with TF-IDF is written before the scratch arm's search
-        base = {init: {k: v for k, v in recipes[f"SST-2: {init}"].items() if k not in ("source", "lm_weight")}
+        base = {init: {k: v for k, v in recipes[f"SST-2: {init}"].items() if k not in (*SST2_ONLY, "lm_weight")}
                 for init in ARMS}
         search("IMDB", base, ("pretrained",))
         cells[("IMDB", "pretrained")] = report("IMDB", "pretrained")
@@ -690,7 +738,7 @@ def main():
             paths = glue_sets(work, task)
             for init in ARMS:
                 recipe = {k: v for k, v in (recipes.get(f"SST-2: {init}") or SEARCH[("SST-2", init)][0]).items()
-                          if k != "source"}  # the SST-2 task-adaptive run is not GLUE's
+                          if k not in SST2_ONLY}  # SST-2's unlabeled text is not GLUE's
                 kept = run(init, recipe, paths["train"], paths["select"], None, seed=1)["epoch"]  # epochs: GLUE's own
                 runs = [reported(init, recipe, paths["train"], paths["select"], paths["report"], seed, kept)
                         for seed in range(1, args.seeds + 1)]
