@@ -24,27 +24,29 @@ The protocol (also written into the JSON's `protocol`):
    initialised) runs a grid (SEARCH: for SST-2 the pretrained arm's is source run x rate x λ, 12 points,
    the scratch arm's 6 rates x λ; for IMDB, at SST-2's recipe less what reads SST-2's own text, how long
    reviews are read x λ: all windows in every step, one window drawn per review each epoch (all of them
-   at evaluation: about a quarter of the training cost), or the tail), then for SST-2 from its best point each of REFINE's changes (head
-   pooling "extract" instead of "mean"; 5 epochs instead of 3; ULMFiT's discriminative rates, each block
-   at 0.8 or 0.5 times the rate of the one above; self-training: the point, trained on its labels, labels
-   SST-2's unlabeled training sentences, and trains again from its source on its labels plus the most
-   confident half of each predicted class), one seed on label subset 0; every run keeps the epoch that is
-   best on the selection set (a self-training run's teacher too). The best trial is frozen as the arm's recipe, with the epoch it
-   kept as the number of epochs to train for from then on (`refit_epochs`).
+   at evaluation: about a quarter of the training cost), or the tail), then for SST-2 from its best point
+   each of REFINE's changes (head pooling "extract" instead of "mean"; 5 epochs instead of 3; ULMFiT's
+   discriminative rates, each block at 0.8 or 0.5 times the rate of the one above; self-training: the
+   point, trained on its labels, labels SST-2's unlabeled training sentences, and trains again from its
+   source on its labels plus the most confident half of each predicted class), one seed on label subset 0;
+   every run keeps the epoch that is best on the selection set (a self-training run's teacher too). The
+   best trial is frozen as the arm's recipe, with the epoch it kept as the number of epochs to train for
+   from then on (`refit_epochs`).
 4. Report: each frozen recipe runs --seeds seeds x --subsets label subsets, each on its label subset plus
    the selection set for the frozen epochs (what a practitioner does once the choices are made; no
    per-seed selection run: every choice, epochs included, was made in 3), scored once on the report
    set (a self-trained recipe's teacher: the same options on the same examples, its pseudo-labels for the
    unlabeled sentences outside them). TF-IDF (words + bigrams) + logistic regression (C by 5-fold
-   cross-validation) is fitted on the same labeled examples. Validation and report scoring run under training's autocast (bf16 where the CPU has
-   it natively and it measures faster). Differences come with paired bootstrap 95% intervals on the
-   same report items (items and runs resampled).
+   cross-validation) is fitted on the same labeled examples. Validation and report scoring run under
+   training's autocast (bf16 where the CPU has it natively and it measures faster). Differences come
+   with paired bootstrap 95% intervals on the same report items (items and runs resampled).
 5. The label curve: the pretrained recipe at 100 / 250 / 500 / 1,000 / 2,000 SST-2 labels (the first n
    of each subset plus the selection set, trained for as many steps as 2,000 labels plus the selection set
    are at the frozen epochs; --curve-seeds seeds per subset below 2,000), beside TF-IDF on the same labels
    plus the selection set.
 6. GLUE (--sections glue): RTE, MRPC, STS-B, each training set split into 2,000 train / 500 selection;
-   SST-2's recipe (less what reads SST-2's own text), its epochs chosen by one seed on the selection split, then as in 4, reported once on dev.
+   SST-2's recipe (less what reads SST-2's own text), its epochs chosen by one seed on the selection
+   split, then as in 4, reported once on dev.
 
 Every fine-tuning result (and TF-IDF fit) is cached in WORK/finetunes.json, keyed by the source weights'
 checksum and the options, and the pretraining run resumes: a run that is interrupted picks up where it
@@ -116,7 +118,7 @@ SEARCH = {
 SELF_TRAIN = 0.5
 REFINE = [dict(pooling="extract"), dict(epochs=5), dict(layer_lr_decay=0.8), dict(layer_lr_decay=0.5),
           dict(self_train=SELF_TRAIN)]
-SST2_ONLY = ("source", "self_train")  # recipe keys that read SST-2's own unlabeled text: IMDB's and GLUE's recipes drop them
+SST2_ONLY = ("source", "self_train")  # recipe keys that read SST-2's own unlabeled text: IMDB and GLUE drop them
 # Part of every cache key: raised when fine-tuning gives other results for the same options and seed, so that
 # cached cells are run again (2: the task model is built once, so its new token rows and head draw other numbers;
 # 3: on a CPU the LM loss of λ > 0 is gptn.losses' chunked pass, its gradient rounded to bf16 in another order;
@@ -417,7 +419,8 @@ def with_pseudo_labels(work: Path, source: Path, train: Path, select: Path | Non
         mine = sorted((i for i, p in enumerate(preds) if p == label), key=lambda i: -max(probs[i]))
         rows += [{"text": pool[i], "label": label} for i in mine[:int(len(mine) * keep)]]
     teacher = {"select": r["best"]["value"], "epoch": r["best"]["epoch"], "pool": len(pool), "added": len(rows)}
-    return _write_jsonl(work / "self_training.jsonl", [{"text": x["text"], "label": x["label"]} for x in labeled] + rows), teacher
+    rows = [{"text": x["text"], "label": x["label"]} for x in labeled] + rows
+    return _write_jsonl(work / "self_training.jsonl", rows), teacher
 
 
 def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, self_train: float = 0,

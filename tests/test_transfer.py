@@ -222,3 +222,28 @@ def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert message.format(work=work) in out.stderr.strip().splitlines()[-1]
     assert not (work / "starts.json").exists()  # nothing was started
+
+
+def test_self_training_adds_the_most_confident_half_of_each_class_the_teacher_predicts(source_run, tmp_path):
+    # benchmarks/transfer.py's self-training: the labels stay as they are, and the teacher's pseudo-labels are
+    # drawn from the unlabeled texts outside them, half of each predicted class.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import transfer
+
+    lines = TEXT.splitlines()
+    labeled = [{"text": line, "label": "low" if i % 7 < 3 else "high"} for i, line in enumerate(lines[:32])]
+    train = transfer._write_jsonl(tmp_path / "train.jsonl", labeled)
+    pool = lines[24:64]  # 8 of them are labeled: never pseudo-labeled
+    unlabeled = transfer._write_jsonl(tmp_path / "pool.jsonl", [{"text": t} for t in pool])
+    path, teacher = transfer.with_pseudo_labels(tmp_path, source_run, train, None, unlabeled, 0.5, epochs=2,
+                                                batch_size=8, lr=3e-3, lm_weight=0.0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[:32] == labeled
+    added = rows[32:]
+    assert teacher["pool"] == 32 and teacher["added"] == len(added)
+    assert {r["text"] for r in added} <= set(lines[32:64]) and len({r["text"] for r in added}) == len(added)
+    assert {r["label"] for r in added} <= {"low", "high"}
+    assert 15 <= len(added) <= 16  # half of each class, rounded down
+    assert not (tmp_path / "teacher").exists()  # the teacher's weights are not left behind
