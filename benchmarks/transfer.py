@@ -402,30 +402,37 @@ def with_pseudo_labels(work: Path, source: Path, train: Path, select: Path | Non
     """Self-training's training file: `train`, then the most confident `keep` share of each class that the teacher
     (`options` fine-tuned on `train`, its epoch kept as `tune` keeps it) predicts for the `unlabeled` texts not in
     `train`; and what the teacher did."""
-    from gptn.finetune import example_from_texts, load_task_model, run_task_model
+    from gptn.finetune import example_from_texts
     out = work / "teacher"
     shutil.rmtree(out, ignore_errors=True)
     r = finetune(FinetuneConfig(run=str(source), out=str(out), train=str(train), val=select and str(select),
                                 progress=False, **options))
-    model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
     labeled = read_records(train)
     seen = {x["text"] for x in labeled}
     pool = [x["text"] for x in read_records(unlabeled) if x["text"] not in seen]
-    with autocast(options.get("precision", "auto"), next(model.parameters()).device, model.gpt.config.d_model):
-        preds, probs = run_task_model(model, tokenizer, [example_from_texts(model.spec, t) for t in pool], batch_size=64)
+    spec, preds, probs = predictions(out, options, lambda spec: [example_from_texts(spec, t) for t in pool])
     shutil.rmtree(out, ignore_errors=True)
     rows = []
-    for label in model.spec.labels:
+    for label in spec.labels:
         mine = sorted((i for i, p in enumerate(preds) if p == label), key=lambda i: -max(probs[i]))
         rows += [{"text": pool[i], "label": label} for i in mine[:int(len(mine) * keep)]]
     teacher = {"select": r["best"]["value"], "epoch": r["best"]["epoch"], "pool": len(pool), "added": len(rows)}
-    rows = [{"text": x["text"], "label": x["label"]} for x in labeled] + rows
-    return _write_jsonl(work / "self_training.jsonl", rows), teacher
+    return _write_jsonl(work / "self_training.jsonl", labeled + rows), teacher
+
+
+def predictions(run: Path, options: dict, examples_of) -> tuple:
+    """The fine-tuned `run`'s task spec, predictions and probabilities for examples_of(spec), scored under
+    training's autocast, as its validation was."""
+    from gptn.finetune import load_task_model, run_task_model
+    model, tokenizer = load_task_model(run, "cuda" if options.get("device") == "cuda" else "cpu")
+    with autocast(options.get("precision", "auto"), next(model.parameters()).device, model.gpt.config.d_model):
+        preds, probs = run_task_model(model, tokenizer, examples_of(model.spec), batch_size=64)
+    return model.spec, preds, probs
 
 
 def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Path | None, self_train: float = 0,
           unlabeled: Path | None = None, **options) -> dict:
-    from gptn.finetune import compute_metrics, load_task_model, run_task_model
+    from gptn.finetune import compute_metrics
     from gptn.tasks import read_task_file
     out = work / "ft"
     shutil.rmtree(out, ignore_errors=True)
@@ -438,13 +445,10 @@ def _tune(work: Path, source: Path, train: Path, select: Path | None, report: Pa
     result = {"metric": r["metric"], "select": r["best"]["value"], "epoch": r["best"]["epoch"],
               **({"teacher": teacher} if teacher else {})}
     if report is not None:
-        model, tokenizer = load_task_model(out, "cuda" if options.get("device") == "cuda" else "cpu")
         examples = read_task_file(report, r["task"]).examples
-        device = next(model.parameters()).device
-        with autocast(options.get("precision", "auto"), device, model.gpt.config.d_model):  # as validation was scored
-            preds, _ = run_task_model(model, tokenizer, examples, batch_size=64)
-        result["value"] = compute_metrics(model.spec, preds, [x.label for x in examples])[r["metric"]]
-        if not model.spec.regression:  # per item, for the paired bootstrap
+        spec, preds, _ = predictions(out, options, lambda spec: examples)
+        result["value"] = compute_metrics(spec, preds, [x.label for x in examples])[r["metric"]]
+        if not spec.regression:  # per item, for the paired bootstrap
             result["correct"] = [int(p == x.label) for p, x in zip(preds, examples)]
     result["seconds"] = round(time.time() - t0, 1)
     shutil.rmtree(out, ignore_errors=True)
