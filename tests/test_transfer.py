@@ -2,6 +2,9 @@
 on real corpora needs (pretrain on books, continue on reviews; make reviews read like SST-2)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from gptn.tokenizer import load_tokenizer
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i % 7} times.\n" for i in range(2000))
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "n_ctx": 32, "dropout": 0.0}
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -207,29 +211,23 @@ def test_normalisation_is_applied_alike_at_prepare_finetune_and_predict(tmp_path
 ])
 def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line(tmp_path, args, message):
     # Resuming a --work folder with another shape, vocabulary or corpus would report its cells under the wrong name.
-    import subprocess
-    import sys
-    from pathlib import Path
     work = tmp_path / "work"
     (work / "imdb-corpus").mkdir(parents=True)
     (work / "imdb-corpus" / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 8192}}))
     (work / "pretrained-imdb" / "checkpoint").mkdir(parents=True)
     (work / "pretrained-imdb" / "checkpoint" / "config.json").write_text(json.dumps({"n_layer": 4, "d_model": 256}))
     (work / "plan.json").write_text(json.dumps({"imdb": {"seconds": 2400}}))
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
-    out = subprocess.run([sys.executable, str(script), "--work", str(work), *[a.format(work=work) for a in args]],
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "transfer.py"), "--work", str(work), *[a.format(work=work) for a in args]],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert message.format(work=work) in out.stderr.strip().splitlines()[-1]
     assert not (work / "starts.json").exists()  # nothing was started
 
 
-def test_self_training_adds_the_most_confident_half_of_each_class_the_teacher_predicts(source_run, tmp_path):
+def test_self_training_adds_the_most_confident_half_of_each_class_the_teacher_predicts(source_run, tmp_path, monkeypatch):
     # benchmarks/transfer.py's self-training: the labels stay as they are, and the teacher's pseudo-labels are
     # drawn from the unlabeled texts outside them, half of each predicted class.
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     import transfer
 
     lines = TEXT.splitlines()
