@@ -190,6 +190,16 @@ def test_auxiliary_lm_loss_changes_the_gradient_and_vanishes_at_zero(tok):
     torch.testing.assert_close(model.gpt.h[0].mlp.c_fc.weight.grad, g0)
 
 
+def test_lm_loss_of_a_padded_batch_is_the_mean_over_its_real_tokens(tok):
+    model = _task_model(tok, TaskSpec("classification", ["neg", "pos"])).eval()
+    seqs = [input_sequences("classification", Example((t,)), tok, 48) for t in ("a rather long review", "bad")]
+    alone = [model(collate([s], tok.eot_id))[1] for s in seqs]  # each sequence unpadded
+    counts = [len(s[0]) - 1 for s in seqs]
+    batched = model(collate(seqs, tok.eot_id))[1]
+    assert counts[0] > counts[1]  # the short one is padded in the batch
+    torch.testing.assert_close(batched, sum(c * x for c, x in zip(counts, alone)) / sum(counts))
+
+
 def test_special_tokens_grow_the_embedding_and_keep_pretrained_rows(tmp_path):
     tok = CharTokenizer.from_text(ALPHABET)
     gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=16, n_layer=1, n_head=1, d_model=8))

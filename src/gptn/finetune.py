@@ -174,9 +174,13 @@ class TaskModel(nn.Module):
         out = kind.outputs(out, batch.groups, self.spec.regression)
         lm_loss = None
         if with_lm_loss:
-            targets = ids[:, 1:].masked_fill(torch.arange(1, ids.size(1), device=ids.device) >= lengths[:, None], -100)
-            logits = self.gpt.tied_logits(h[:, :-1])
-            lm_loss = next_token_loss(logits, targets)
+            # The tied softmax on real positions only: the shorter sequences of a batch are padded to the longest (half
+            # of SST-2's tokens), and with a vocabulary of thousands this layer is much of a step. The same mean.
+            real = torch.arange(1, ids.size(1), device=ids.device) < lengths[:, None]
+            h_lm, targets = h[:, :-1], ids[:, 1:].masked_fill(~real, -100)
+            if not torch.compiler.is_compiling():  # there a data-dependent shape would break the graph
+                h_lm, targets = h_lm[real], targets[real]
+            lm_loss = next_token_loss(self.gpt.tied_logits(h_lm), targets)
         return out, lm_loss
 
 
