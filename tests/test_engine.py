@@ -52,9 +52,12 @@ def wait(*collectors, timeout=60):
 
 
 def hold(engine):
-    """Block the engine thread until the returned event is set, so that several jobs arrive together."""
-    release = threading.Event()
-    engine.inbox.put(_Call(lambda: release.wait(30), threading.Event()))
+    """Block the engine thread until the returned event is set, so that several jobs arrive together.
+    Returns once the engine is inside the blocking call: what is put in its inbox from then on stays there
+    (before that, the engine may still be draining the inbox into its own queues)."""
+    release, held = threading.Event(), threading.Event()
+    engine.inbox.put(_Call(lambda: (held.set(), release.wait(30)), threading.Event()))
+    assert held.wait(30), "the engine thread never ran the blocking call"
     return release
 
 
@@ -304,7 +307,9 @@ def test_a_request_behind_a_flood_of_calls_starts_after_one_call(model, tok):
     threads = [threading.Thread(target=eng.call, args=(lambda: time.sleep(0.02),)) for _ in range(40)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 30
     while eng.inbox.qsize() < 40:
+        assert time.monotonic() < deadline, f"{eng.inbox.qsize()} of 40 calls queued"
         time.sleep(0.005)
     first = []
     job, out = submit(eng, tok, ["ab"], SamplingConfig(greedy=True), 2)

@@ -345,8 +345,9 @@ metric_list:
 def _hold(engine):
     """Block the engine thread until the returned event is set (requests then wait in its queue)."""
     from gptn.engine import _Call
-    release = threading.Event()
-    engine.inbox.put(_Call(lambda: release.wait(30), threading.Event()))
+    release, held = threading.Event(), threading.Event()
+    engine.inbox.put(_Call(lambda: (held.set(), release.wait(30)), threading.Event()))
+    assert held.wait(30), "the engine thread never ran the blocking call"  # from here requests stay queued
     return release
 
 
