@@ -1,4 +1,5 @@
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,15 @@ def build_runs(root: Path, tokenizer: str = "char") -> Path:
     model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=500, n_positions=16, n_embd=64, n_layer=1, n_head=2))  # > 96 KiB
     model.save_pretrained(root / "hf")
     return root
+
+
+def hold(engine):
+    """Block the engine thread until the returned event is set, so that several jobs arrive together.
+    Returns once the engine is inside the blocking call: what is put in its inbox from then on stays there
+    (before that, the engine may still be draining the inbox into its own queues)."""
+    from gptn.engine import _Call
+
+    release, held = threading.Event(), threading.Event()
+    engine.inbox.put(_Call(lambda: (held.set(), release.wait(30)), threading.Event()))
+    assert held.wait(30), "the engine thread never ran the blocking call"
+    return release

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from gptn.config import GPTConfig
-from gptn.engine import ContinuousEngine, Job, _Call
+from gptn.engine import ContinuousEngine, Job
 from gptn.slots import SlotCache
 from gptn.generate import generate_ids
 from gptn.sampling import SamplingConfig, StopWatcher
 from gptn.model import GPT
+from conftest import hold
 
 
 class Collector:
@@ -49,16 +50,6 @@ def wait(*collectors, timeout=60):
         assert c.done.wait(timeout), "the engine did not finish the job"
         assert c.error is None, c.error
     return [c.tokens for c in collectors]
-
-
-def hold(engine):
-    """Block the engine thread until the returned event is set, so that several jobs arrive together.
-    Returns once the engine is inside the blocking call: what is put in its inbox from then on stays there
-    (before that, the engine may still be draining the inbox into its own queues)."""
-    release, held = threading.Event(), threading.Event()
-    engine.inbox.put(_Call(lambda: (held.set(), release.wait(30)), threading.Event()))
-    assert held.wait(30), "the engine thread never ran the blocking call"
-    return release
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import uvicorn  # noqa: E402
 from gptn.generate import generate  # noqa: E402
 from gptn.sampling import SamplingConfig  # noqa: E402
 from gptn.serve import create_app, uvicorn_config  # noqa: E402
+from conftest import hold  # noqa: E402
 
 KEY = "sk-test"
 
@@ -342,15 +343,6 @@ metric_list:
         assert [x[0] for x in a["filtered_resps"]] == pytest.approx([x[0] for x in b["filtered_resps"]], abs=1e-3)
 
 
-def _hold(engine):
-    """Block the engine thread until the returned event is set (requests then wait in its queue)."""
-    from gptn.engine import _Call
-    release, held = threading.Event(), threading.Event()
-    engine.inbox.put(_Call(lambda: (held.set(), release.wait(30)), threading.Event()))
-    assert held.wait(30), "the engine thread never ran the blocking call"  # from here requests stay queued
-    return release
-
-
 def _metric(port, name, key=None):
     req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
                                  headers={"Authorization": f"Bearer {key}"} if key else {})
@@ -365,7 +357,7 @@ def test_a_full_queue_answers_429_and_the_server_keeps_serving(model, tok):
     engine = app.state.engine
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     try:
-        release = _hold(engine)
+        release = hold(engine)
         with ThreadPoolExecutor(2) as pool:
             queued = [pool.submit(raw, port, {"prompt": p, "max_tokens": 4}, None) for p in ("a", "b")]
             while engine.waiting < 2:
@@ -393,7 +385,7 @@ def test_clients_that_go_away_free_their_slots(model, tok):
     srv, port = _start(app)
     engine = app.state.engine
     try:
-        release = _hold(engine)
+        release = hold(engine)
         for stream in (True, False):
             body = json.dumps({"prompt": "a", "max_tokens": 48, "stream": stream}).encode()
             with socket.create_connection(("127.0.0.1", port)) as s:
