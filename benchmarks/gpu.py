@@ -412,7 +412,7 @@ def transfer_tier(r: Runner) -> dict:
     steps_norm = Corpus(corpus).tokenizer.normalize
     shape = dict(n_layer=2, n_head=2, d_model=64, n_ctx=64) if r.smoke else dict(n_layer=8, n_head=8, d_model=512,
                                                                                  n_ctx=256)
-    seconds = 5 if r.smoke else 240
+    seconds = 2 if r.smoke else 240
     run = r.work / "pretrained"
     pretrain(PretrainConfig(corpus=str(corpus), out=str(run), overrides={**shape, "dropout": 0.0, "bias": False},
                             steps=10 ** 6, max_seconds=seconds, batch_tokens=shape["n_ctx"] * (8 if r.smoke else 64),
@@ -421,6 +421,7 @@ def transfer_tier(r: Runner) -> dict:
     n_labels, n_select = (64, 32) if r.smoke else (t.N_LABELED, t.N_SELECT)
     rows = [{"text": x["sentence"].strip(), "label": x["label"]} for x in t.sst2_sentences()]
     dev = [{"text": x["sentence"].strip(), "label": x["label"]} for x in read_records(t.GLUE / "SST-2" / "dev.tsv")]
+    dev = dev[:200] if r.smoke else dev
     pool = [json.loads(line)["text"] for line in open(reviews)]
     seen = t.verbatim_in(pool, [x["text"] for x in dev], steps_norm, whole_texts=False)
     select = t._write_jsonl(r.work / "select.jsonl", rows[:n_select])

@@ -73,6 +73,15 @@ def model(tok):
     return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
 
 
+def gptn_cli(*args: str, ranks: int = 1, timeout: float = 300):
+    """`gptn ARGS` in a subprocess with one thread (under torchrun with `ranks` CPU processes)."""
+    import subprocess
+    import sys
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "gptn", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def kill_after_checkpoint(argv: list[str], meta: Path, min_step: int, timeout: float = 120) -> int:
     """Run `gptn ARGV...` and SIGKILL it once `meta` (a checkpoint's meta.json) is past `min_step`
     (min_step 0: once it exists); the step of the checkpoint the kill left."""
@@ -128,3 +137,11 @@ def hold(engine):
     engine.inbox.put(_Call(lambda: (held.set(), release.wait(30)), threading.Event()))
     assert held.wait(30), "the engine thread never ran the blocking call"
     return release
+
+
+def together(*calls):
+    """Run zero-argument callables at once, one thread each, and return their results in order. For tests
+    that start several small runs: most of such a run is its own start-up (importing torch), on one core."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]

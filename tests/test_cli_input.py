@@ -113,27 +113,26 @@ def test_next_prints_small_probabilities_with_their_digits_and_no_empty_bars(run
             assert prob is None or round(prob * 40) > 0
 
 
-def test_a_second_writer_on_one_run_is_refused(corpus, tmp_path):
+def test_a_second_writer_on_one_run_is_refused(corpus, tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "gptn", "pretrain", str(corpus), "--out", str(tmp_path / "r"), "--preset", "tiny",
-            "--set", "n_ctx=32", "--steps", "3000", "--batch-tokens", "64", "--no-progress"]
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ["pretrain", str(corpus), "--out", str(tmp_path / "r"), "--preset", "tiny", "--set", "n_ctx=32",
+            "--steps", "3000", "--batch-tokens", "64", "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-m", "gptn", *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
     try:
         import time
         for _ in range(300):
             if (tmp_path / "r" / "metrics.jsonl").exists():  # the first evaluation: it holds the run
                 break
             time.sleep(0.1)
-        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and "being written by another gptn process" in second.stderr
-        assert second.stderr.count("\n") == 1
+        assert main(args) == 2  # the second writer: this process
+        err = capsys.readouterr().err
+        assert "being written by another gptn process" in err and err.count("\n") == 1
     finally:
         first.kill()
         first.wait()
     # a killed writer leaves no lock behind: the run resumes
-    shorter = [a if a != "3000" else "1" for a in args]
-    resumed = subprocess.run(shorter, env=env, capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
+    assert main([a if a != "3000" else "1" for a in args]) == 0, capsys.readouterr().err
 
 
 def test_sigint_saves_the_steps_so_far(corpus, tmp_path):

@@ -146,7 +146,7 @@ def test_multiple_choice_accuracy_equals_lm_evaluation_harness(tmp_path, model, 
     from gptn.integrations.lm_eval import GptnLM
     _lm_eval_task(tmp_path)
     ours_task = load_task_file(tmp_path / "task.json")
-    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     for k in (0, 1):
         res = lm_eval.simple_evaluate(model=GptnLM(model=model, tokenizer=tok), tasks=["gptn_local_mc"],
                                       num_fewshot=k, task_manager=manager, bootstrap_iters=0)["results"]["gptn_local_mc"]

@@ -1,13 +1,11 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_after_checkpoint
+from conftest import gptn_cli as _cli
+from conftest import kill_after_checkpoint, together
 from gptn.checkpoint import save_checkpoint
 from gptn.cli import main
 from gptn.config import GPTConfig, GptnError
@@ -401,11 +399,6 @@ def test_bad_rows_name_the_file_and_line(tmp_path):
         read_task_file(j)
 
 
-def _cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gptn", *args], env=env, capture_output=True, text=True, timeout=300)
-
-
 def _final_state(run):
     model, _ = load_task_model(run)
     return model.state_dict()
@@ -416,13 +409,18 @@ def test_resume_after_sigkill_is_exact(tmp_path, pretrained_run):
     _write_separable(train, n=400)
     common = ["finetune", str(pretrained_run), "--train", str(train), "--epochs", "3", "--batch-size", "4",
               "--lr", "1e-3", "--checkpoint-interval", "5", "--evals-per-epoch", "2", "--no-progress"]
-    full = _cli(*common, "--out", str(tmp_path / "full"))
+    # The run uninterrupted, and the same run SIGKILLed once it has a resumable checkpoint past step 20, then
+    # started again.
+    full, killed_at = together(lambda: _cli(*common, "--out", str(tmp_path / "full")),
+                               lambda: kill_after_checkpoint([*common, "--out", str(tmp_path / "killed")],
+                                                             tmp_path / "killed" / "resume" / "checkpoint" /
+                                                             "meta.json", 20))
     assert full.returncode == 0, full.stderr
-    # Start the same run, SIGKILL it once it has a resumable checkpoint past step 20, then start it again.
-    killed_at = kill_after_checkpoint([*common, "--out", str(tmp_path / "killed")],
-                                      tmp_path / "killed" / "resume" / "checkpoint" / "meta.json", 20)
     assert 20 <= killed_at < 300, "the run finished before it could be killed; make it longer"
-    resumed = _cli(*common, "--out", str(tmp_path / "killed"))
+    # ... and a killed run is resumed only with its own options.
+    resumed, _ = together(lambda: _cli(*common, "--out", str(tmp_path / "killed")),
+                          lambda: kill_after_checkpoint([*common, "--out", str(tmp_path / "other")],
+                                                        tmp_path / "other" / "resume" / "checkpoint" / "meta.json", 0))
     assert resumed.returncode == 0, resumed.stderr
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -430,9 +428,6 @@ def test_resume_after_sigkill_is_exact(tmp_path, pretrained_run):
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == list(range(1, 301))
-    # A killed run is resumed only with its own options.
-    kill_after_checkpoint([*common, "--out", str(tmp_path / "other")], tmp_path / "other" / "resume" / "checkpoint" /
-                          "meta.json", 0)
     changed = _cli(*common[:-1], "--lr", "2e-3", "--out", str(tmp_path / "other"), "--no-progress")
     assert changed.returncode == 2 and "other options (lr)" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
@@ -444,12 +439,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, pretrained_run):
     common = ["finetune", str(pretrained_run), "--train", str(train), "--epochs", "1", "--batch-size", "8",
               "--micro-batch", "2", "--lr", "3e-3", "--lm-weight", "0.5", "--dropout", "0", "--head-dropout", "0",
               "--no-progress"]  # no dropout: ranks draw their masks from other streams
-    one = _cli(*common, "--out", str(tmp_path / "one"))  # 4 micro-batches of 2 per step
+    # one rank with 4 micro-batches of 2 a step, and 2 ranks with 2 micro-batches of 2 each
+    one, two = together(lambda: _cli(*common, "--out", str(tmp_path / "one")),
+                        lambda: _cli(*common, "--out", str(tmp_path / "two"), ranks=2))
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "gptn", *common, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=300)  # 2 ranks x 2 micro-batches of 2
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
     for k in a:

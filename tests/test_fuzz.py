@@ -42,12 +42,12 @@ def test_pretrain_numeric_flags(corpus, tmp_path_factory, capsys, flag, value):
     big = {"--batch-tokens": 2**14, "--micro-batch": 64, "--eval-batches": 8, "--steps": 4}
     assume(not (flag in big and isinstance(value, int) and value > big[flag]))
     out = tmp_path_factory.mktemp("r") / "run"
-    # --steps 1 unless the flag under test is --steps; --max-seconds 20 keeps a huge --steps short.
+    # --steps 1 unless the flag under test is --steps; --max-seconds 3 keeps a huge --steps ("1_000" is an int) short.
     fixed = [] if flag == "--steps" else ["--steps", "1"]
     argv = ["pretrain", str(corpus), "--out", str(out), "--preset", "tiny", "--no-progress", "--eval-batches", "1",
             *fixed, flag, _arg(value)]
     if flag != "--max-seconds":
-        argv += ["--max-seconds", "20"]
+        argv += ["--max-seconds", "3"]
     try:
         code = main(argv)
     except SystemExit as e:  # argparse: a value that is not a number at all (one usage line + one error line)

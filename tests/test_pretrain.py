@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_after_checkpoint
+from conftest import gptn_cli as _cli
+from conftest import kill_after_checkpoint, together
 from gptn.checkpoint import checkpoint_dir, load_model
 from gptn.cli import main
 from gptn.config import GPTConfig
@@ -28,11 +28,6 @@ def corpus(tmp_path_factory):
     (root / "text.txt").write_text(TEXT)
     prepare([str(root / "text.txt")], "char", root / "c", val_fraction=0.1, progress=False)
     return root / "c"
-
-
-def _cli(*args, env_extra=None, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "gptn", *args], env=env, capture_output=True, text=True, **kw)
 
 
 def _weights(run):
@@ -148,11 +143,11 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path, optimizer):
     common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "40", "--batch-tokens", "256",
               "--lr", "3e-3", "--optimizer", optimizer, "--eval-interval", "20", "--checkpoint-interval", "5",
               "--no-progress"]
-    full = _cli(*common, "--out", str(tmp_path / "full"))
+    # The run uninterrupted, and the same run SIGKILLed once it has checkpointed past step 10, then resumed.
+    full, killed_at = together(lambda: _cli(*common, "--out", str(tmp_path / "full")),
+                               lambda: kill_after_checkpoint([*common, "--out", str(tmp_path / "killed")],
+                                                             tmp_path / "killed" / "checkpoint" / "meta.json", 10))
     assert full.returncode == 0, full.stderr
-    # Start the same run, SIGKILL it once it has checkpointed past step 10, then resume.
-    killed_at = kill_after_checkpoint([*common, "--out", str(tmp_path / "killed")],
-                                      tmp_path / "killed" / "checkpoint" / "meta.json", 10)
     assert 10 <= killed_at < 40, "the run finished before it could be killed; make it longer"
     resumed = _cli(*common, "--out", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
@@ -192,19 +187,14 @@ def test_checkpoint_survives_kill_during_save(tmp_path):
         assert GPTConfig.load(ckpt / "config.json").d_model == 16
 
 
-def _torchrun(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "gptn", *args], env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("strategy,optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon")])
 def test_two_ranks_equal_one_rank_with_accumulation(corpus, tmp_path, strategy, optimizer):
     common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "3", "--batch-tokens", str(32 * 8),
               "--micro-batch", "2", "--lr", "1e-2", "--optimizer", optimizer, "--eval-interval", "0", "--no-progress"]
-    one = _cli(*common, "--out", str(tmp_path / "one"))  # 8 sequences: 4 micro-batches of 2
+    # 8 sequences a step: one rank with 4 micro-batches of 2, and 2 ranks with 2 micro-batches of 2 each
+    one, two = together(lambda: _cli(*common, "--out", str(tmp_path / "one")),
+                        lambda: _cli(*common, "--strategy", strategy, "--out", str(tmp_path / "two"), ranks=2))
     assert one.returncode == 0, one.stderr
-    two = _torchrun(*common, "--strategy", strategy, "--out", str(tmp_path / "two"))  # 2 ranks x 2 micro-batches of 2
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert set(a) == set(b)
@@ -258,8 +248,8 @@ def test_bad_inputs_before_training(corpus, tmp_path, capsys):
 
 
 def test_torchrun_batch_not_divisible_across_ranks(corpus, tmp_path):
-    r = _torchrun("pretrain", str(corpus), "--preset", "tiny", *TINY, "--batch-tokens", str(32 * 3),
-                  "--out", str(tmp_path / "run"), "--no-progress")
+    r = _cli("pretrain", str(corpus), "--preset", "tiny", *TINY, "--batch-tokens", str(32 * 3),
+             "--out", str(tmp_path / "run"), "--no-progress", ranks=2)
     assert r.returncode != 0 and "not divisible across 2 ranks" in r.stderr
 
 
@@ -330,16 +320,18 @@ def _wandb_records(path):
 
 
 def test_piped_output_is_one_plain_line_per_log_interval(corpus, tmp_path):
-    common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "300", "--batch-tokens", "64",
-              "--eval-interval", "100", "--eval-batches", "1"]
-    p = _cli(*common, "--out", str(tmp_path / "a"))  # stderr is a pipe, as in a log file or CI
+    common = ["pretrain", str(corpus), "--preset", "tiny", *TINY, "--steps", "60", "--batch-tokens", "64",
+              "--eval-interval", "20", "--eval-batches", "1"]
+    # stderr is a pipe, as in a log file or CI; and the same run with --no-progress
+    p, quiet = together(lambda: _cli(*common, "--out", str(tmp_path / "a")),
+                        lambda: _cli(*common, "--out", str(tmp_path / "b"), "--no-progress"))
     assert p.returncode == 0, p.stderr
     assert "\r" not in p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("pretrain step")]
-    assert [ln.split(":")[0] for ln in lines if "/300" in ln] == [f"pretrain step {s}/300" for s in range(10, 301, 10)]
+    assert [ln.split(":")[0] for ln in lines if "/60" in ln] == [f"pretrain step {s}/60" for s in range(10, 61, 10)]
     evals = [ln for ln in lines if "val_loss" in ln]
-    assert [ln.split(":")[0] for ln in evals] == [f"pretrain step {s}" for s in (0, 100, 200, 300)]
-    quiet = _cli(*common, "--out", str(tmp_path / "b"), "--no-progress")  # still says how evaluation goes
+    assert [ln.split(":")[0] for ln in evals] == [f"pretrain step {s}" for s in (0, 20, 40, 60)]
+    # --no-progress still says how evaluation goes
     assert [ln.split(":")[0] for ln in quiet.stderr.splitlines() if "val_loss" in ln] == \
-        [f"pretrain step {s}" for s in (0, 100, 200, 300)]
-    assert not any("/300" in ln for ln in quiet.stderr.splitlines())
+        [f"pretrain step {s}" for s in (0, 20, 40, 60)]
+    assert not any("/60" in ln for ln in quiet.stderr.splitlines())

@@ -38,17 +38,24 @@ NOT_RUN = {
     "torchrun": "several processes per GPU: the DDP / FSDP tests run it on CPU with gloo",
     '{"name": "capitals"': "a task file's format, not a command",
 }
-# The README's budgets, cut to seconds: same commands and flags otherwise.
-TINY = [(r"--steps \d+", "--steps 4"), (r"\bsteps=\d+", "steps=4"), (r"--max-new-tokens \d+", "--max-new-tokens 8"),
-        (r"max_tokens=\d+", "max_tokens=4"), (r"--max-train-examples \d+", "--max-train-examples 48"),
-        (r"--minutes [\d.]+", "--minutes 0.05"), (r"--max-seconds \d+", "--max-seconds 2"), (r"--limit \d+", "--limit 4")]
+# The README's budgets, cut to seconds (one already smaller stays): same commands, flags and code otherwise.
+TINY = [(r"(--steps |\bsteps=)(\d+)", 4), (r"(--max-new-tokens |max_new_tokens=)(\d+)", 8), (r"(max_tokens=)(\d+)", 4),
+        (r"(--max-train-examples )(\d+)", 48), (r"(--minutes )([\d.]+)", 0.05), (r"(--max-seconds )(\d+)", 2),
+        (r"(--limit )(\d+)", 4)]
+# A pretraining's own budget beyond its steps: validation batches and tokens per step.
+PRETRAIN_TINY = {"eval_batches": 2, "batch_tokens": 1024}
 
 
 def _tiny(command: str, shared: str) -> str:
-    for pattern, repl in TINY:
-        command = re.sub(pattern, repl, command)
-    if command.startswith("gptn pretrain") and "--steps" not in command:
-        command += " --steps 4"
+    """`command` (a line of bash or a block of Python) on the tiny budget."""
+    for pattern, most in TINY:
+        command = re.sub(pattern, lambda m: f"{m.group(1)}{min(float(m.group(2)), most):g}", command)
+    if command.startswith("gptn pretrain"):
+        command += "" if "--steps" in command else " --steps 4"
+        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in PRETRAIN_TINY.items()
+                           if f"--{k.replace('_', '-')}" not in command)
+    command = re.sub(r"PretrainConfig\(", "PretrainConfig(" + "".join(f"{k}={v}, " for k, v in PRETRAIN_TINY.items()),
+                     command)
     if command.startswith("gptn finetune"):
         command += " --epochs 1"
     # IMDB's 132 MB and Gutenberg's 75 MB: a sample of each, same formats
@@ -81,13 +88,21 @@ def _walkthrough_inputs(work, shared):
 
 
 
-def test_every_readme_example_runs_on_a_tiny_budget(tmp_path):
-    ran = _walk("README.md", tmp_path)
+@pytest.fixture(scope="module")
+def walks(tmp_path_factory):
+    """Both walkthroughs, started together: most of their commands' time is a one-core start-up."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        yield {doc: pool.submit(_walk, doc, tmp_path_factory.mktemp("walk")) for doc in ("README.md", "docs/lecture.md")}
+
+
+def test_every_readme_example_runs_on_a_tiny_budget(walks):
+    ran = walks["README.md"].result()
     assert len(ran) >= 7, ran  # Shakespeare, Python API, fine-tuning, continued pretraining, lm-eval x2, serving x2
 
 
-def test_every_command_of_the_lecture_walkthrough_runs_on_a_tiny_budget(tmp_path):
-    ran = _walk("docs/lecture.md", tmp_path)
+def test_every_command_of_the_lecture_walkthrough_runs_on_a_tiny_budget(walks):
+    ran = walks["docs/lecture.md"].result()
     assert len(ran) >= 10, ran
 
 
@@ -120,9 +135,7 @@ def _walk(doc: str, tmp_path) -> list[int]:
             if lang not in ("bash", "python") or any(text.lstrip().startswith(k) or k in text for k in NOT_RUN):
                 continue
             if lang == "python":
-                code = text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-                code = re.sub(r"max_new_tokens=\d+", "max_new_tokens=8", re.sub(r"\bsteps=\d+", "steps=4", code))
-                code = re.sub(r"max_tokens=\d+", "max_tokens=4", code)
+                code = _tiny(text.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), str(shared))
                 out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
                                      timeout=600)
                 assert out.returncode == 0, f"{doc} line {line}:\n{code}\n{out.stderr[-2000:]}"

@@ -324,7 +324,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     srv, port = _start(create_app(model, tok, model_name="tiny"))  # the harness's local model sends no key
     try:
         http = lm_eval.simple_evaluate(

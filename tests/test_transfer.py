@@ -2,7 +2,6 @@
 on real corpora needs (pretrain on books, continue on reviews; make reviews read like SST-2)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -209,7 +208,8 @@ def test_normalisation_is_applied_alike_at_prepare_finetune_and_predict(tmp_path
     (["--books-seconds", "600"], "--books-seconds 600: {work} was pretrained with 0"),
     (["--vocab", "100", "--work", "{work}/new"], "bpe:100: a byte-level BPE needs at least 257 tokens"),
 ])
-def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line(tmp_path, args, message):
+def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line(tmp_path, args, message, monkeypatch,
+                                                                                 capsys):
     # Resuming a --work folder with another shape, vocabulary or corpus would report its cells under the wrong name.
     work = tmp_path / "work"
     (work / "imdb-corpus").mkdir(parents=True)
@@ -217,10 +217,13 @@ def test_the_transfer_benchmark_refuses_a_work_folder_of_another_run_in_one_line
     (work / "pretrained-imdb" / "checkpoint").mkdir(parents=True)
     (work / "pretrained-imdb" / "checkpoint" / "config.json").write_text(json.dumps({"n_layer": 4, "d_model": 256}))
     (work / "plan.json").write_text(json.dumps({"imdb": {"seconds": 2400}}))
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "transfer.py"), "--work", str(work), *[a.format(work=work) for a in args]],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert message.format(work=work) in out.stderr.strip().splitlines()[-1]
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["transfer.py", "--work", str(work), *[a.format(work=work) for a in args]])
+    import transfer
+    with pytest.raises(SystemExit) as exit:
+        transfer.main()
+    assert exit.value.code == 2
+    assert message.format(work=work) in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (work / "starts.json").exists()  # nothing was started
 
 
