@@ -73,27 +73,28 @@ def model(tok):
     return tiny_gpt(tok.vocab_size, n_ctx=48, sharpen=True)
 
 
-def gptn_cli(*args: str, ranks: int = 1, timeout: float = 300):
-    """`gptn ARGS` in a subprocess with one thread (under torchrun with `ranks` CPU processes)."""
-    import subprocess
+def _gptn(args, ranks: int = 1) -> dict:
+    """How a test starts `gptn ARGS` in a subprocess: one thread a process (under torchrun with `ranks` CPU
+    processes); keyword arguments for subprocess.run / Popen."""
     import sys
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    return subprocess.run([sys.executable, *launcher, "-m", "gptn", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=timeout)
+    return {"args": [sys.executable, *launcher, "-m", "gptn", *args], "env": {**os.environ, "OMP_NUM_THREADS": "1"}}
+
+
+def gptn_cli(*args: str, ranks: int = 1, timeout: float = 300):
+    """`gptn ARGS` in a subprocess (see _gptn), its output captured."""
+    import subprocess
+    return subprocess.run(**_gptn(args, ranks), capture_output=True, text=True, timeout=timeout)
 
 
 def kill_after_checkpoint(argv: list[str], meta: Path, min_step: int, timeout: float = 120) -> int:
     """Run `gptn ARGV...` and SIGKILL it once `meta` (a checkpoint's meta.json) is past `min_step`
     (min_step 0: once it exists); the step of the checkpoint the kill left."""
     import json
-    import os
     import signal
     import subprocess
-    import sys
     import time
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptn", *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(**_gptn(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
