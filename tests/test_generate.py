@@ -153,6 +153,26 @@ def test_reordered_linear_matches_linear_and_follows_a_changed_weight():
             torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-4)
 
 
+def test_the_one_row_kernel_matches_linear_and_runs_where_it_is_chosen():
+    import shutil
+
+    from gptn import cpu_gemv, inference
+    from gptn.runtime import cpu_vendor_and_flags
+    if not {"avx2", "fma"} <= cpu_vendor_and_flags()[1] or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("cpu_gemv's kernel needs an x86 CPU with AVX2 + FMA and a C compiler")
+    assert cpu_gemv.available()  # built here (every CPU kind the project runs on has both)
+    torch.manual_seed(0)
+    # rows in blocks of 4 and a short last block; columns in steps of 16 and a tail; gpt2's shapes
+    for out_features, in_features in ((1, 16), (5, 3), (7, 37), (130, 100), (2304, 768), (768, 3072)):
+        w, b = torch.randn(out_features, in_features), torch.randn(out_features)
+        for x in (torch.randn(1, in_features), torch.randn(1, 1, in_features)):
+            for bias in (b, None):
+                torch.testing.assert_close(cpu_gemv.gemv(x, w, bias), torch.nn.functional.linear(x, w, bias),
+                                           atol=1e-4, rtol=1e-5)
+    one_row = inference._CpuInferenceLinear(w, b).kernel(1)(x[0])
+    assert torch.equal(one_row, cpu_gemv.gemv(x[0], w, b)) == inference._gemv_for_one_row()
+
+
 def test_prepacked_cpu_inference_gives_the_same_results(tok):
     torch.manual_seed(1)
     plain = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=48, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()

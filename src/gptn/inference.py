@@ -1,7 +1,8 @@
 """Inference speed paths: what `prepare_for_inference` installs on a loaded GPT so that decoding reads
 fewer bytes, or reads them faster, without changing the model's definition (model.py).
 
-- fp32 on CPU: weights reordered for oneDNN, whose kernel splits even one row across the threads.
+- fp32 on CPU: weights reordered for oneDNN, whose kernel splits even one row across the threads; one row
+  on an AMD CPU without AVX-512 through cpu_gemv's kernel instead (read near a plain sum's rate).
 - bf16: weights rounded to bfloat16; on an x86 CPU decoded with fp32 activations and sums by
   fbgemm's half-precision GEMM (measured faster than bf16 activations through oneDNN, even with
   AVX512-BF16); prompt processing (prefill, scoring) in bf16 where the CPU has it natively, decode
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_gemv
 from .config import GptnError
 from .model import require_in_context
 from .options import option
@@ -50,6 +52,14 @@ def _intel_cpu() -> bool:
     return cpu_vendor_and_flags()[0] == "GenuineIntel"
 
 
+@functools.cache
+def _gemv_for_one_row() -> bool:
+    """Whether one row goes through cpu_gemv's kernel: on the AVX2-only EPYC it read gpt2's weights at 21-24
+    GB/s where oneDNN's read 12-17; the kinds with AVX-512 keep oneDNN (or MKL) until measured against it."""
+    vendor, flags = cpu_vendor_and_flags()
+    return vendor == "AuthenticAMD" and "avx512f" not in flags and cpu_gemv.available()
+
+
 class _CpuInferenceLinear:
     """x W^T + b for CPU inference, installed by prepare_for_inference as a linear layer's forward.
 
@@ -69,9 +79,9 @@ class _CpuInferenceLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight._version != self.version or x.device.type != "cpu" \
-                or x.dtype != torch.float32 or not self.onednn_for(x.numel() // x.shape[-1]):
+                or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.kernel(x.numel() // x.shape[-1])(x.contiguous())
 
     def onednn_for(self, rows: int) -> bool:
         """Whether oneDNN's kernel is the faster for `rows` rows (else F.linear)."""
@@ -82,6 +92,8 @@ class _CpuInferenceLinear:
         w, b, packed = self.weight, self.bias, self.packed
         if not self.onednn_for(rows):
             return lambda x: F.linear(x, w, b)
+        if rows == 1 and _gemv_for_one_row() and w.is_contiguous() and (b is None or b.is_contiguous()):
+            return lambda x: cpu_gemv.gemv(x, w, b)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
