@@ -1,8 +1,8 @@
 """A one-row fp32 product (GEMV) for CPU decoding at batch 1: kernels/gemv_avx2.c, compiled with the
 machine's C compiler on first use (as torch.compile's CPU backend compiles its kernels) and cached under
-~/.cache/gptn. At one row a product is the time it takes to read W; this kernel reads it at nearly the rate
-of a plain sum, where oneDNN's kernel (the default fp32 path, inference.py) reads at about two thirds of it
-on the AVX2 EPYC (benchmarks/results/generate-amd-avx2.json).
+~/.cache/gptn. At one row a product is the time it takes to read W; this kernel reads it near the rate of a
+plain sum, faster than oneDNN's kernel (the default fp32 path, inference.py) on the AVX2 EPYC, where it is
+chosen (the README's benchmark rows).
 
 `gemv` is None where the kernel cannot run here: no AVX2 + FMA, no compiler, or a build that failed.
 """
@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ def _kernel():
         try:
             if not path.exists():
                 folder.mkdir(parents=True, exist_ok=True)
-                built = path.with_name(f"{path.name}.{os.getpid()}")  # then renamed: processes build at once
+                # then renamed: processes (or threads) may build it at once
+                built = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
                 subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
                                timeout=120)
                 os.replace(built, path)

@@ -54,8 +54,8 @@ def _intel_cpu() -> bool:
 
 @functools.cache
 def _gemv_for_one_row() -> bool:
-    """Whether one row goes through cpu_gemv's kernel: on the AVX2-only EPYC it read gpt2's weights at 21-24
-    GB/s where oneDNN's read 12-17; the kinds with AVX-512 keep oneDNN (or MKL) until measured against it."""
+    """Whether one row goes through cpu_gemv's kernel: where it was measured faster than oneDNN's, the
+    AVX2-only EPYC; the kinds with AVX-512 keep oneDNN (or MKL) until measured against it."""
     vendor, flags = cpu_vendor_and_flags()
     return vendor == "AuthenticAMD" and "avx512f" not in flags and cpu_gemv.available()
 
