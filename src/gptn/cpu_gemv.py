@@ -4,7 +4,7 @@ machine's C compiler on first use (as torch.compile's CPU backend compiles its k
 plain sum, faster than oneDNN's kernel (the default fp32 path, inference.py) on the AVX2 EPYC, where it is
 chosen (the README's benchmark rows).
 
-`gemv` is None where the kernel cannot run here: no AVX2 + FMA, no compiler, or a build that failed.
+`available()` is False where the kernel cannot run here: no AVX2 + FMA, no compiler, or a build that failed.
 """
 
 from __future__ import annotations
