@@ -76,12 +76,18 @@ class _CpuInferenceLinear:
             # 64: the batch the layout is tuned for; measured as good as 1 for one row, better for 8 to 1024
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
         self.weight, self.bias, self.version = weight, bias, weight._version
+        self.one_row_gemv = _gemv_for_one_row() and weight.is_contiguous() and (bias is None or bias.is_contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight._version != self.version or x.device.type != "cpu" \
                 or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        return self.kernel(x.numel() // x.shape[-1])(x.contiguous())
+        rows = x.numel() // x.shape[-1]
+        if not self.onednn_for(rows):
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1 and self.one_row_gemv:
+            return cpu_gemv.gemv(x.contiguous(), self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def onednn_for(self, rows: int) -> bool:
         """Whether oneDNN's kernel is the faster for `rows` rows (else F.linear)."""
@@ -92,7 +98,7 @@ class _CpuInferenceLinear:
         w, b, packed = self.weight, self.bias, self.packed
         if not self.onednn_for(rows):
             return lambda x: F.linear(x, w, b)
-        if rows == 1 and _gemv_for_one_row() and w.is_contiguous() and (b is None or b.is_contiguous()):
+        if rows == 1 and self.one_row_gemv:
             return lambda x: cpu_gemv.gemv(x, w, b)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
